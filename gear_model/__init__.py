@@ -1,0 +1,1 @@
+"""GeAR model library (no Prefect import)."""
