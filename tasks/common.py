@@ -28,6 +28,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prefect import task
+from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -256,3 +258,15 @@ def completed_output_cache_key(output_dir_fn: Callable[..., Path]) -> Callable[[
         return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()
 
     return key_fn
+
+
+
+@task(name="publish_funnel")
+def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, dict[str, int]]:
+    """Merge the funnel.json files of stage folders into a Prefect table artifact."""
+    funnel = Funnel()
+    for d in stage_dirs:
+        if (Path(d) / "funnel.json").is_file():
+            funnel.merge(Funnel.load(Path(d) / "funnel.json"))
+    create_table_artifact(funnel.rows(), key=key, description="Records kept and dropped per stage")
+    return funnel.to_dict()

@@ -1,0 +1,165 @@
+"""Configuration of the GeAR model and of a training run.
+
+``GearConfig`` travels with a saved model (it is the ``gear`` part of its
+config.json); ``TrainConfig`` is one training run and is written, resolved,
+next to every checkpoint and into the final model directory.
+
+Defaults are the paper's (Table 4, Appendix C). ``TrainConfig.embedded()``
+gives the laptop-sized run on the embedded MiniLM encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEC_TOKEN = "[DEC]"
+
+
+@dataclass
+class GearConfig:
+    """Model-level settings beyond the BERT config of the backbone."""
+
+    # Learned contrastive temperature: BLIP's init and clamp range.
+    temp_init: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    # Momentum (MoCo/BLIP) encoders and the feature queue.
+    momentum: float = 0.995
+    queue_size: int = 57_600
+    # Soft-target weight from the momentum encoders, ramped 0 -> alpha over
+    # the first ``alpha_ramp_epochs`` epochs.
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 2.0
+    # Weight of the LM loss; 0 = contrastive-only ("GeAR w/o L_LM") and the
+    # decoder forward is skipped.
+    lm_weight: float = 1.0
+    # Token lengths used for training; inference defaults (documents) use
+    # ``inference_max_doc_length``.
+    max_query_length: int = 512
+    max_doc_length: int = 512
+    max_unit_length: int = 512
+    inference_max_doc_length: int = 512
+    # Fusion layer used for localisation, 1-based like the paper ("layer 10
+    # of 12"); None = n_layers - 2 (10 for 12 layers, 4 for 6).
+    localize_layer: int | None = None
+    dec_token: str = DEC_TOKEN
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GearConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paper defaults; see ``embedded()`` for the laptop run."""
+
+    # Data and model.
+    dataset: str = ""  # train.parquet, or a dataset version folder holding it
+    init_checkpoint: str = ""  # any BERT checkpoint directory, or a GeAR model dir
+    output_dir: str = "runs/gear"
+    # Schedule (Table 4).
+    epochs: int = 10
+    batch_size: int = 16  # per device (per process)
+    grad_accum: int = 1
+    lr: float = 1e-5  # peak
+    lr_start: float = 1e-6  # warm-up start
+    lr_end: float = 1e-6  # cosine floor
+    warmup_steps: int = 1000  # capped at warmup_frac of the total optimizer steps
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = off (the paper reports none)
+    max_steps: int = 0  # >0: train at most this many optimizer steps (schedule follows)
+    stop_after_steps: int = 0  # >0: checkpoint and exit after this many steps (simulates a kill)
+    # Model / loss.
+    lm_weight: float = 1.0
+    momentum: float = 0.995
+    queue_size: int = 57_600
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 2.0
+    temp_init: float = 0.07
+    max_query_length: int = 512
+    max_doc_length: int = 512
+    max_unit_length: int = 512
+    # Speed options (measured; off = ALBEF/BLIP behaviour).
+    momentum_eval_mode: bool = False  # momentum encoders forward in eval mode (no dropout)
+    attention_dropout: float | None = None  # override attention_probs_dropout_prob
+    hidden_dropout: float | None = None  # override hidden_dropout_prob
+    # Checkpoints and logging.
+    save_every: int = 1000  # optimizer steps; 0 = only at epoch ends
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest checkpoint in output_dir if there is one
+    log_every: int = 1
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # bf16 autocast when on CUDA
+    num_threads: int = 0  # CPU threads per process; 0 = torch's default
+
+    @classmethod
+    def embedded(cls, **overrides: Any) -> TrainConfig:
+        """Sized for the embedded dataset (~200-250 triples) on 2 CPU cores in a few minutes."""
+        base = dict(
+            epochs=3,
+            batch_size=16,
+            lr=5e-5,
+            lr_start=1e-6,
+            lr_end=1e-6,
+            warmup_steps=1000,
+            queue_size=64,
+            max_query_length=32,
+            max_doc_length=128,
+            max_unit_length=48,
+            momentum_eval_mode=True,
+            attention_dropout=0.0,
+            save_every=0,
+            keep_last=1,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def gear_config(self) -> GearConfig:
+        return GearConfig(
+            temp_init=self.temp_init,
+            momentum=self.momentum,
+            queue_size=self.queue_size,
+            alpha=self.alpha,
+            alpha_ramp_epochs=self.alpha_ramp_epochs,
+            lm_weight=self.lm_weight,
+            max_query_length=self.max_query_length,
+            max_doc_length=self.max_doc_length,
+            max_unit_length=self.max_unit_length,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
+__all__ = ["DEC_TOKEN", "GearConfig", "TrainConfig"]

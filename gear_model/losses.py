@@ -1,0 +1,185 @@
+"""GeAR's training objective (paper section 3.4): contrastive + LM.
+
+``GearPretrainer`` wraps a ``GearModel`` with what only training needs:
+momentum copies of E_q and E_d (MoCo/BLIP, momentum 0.995) and a queue of
+their features with the document id of each entry.
+
+Contrastive loss, per direction (query->doc and doc->query):
+- keys = the global batch's online features (all-gathered *with* gradient, so
+  the in-batch negatives train both encoders, CLIP-style) followed by the
+  queue of momentum features (no gradient);
+- hard targets: every key with the same document id as the query is a
+  positive (so triples of one document are never negatives of each other,
+  in the batch or in the queue), normalised to sum to 1;
+- soft targets: softmax of the momentum encoders' similarities over the same
+  keys (the batch part from the gathered momentum features), mixed in with
+  weight ``alpha`` (ramped 0 -> 0.4 by the trainer);
+- loss = mean over queries of the cross-entropy with the mixed targets, the
+  two directions averaged.
+Total loss = itc + lm_weight * lm; lm_weight 0 skips the fusion and decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+from gear_model.model import GearModel, mean_pool
+
+NO_DOC = -1  # doc id of queue slots that hold no real entry yet
+
+
+def doc_id_hash(doc_id: str) -> int:
+    """A stable non-negative int64 id for a document id string (same in every process)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process in rank order; gradients flow back to each owner."""
+    if not _distributed():
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def positive_targets(local_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.Tensor:
+    """Hard targets (B, K): 1 for every key of the same document, rows normalised to sum to 1.
+
+    Every query's own document is among the keys (the global batch comes first).
+    """
+    pos = (local_ids[:, None] == key_ids[None, :]).float()
+    return pos / pos.sum(1, keepdim=True)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    itc: torch.Tensor
+    lm: torch.Tensor
+
+
+class GearPretrainer(nn.Module):
+    def __init__(self, model: GearModel, momentum_eval_mode: bool = False):
+        super().__init__()
+        cfg = model.gear_config
+        self.model = model
+        self.momentum = cfg.momentum
+        self.momentum_eval_mode = momentum_eval_mode
+        self.lm_weight = cfg.lm_weight
+        self.query_encoder_m = copy.deepcopy(model.query_encoder).requires_grad_(False)
+        self.doc_encoder_m = copy.deepcopy(model.doc_encoder).requires_grad_(False)
+        if self.lm_weight == 0:
+            # Contrastive-only baseline: the fusion and decoder stay as
+            # initialised and are not trained (nor seen by DDP).
+            model.fusion.requires_grad_(False)
+            model.decoder.requires_grad_(False)
+
+        dim = model.query_encoder.config.hidden_size
+        size = cfg.queue_size
+        # Random unit vectors, like MoCo/BLIP, until real features replace them.
+        self.register_buffer("query_queue", F.normalize(torch.randn(dim, size), dim=0))
+        self.register_buffer("doc_queue", F.normalize(torch.randn(dim, size), dim=0))
+        self.register_buffer("id_queue", torch.full((size,), NO_DOC, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def momentum_pairs(self):
+        return [
+            (self.model.query_encoder, self.query_encoder_m),
+            (self.model.doc_encoder, self.doc_encoder_m),
+        ]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for online, target in self.momentum_pairs():
+            for p, p_m in zip(online.parameters(), target.parameters(), strict=True):
+                p_m.data.mul_(self.momentum).add_(p.data, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, query_feat_m: torch.Tensor, doc_feat_m: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write the global batch's momentum features over the oldest queue slots."""
+        size = self.id_queue.numel()
+        n = ids.numel()
+        if size == 0:
+            return
+        if size % n:
+            raise ValueError(f"queue size {size} is not divisible by the global batch {n}")
+        ptr = int(self.queue_ptr)
+        self.query_queue[:, ptr : ptr + n] = query_feat_m.T.to(self.query_queue.dtype)
+        self.doc_queue[:, ptr : ptr + n] = doc_feat_m.T.to(self.doc_queue.dtype)
+        self.id_queue[ptr : ptr + n] = ids
+        self.queue_ptr.fill_((ptr + n) % size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.momentum_eval_mode:
+            self.query_encoder_m.eval()
+            self.doc_encoder_m.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor], alpha: float) -> LossOutput:
+        m = self.model
+        q_ids, q_mask = batch["query_ids"], batch["query_mask"]
+        d_ids, d_mask = batch["doc_ids"], batch["doc_mask"]
+        with torch.no_grad():
+            m.temp.clamp_(m.gear_config.temp_min, m.gear_config.temp_max)
+
+        q_feat = m.embed_queries(q_ids, q_mask)
+        d_states = m.doc_states(d_ids, d_mask)
+        d_feat = F.normalize(mean_pool(d_states, d_mask).float(), dim=-1)
+
+        ids = gather_no_grad(batch["doc_key"])
+        hard = positive_targets(batch["doc_key"], torch.cat([ids, self.id_queue]))
+
+        with torch.no_grad():
+            self.momentum_update()
+            q_feat_m = m.embed_queries(q_ids, q_mask, encoder=self.query_encoder_m)
+            d_feat_m = F.normalize(mean_pool(m.doc_states(d_ids, d_mask, self.doc_encoder_m), d_mask).float(), dim=-1)
+            q_m_global, d_m_global = gather_no_grad(q_feat_m), gather_no_grad(d_feat_m)
+            q_keys_m = torch.cat([q_m_global, self.query_queue.T.float()])
+            d_keys_m = torch.cat([d_m_global, self.doc_queue.T.float()])
+            soft_q2d = F.softmax(q_feat_m @ d_keys_m.T / m.temp, dim=1)
+            soft_d2q = F.softmax(d_feat_m @ q_keys_m.T / m.temp, dim=1)
+            target_q2d = alpha * soft_q2d + (1 - alpha) * hard
+            target_d2q = alpha * soft_d2q + (1 - alpha) * hard
+
+        d_keys = torch.cat([gather_with_grad(d_feat), self.doc_queue.T.float()])
+        q_keys = torch.cat([gather_with_grad(q_feat), self.query_queue.T.float()])
+        sim_q2d = q_feat @ d_keys.T / m.temp
+        sim_d2q = d_feat @ q_keys.T / m.temp
+        loss_q2d = -(F.log_softmax(sim_q2d, dim=1) * target_q2d).sum(1).mean()
+        loss_d2q = -(F.log_softmax(sim_d2q, dim=1) * target_d2q).sum(1).mean()
+        itc = (loss_q2d + loss_d2q) / 2
+        self.enqueue(q_m_global, d_m_global, ids)
+
+        if self.lm_weight > 0:
+            fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)
+            lm = m.lm_loss(fused, q_mask, batch["unit_ids"], batch["unit_mask"])
+            loss = itc + self.lm_weight * lm
+        else:
+            lm = torch.zeros((), device=itc.device)
+            loss = itc
+        return LossOutput(loss=loss, itc=itc.detach(), lm=lm.detach())
+
+
+def doc_keys(doc_ids: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([doc_id_hash(d) for d in doc_ids], dtype=torch.long)

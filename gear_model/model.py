@@ -1,0 +1,319 @@
+"""GeAR: bi-encoder (E_q, E_d), fusion encoder and text decoder (paper section 3.3).
+
+- E_q, E_d: two BERT encoders with mean pooling and L2-normalised embeddings;
+- fusion: E_q's layers plus one cross-attention block per layer attending to
+  E_d's token states (``fusion.FusionEncoder``); bidirectional;
+- decoder: a BERT LM-head model with causal self-attention and cross-attention
+  to the fusion states; ``[DEC]`` starts every sequence;
+- a learned contrastive temperature (BLIP: init 0.07, clamped to [0.001, 0.5]).
+
+No training code here: the momentum encoders, queue and losses live in
+``losses.py``. A saved model is a directory with config.json (the BERT
+config plus a ``gear`` section), model.safetensors and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel
+from transformers import logging as hf_logging
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from gear_model.config import GearConfig
+from gear_model.fusion import FusionEncoder, eager_attention
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CrossAttention(NamedTuple):
+    """Cross-attention of one fusion layer for one (query, document) pair.
+
+    weights: (heads, query_tokens, doc_tokens) float32; every row sums to 1
+        over the document tokens (special tokens [CLS]/[SEP] included).
+    offsets: (doc_tokens, 2) int64 character spans of the document tokens in
+        the document text, end exclusive; (0, 0) for special tokens.
+    query_mask: (query_tokens,) bool, False for the query's special tokens.
+    """
+
+    weights: np.ndarray
+    offsets: np.ndarray
+    query_mask: np.ndarray
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # Loading a plain BERT checkpoint into the decoder reports every fresh
+    # cross-attention weight; that is expected here, so hide the report.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class GearModel(nn.Module):
+    def __init__(self, bert_config: BertConfig, gear_config: GearConfig, tokenizer):
+        super().__init__()
+        self.gear_config = gear_config
+        self.tokenizer = tokenizer
+        self.dec_token_id = tokenizer.convert_tokens_to_ids(gear_config.dec_token)
+        if self.dec_token_id is None or self.dec_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer lacks the decoder start token {gear_config.dec_token!r}")
+
+        enc_config = BertConfig.from_dict(bert_config.to_dict())
+        enc_config.is_decoder = False
+        enc_config.add_cross_attention = False
+        self.query_encoder = BertModel(enc_config, add_pooling_layer=False)
+        self.doc_encoder = BertModel(BertConfig.from_dict(enc_config.to_dict()), add_pooling_layer=False)
+        self.fusion = FusionEncoder(self.query_encoder.config)
+
+        dec_config = BertConfig.from_dict(bert_config.to_dict())
+        dec_config.is_decoder = True
+        dec_config.add_cross_attention = True
+        dec_config.vocab_size = len(tokenizer)
+        dec_config.tie_word_embeddings = True
+        self.decoder = BertLMHeadModel(dec_config)
+
+        self.temp = nn.Parameter(torch.tensor(gear_config.temp_init))
+
+    # ------------------------------------------------------------------
+    # Construction, saving, loading.
+
+    @classmethod
+    def from_encoder(cls, bert_dir: str | Path, gear_config: GearConfig | None = None) -> GearModel:
+        """Initialise every part from a BERT checkpoint directory.
+
+        E_q and E_d load the encoder weights; the decoder loads them too (its
+        cross-attention and LM-head transform start fresh, the LM head is tied
+        to its word embeddings, and ``[DEC]`` is added to its vocabulary); the
+        fusion cross-attention blocks start fresh.
+        """
+        gear_config = gear_config or GearConfig()
+        tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
+        tokenizer.add_special_tokens({"additional_special_tokens": [gear_config.dec_token]})
+        with _quiet_transformers():
+            bert_config = BertConfig.from_pretrained(str(bert_dir))
+            model = cls(bert_config, gear_config, tokenizer)
+            enc = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+            model.query_encoder.load_state_dict(enc.state_dict())
+            model.doc_encoder.load_state_dict(enc.state_dict())
+            dec = BertLMHeadModel.from_pretrained(str(bert_dir), is_decoder=True, add_cross_attention=True)
+            dec.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model.decoder.load_state_dict(dec.state_dict())
+            model.decoder.tie_weights()
+        return model
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = self.query_encoder.config.to_dict()
+        config.pop("_attn_implementation_autoset", None)
+        config["architectures"] = ["GearModel"]
+        config["gear"] = self.gear_config.to_dict()
+        (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # save_model drops the tied LM-head copy; load_model re-ties it.
+        save_model(self, str(out_dir / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(str(out_dir))
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> GearModel:
+        model_dir = Path(model_dir)
+        config = json.loads((model_dir / CONFIG_NAME).read_text())
+        if "gear" not in config:
+            raise ValueError(f"{model_dir} is not a GeAR model directory (no 'gear' in config.json)")
+        gear_config = GearConfig.from_dict(config.pop("gear"))
+        config.pop("architectures", None)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = cls(BertConfig.from_dict(config), gear_config, tokenizer)
+        missing, unexpected = load_model(model, str(model_dir / WEIGHTS_NAME), strict=False, device=str(device))
+        # The tied LM-head weight is saved once, under the word embeddings.
+        missing = [k for k in missing if k != "decoder.cls.predictions.decoder.weight"]
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}: missing weights {missing}, unexpected {unexpected}")
+        model.decoder.tie_weights()
+        return model.to(device).eval()
+
+    # ------------------------------------------------------------------
+    # Building blocks used by training and inference.
+
+    @property
+    def device(self) -> torch.device:
+        return self.temp.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.query_encoder.config.num_hidden_layers
+
+    def resolve_layer(self, layer: int | None) -> int:
+        """1-based fusion layer; None = the config's ``localize_layer`` or n_layers - 2."""
+        if layer is None:
+            layer = self.gear_config.localize_layer or max(1, self.n_layers - 2)
+        if not 1 <= layer <= self.n_layers:
+            raise ValueError(f"layer must be in 1..{self.n_layers} (1-based), got {layer}")
+        return layer
+
+    def embed_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoder: BertModel | None = None):
+        """Normalised mean-pooled query embeddings (B, H), with E_q or a given encoder (momentum)."""
+        encoder = encoder or self.query_encoder
+        states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(mean_pool(states, attention_mask).float(), dim=-1)
+
+    def doc_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoder: BertModel | None = None):
+        encoder = encoder or self.doc_encoder
+        return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def fuse(self, q_ids, q_mask, d_states, d_mask, return_layer: int | None = None):
+        return self.fusion(self.query_encoder, q_ids, q_mask, d_states, d_mask, return_layer=return_layer)
+
+    def decoder_inputs(self, unit_ids: torch.Tensor, unit_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] unit [SEP] -> [DEC] unit [SEP]; labels are the ids, -100 on padding and [DEC]."""
+        ids = unit_ids.clone()
+        ids[:, 0] = self.dec_token_id
+        labels = ids.masked_fill(unit_mask == 0, -100)
+        labels[:, 0] = -100
+        return ids, labels
+
+    def lm_loss(self, fused, q_mask, unit_ids, unit_mask) -> torch.Tensor:
+        """Cross-entropy of the unit given the fusion states.
+
+        Averaged over each unit's tokens, then over the batch, so the loss does
+        not depend on how a global batch is split across processes.
+        """
+        ids, labels = self.decoder_inputs(unit_ids, unit_mask)
+        logits = self.decoder(
+            input_ids=ids, attention_mask=unit_mask, encoder_hidden_states=fused, encoder_attention_mask=q_mask
+        ).logits
+        logits, targets = logits[:, :-1].float(), labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        n_tokens = (targets != -100).sum(1).clamp(min=1)
+        return (per_token.sum(1) / n_tokens).mean()
+
+    # ------------------------------------------------------------------
+    # Inference API (numpy in, numpy out; no gradients).
+
+    def _tokenize(self, texts: Sequence[str], max_length: int, **kw):
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt", **kw
+        )
+
+    @torch.no_grad()
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None) -> np.ndarray:
+        """E_q embeddings, (n, hidden) float32, L2-normalised."""
+        return self._encode(texts, batch_size, max_length or self.gear_config.max_query_length, self.query_encoder)
+
+    @torch.no_grad()
+    def encode_documents(self, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> np.ndarray:
+        """E_d embeddings, (n, hidden) float32, L2-normalised."""
+        length = max_length or self.gear_config.inference_max_doc_length
+        return self._encode(texts, batch_size, length, self.doc_encoder)
+
+    def _encode(self, texts, batch_size, max_length, encoder) -> np.ndarray:
+        self.eval()
+        out = [np.zeros((0, self.query_encoder.config.hidden_size), dtype=np.float32)]
+        for i in range(0, len(texts), batch_size):
+            batch = self._tokenize(texts[i : i + batch_size], max_length).to(self.device)
+            emb = self.embed_queries(batch["input_ids"], batch["attention_mask"], encoder=encoder)
+            out.append(emb.cpu().numpy().astype(np.float32))
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def _fuse_one(self, query: str, document: str, return_layer: int | None = None):
+        self.eval()
+        q = self._tokenize([query], self.gear_config.max_query_length).to(self.device)
+        d = self._tokenize(
+            [document], self.gear_config.inference_max_doc_length, return_offsets_mapping=True
+        ).to(self.device)
+        d_states = self.doc_states(d["input_ids"], d["attention_mask"])
+        fused, weights = self.fuse(q["input_ids"], q["attention_mask"], d_states, d["attention_mask"], return_layer)
+        return q, d, fused, weights
+
+    @torch.no_grad()
+    def cross_attention(self, query: str, document: str, layer: int | None = None) -> CrossAttention:
+        """Cross-attention weights of one fusion layer from the query's tokens to the document's.
+
+        ``layer`` is 1-based like the paper ("layer 10 of 12"); None = the
+        config's ``localize_layer`` or n_layers - 2. The document is truncated
+        to ``inference_max_doc_length`` tokens. Returns ``CrossAttention``
+        (a tuple: weights (heads, Lq, Ld), offsets (Ld, 2), query_mask (Lq,)).
+        """
+        layer = self.resolve_layer(layer)
+        with eager_attention(self.query_encoder.config):
+            q, d, _, weights = self._fuse_one(query, document, return_layer=layer)
+        special = set(self.tokenizer.all_special_ids)
+        query_mask = np.array([t not in special for t in q["input_ids"][0].tolist()], dtype=bool)
+        return CrossAttention(
+            weights=weights[0].float().cpu().numpy(),
+            offsets=d["offset_mapping"][0].cpu().numpy().astype(np.int64),
+            query_mask=query_mask,
+        )
+
+    @torch.no_grad()
+    def localize(
+        self,
+        query: str,
+        document: str,
+        sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]],
+        layer: int | None = None,
+    ) -> np.ndarray:
+        """One score per sentence (higher = more relevant), paper section 3.5.
+
+        Pooling: the chosen fusion layer's cross-attention weights are averaged
+        over heads and over the query's word tokens ([CLS]/[SEP] excluded),
+        giving one weight per document token (a distribution over the
+        document); a sentence's score is the sum of the weights of the document
+        tokens that start inside its character span [start, end). A summed
+        score is the attention mass the query puts on that sentence. Sentences
+        past the truncation limit score 0. ``layer`` as in ``cross_attention``.
+        Spans are (start, end) pairs or {"start", "end"} dicts (the triples' SPAN).
+        """
+        att = self.cross_attention(query, document, layer)
+        per_query_token = att.weights.mean(0)  # (Lq, Ld)
+        rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
+        per_doc_token = rows.mean(0)  # (Ld,)
+        starts, ends = att.offsets[:, 0], att.offsets[:, 1]
+        real = ends > starts  # special tokens have (0, 0)
+        scores = np.zeros(len(sentence_spans), dtype=np.float32)
+        for i, span in enumerate(sentence_spans):
+            start, end = (span["start"], span["end"]) if isinstance(span, dict) else span
+            inside = real & (starts >= start) & (starts < end)
+            scores[i] = float(per_doc_token[inside].sum())
+        return scores
+
+    @torch.no_grad()
+    def generate(self, query: str, document: str, max_new_tokens: int = 48) -> str:
+        """Greedy decoding of the unit from the fusion states of (query, document)."""
+        q, _, fused, _ = self._fuse_one(query, document)
+        start = torch.tensor([[self.dec_token_id]], device=self.device)
+        # A plain generate() with encoder_hidden_states fails in transformers 5
+        # ('DynamicCache' has no 'is_updated'); an encoder-decoder cache works.
+        out = self.decoder.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=fused,
+            encoder_attention_mask=q["attention_mask"],
+            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.tokenizer.sep_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.decode(out[0, 1:], skip_special_tokens=True).strip()

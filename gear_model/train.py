@@ -1,0 +1,325 @@
+"""Train GeAR. Reads top to bottom: config, distributed set-up, data, model,
+optimizer, resume, loop, checkpoints, final model.
+
+    python -m gear_model.train --config cfg.json              # one process
+    torchrun --nproc_per_node 8 -m gear_model.train --config cfg.json
+    torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500 ... (multi-node)
+
+The config is a JSON ``TrainConfig`` (``--set key=value`` overrides a field).
+Rank 0 writes one JSON object per line to ``<output_dir>/metrics.jsonl``
+(``event`` = start | step | checkpoint | done) and the final model to
+``<output_dir>/model`` (``GearModel.save_pretrained`` + train_config.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from gear_model.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gear_model.config import GearConfig, TrainConfig
+from gear_model.data import Collate, ResumableSampler, TriplesDataset
+from gear_model.losses import GearPretrainer
+from gear_model.model import GearModel
+
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up lr_start -> lr, then cosine lr -> lr_end (Table 4).
+
+    The warm-up is ``warmup_steps`` capped at ``warmup_frac`` of the run, so a
+    short run is not all warm-up.
+    """
+    warmup = min(cfg.warmup_steps, max(1, int(cfg.warmup_frac * total_steps)))
+    if step < warmup:
+        return cfg.lr_start + (cfg.lr - cfg.lr_start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: TrainConfig) -> GearModel:
+    """From a BERT checkpoint directory, or continue from a GeAR model directory."""
+    init = Path(cfg.init_checkpoint)
+    config_file = init / "config.json"
+    if config_file.is_file() and "gear" in json.loads(config_file.read_text()):
+        model = GearModel.from_pretrained(init)
+        model.gear_config = GearConfig.from_dict({**model.gear_config.to_dict(), **_gear_fields(cfg)})
+        return model.train()
+    return GearModel.from_encoder(init, cfg.gear_config())
+
+
+def _gear_fields(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.gear_config().to_dict().items() if k not in ("localize_layer", "dec_token")}
+
+
+def override_dropout(model: GearModel, cfg: TrainConfig) -> None:
+    """Optional dropout overrides (a measured speed option; None keeps the checkpoint's)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Dropout):
+            continue
+        is_attention = name.endswith("self.dropout")  # dropout on attention probabilities
+        if is_attention and cfg.attention_dropout is not None:
+            module.p = cfg.attention_dropout
+        elif not is_attention and cfg.hidden_dropout is not None:
+            module.p = cfg.hidden_dropout
+
+
+def train(cfg: TrainConfig) -> Path:
+    # ---------------------------------------------------------------- set-up
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.bf16 else contextlib.nullcontext()
+    )
+    out_dir = Path(cfg.output_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "train_config.json")
+
+    global_batch = cfg.batch_size * world
+    if cfg.queue_size % global_batch:
+        raise ValueError(
+            f"queue_size {cfg.queue_size} must be divisible by the global batch "
+            f"{global_batch} (batch_size {cfg.batch_size} x {world} processes)"
+        )
+
+    # ---------------------------------------------------------------- model
+    # Same seed on every rank while building, so fresh weights, the momentum
+    # copies and the random queue agree; then a per-rank seed for dropout.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    override_dropout(model, cfg)
+    trainer = GearPretrainer(model, momentum_eval_mode=cfg.momentum_eval_mode).to(device).train()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    # ---------------------------------------------------------------- data
+    dataset = TriplesDataset(cfg.dataset)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
+    collate = Collate(model.tokenizer, cfg.max_query_length, cfg.max_doc_length, cfg.max_unit_length)
+    # drop_last: every step must enqueue a full global batch. Its own generator,
+    # so starting an epoch draws nothing from the global RNG (resume stays exact).
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    micro_per_epoch = len(dataset) // world // cfg.batch_size
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} triples give no full step of {global_batch * cfg.grad_accum} "
+            f"(batch_size x processes x grad_accum)"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # ---------------------------------------------------------------- optimizer
+    # Weight decay on matrices only (not biases, LayerNorm or the temperature).
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=use_cuda,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+
+    # ---------------------------------------------------------------- resume
+    step, epoch, micro_in_epoch = 0, 0, 0
+    ckpt_path = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        trainer.load_state_dict(ckpt["trainer"])
+        model.decoder.tie_weights()
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch, micro_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["micro_in_epoch"]
+        if ckpt["world_size"] == world:
+            set_rng_state(ckpt["rng"][rank])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {micro_in_epoch})", flush=True)
+        del ckpt
+
+    # The queues are identical on every rank by construction (all-gathered
+    # before enqueue), so buffers need no per-forward broadcast.
+    ddp_trainer = (
+        DDP(trainer, device_ids=[local_rank] if use_cuda else None, forward_sync_buffers=False)
+        if distributed else trainer
+    )
+
+    metrics = (out_dir / METRICS_FILE).open("a") if master else None
+
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def checkpoint(reason: str) -> None:
+        states = [None] * world
+        if distributed:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            state = {
+                "trainer": trainer.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "micro_in_epoch": micro_in_epoch,
+                "world_size": world,
+                "rng": states,
+                "config": cfg.to_dict(),
+            }
+            path = save_checkpoint(state, out_dir, step, cfg.keep_last)
+            log({"event": "checkpoint", "step": step, "path": str(path), "reason": reason})
+        if distributed:
+            dist.barrier()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log({
+        "event": "start", "step": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "world_size": world, "global_batch": global_batch * cfg.grad_accum, "n_train": len(dataset),
+        "parameters": n_params, "device": str(device),
+    })
+    if master:
+        print(
+            f"training {n_params / 1e6:.1f}M parameters on {len(dataset)} triples: {total_steps} steps "
+            f"({steps_per_epoch}/epoch), global batch {global_batch * cfg.grad_accum}, {world} x {device}",
+            flush=True,
+        )
+
+    # ---------------------------------------------------------------- loop
+    stopped = False
+    t_start = time.time()
+    steps_this_run = 0
+    while epoch < cfg.epochs and step < total_steps and not stopped:
+        sampler.set_epoch(epoch)
+        sampler.skip = micro_in_epoch * cfg.batch_size
+        batches = iter(loader)
+        while micro_in_epoch + cfg.grad_accum <= micro_per_epoch and step < total_steps:
+            t0 = time.time()
+            alpha = cfg.alpha * min(1.0, step / max(1.0, cfg.alpha_ramp_epochs * steps_per_epoch))
+            sums = torch.zeros(3, device=device)
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if (last or not distributed) else ddp_trainer.no_sync()
+                with sync:
+                    with autocast:
+                        out = ddp_trainer(batch, alpha)
+                    (out.loss / cfg.grad_accum).backward()
+                sums += torch.stack([out.loss.detach(), out.itc, out.lm]).float() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro_in_epoch += cfg.grad_accum
+            step += 1
+            steps_this_run += 1
+
+            if distributed:
+                dist.all_reduce(sums)
+                sums /= world
+            if step % cfg.log_every == 0 or step == total_steps:
+                dt = time.time() - t0
+                elapsed = time.time() - t_start
+                per_step = elapsed / steps_this_run
+                loss, itc, lm = sums.tolist()
+                record = {
+                    "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm,
+                    "lr": lr, "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
+                    "samples_per_s": global_batch * cfg.grad_accum / dt, "steps_per_s": 1 / dt, "elapsed_s": elapsed,
+                    "eta_s": per_step * (total_steps - step), "total_steps": total_steps,
+                }
+                log(record)
+                if master:
+                    print(
+                        f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} (itc {itc:.4f} lm {lm:.4f}) "
+                        f"lr {lr:.2e} {record['samples_per_s']:.1f} samples/s eta {record['eta_s']:.0f}s",
+                        flush=True,
+                    )
+            if cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps:
+                checkpoint("stop_after_steps")
+                stopped = True
+                break
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint("every")
+        if not stopped:
+            epoch += 1
+            micro_in_epoch = 0
+            checkpoint("epoch_end")
+
+    # ---------------------------------------------------------------- final model
+    model_dir = out_dir / MODEL_DIR
+    if master and not stopped:
+        tmp = out_dir / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        cfg.save(tmp / "train_config.json")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp, model_dir)
+        log({"event": "done", "step": step, "model_dir": str(model_dir), "elapsed_s": time.time() - t_start})
+        print(f"model saved to {model_dir}", flush=True)
+    elif master:
+        log({"event": "stopped", "step": step, "elapsed_s": time.time() - t_start})
+    if metrics is not None:
+        metrics.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gear_model.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (JSON value)")
+    args = parser.parse_args(argv)
+    fields = json.loads(Path(args.config).read_text())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    train(TrainConfig.from_dict(fields))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""De-duplication (paper Appendix A: "We de-duplicate the keywords in the
+rewritten query and then reorder them"), plus two dataset-level passes the
+paper leaves implicit but a refresh over a new dump needs:
+
+- per query: split the keywords on commas, normalise them, drop repeated
+  keywords (the first surface form wins), then shuffle them with an RNG
+  seeded by ``seed`` and the query's (doc_id, sentence_index), so the order
+  does not depend on shard order or on which worker ran;
+- near-duplicate documents: MinHash LSH over word shingles of the document
+  text; every query of a later duplicate (by doc_id order) is dropped;
+- duplicate queries: two queries with the same normalised keyword set are
+  one query; the first by (doc_id, sentence_index) is kept.
+
+Every drop is counted in the funnel and written to ``dropped.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import string
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks.common import (
+    Funnel,
+    PipelineInputError,
+    completed_output_cache_key,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_output_dir,
+    write_parquet,
+)
+
+CODE_VERSION = source_hash(__file__)
+STAGE = "dedup"
+
+QUERIES_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("unit", pa.string()),
+        ("query", pa.string()),
+        ("rewriter_model", pa.string()),
+        ("prompt_version", pa.string()),
+    ]
+)
+DROPPED_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("query", pa.string()),
+        ("reason", pa.string()),
+        ("duplicate_of", pa.string()),
+    ]
+)
+NEAR_DUP_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("duplicate_of", pa.string()), ("jaccard", pa.float32())]
+)
+
+# Keyword separators: the prompt asks for commas; LLMs sometimes use
+# semicolons or one keyword per line, which mean the same thing.
+_SPLIT = re.compile(r"[,;\n，、]+")
+_PUNCT = re.compile(rf"[{re.escape(string.punctuation)}\u2010-\u2027\u00ab\u00bb\u201c-\u201f]+")
+_SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class DedupConfig(BaseModel):
+    """How queries and documents are de-duplicated."""
+
+    seed: int = Field(13, ge=0, description="Seed of the per-query keyword reorder (combined with doc_id and sentence index).")
+    reorder_keywords: bool = Field(True, description="Shuffle each query's keywords after de-duplication, as the paper does.")
+    lowercase_for_comparison: bool = Field(True, description="Compare keywords case-insensitively (the kept surface form keeps its case).")
+    strip_punctuation: bool = Field(True, description="Ignore punctuation when comparing keywords and queries.")
+    near_duplicate_documents: bool = Field(True, description="Drop the queries of documents that are near-duplicates of an earlier document.")
+    minhash_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more = finer Jaccard estimate, slower).")
+    lsh_threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Jaccard similarity of word shingles above which two documents are near-duplicates.")
+    shingle_size: int = Field(5, ge=1, le=20, description="Words per shingle for the document MinHash.")
+
+
+# --------------------------------------------------------------------------
+# Keyword post-processing (pure functions, also used by write_triples).
+
+
+def surface_form(keyword: str) -> str:
+    """The keyword as written, tidied: NFKC, single spaces, no edge punctuation."""
+    kw = _SPACE.sub(" ", unicodedata.normalize("NFKC", keyword)).strip()
+    return kw.strip(string.punctuation + " \u201c\u201d\u2018\u2019\u00ab\u00bb").strip()
+
+
+def keyword_key(keyword: str, config: DedupConfig | None = None) -> str:
+    """The form two keywords are compared in."""
+    config = config or DedupConfig()
+    kw = unicodedata.normalize("NFKC", keyword)
+    if config.lowercase_for_comparison:
+        kw = kw.casefold()
+    if config.strip_punctuation:
+        kw = _PUNCT.sub(" ", kw)
+    return _SPACE.sub(" ", kw).strip()
+
+
+def split_keywords(query: str, config: DedupConfig | None = None) -> list[str]:
+    """Keywords in order, repeats (by ``keyword_key``) and empties removed."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for raw in _SPLIT.split(query):
+        kw = surface_form(raw)
+        key = keyword_key(kw, config)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(kw)
+    return out
+
+
+def query_key(query: str, config: DedupConfig | None = None) -> str:
+    """Order-free normalised form of a query: its sorted keyword keys.
+
+    Keywords are shuffled per query, so two rewrites with the same keywords
+    in another order are the same query.
+    """
+    return ", ".join(sorted({keyword_key(k, config) for k in split_keywords(query, config)}))
+
+
+def _rng_seed(seed: int, doc_id: str, sentence_index: int) -> int:
+    # A stable hash (Python's hash() is salted per process).
+    digest = hashlib.sha256(f"{seed}\x1f{doc_id}\x1f{sentence_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def normalise_query(query: str, doc_id: str, sentence_index: int, config: DedupConfig | None = None) -> str:
+    """Split, de-duplicate and (seeded) reorder one query's keywords; '' if none left."""
+    config = config or DedupConfig()
+    keywords = split_keywords(query, config)
+    if config.reorder_keywords:
+        random.Random(_rng_seed(config.seed, doc_id, sentence_index)).shuffle(keywords)
+    return ", ".join(keywords)
+
+
+# --------------------------------------------------------------------------
+# Near-duplicate documents.
+
+
+def shingles(text: str, size: int) -> set[str]:
+    words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    if len(words) <= size:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+    """(doc_id, duplicate_of, jaccard) for each document that is a near-duplicate
+    of an earlier one in doc_id order; the earliest of a group is kept."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=config.lsh_threshold, num_perm=config.minhash_num_perm)
+    kept: dict[str, MinHash] = {}
+    rows = []
+    for doc_id, text in docs.sort("doc_id").select("doc_id", "text").iter_rows():
+        mh = MinHash(num_perm=config.minhash_num_perm, seed=1)
+        mh.update_batch([s.encode() for s in shingles(text, config.shingle_size)])
+        # Every LSH candidate counts (that is what the threshold tunes); the
+        # closest earlier document by estimated Jaccard is named.
+        best, best_j = None, -1.0
+        for cand in sorted(lsh.query(mh)):
+            j = mh.jaccard(kept[cand])
+            if j > best_j:
+                best, best_j = cand, j
+        if best is not None:
+            rows.append((doc_id, best, best_j))
+        else:
+            lsh.insert(doc_id, mh)
+            kept[doc_id] = mh
+    return pl.DataFrame(
+        rows, schema={"doc_id": pl.String, "duplicate_of": pl.String, "jaccard": pl.Float32}, orient="row"
+    )
+
+
+# --------------------------------------------------------------------------
+# Stage.
+
+
+def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def read_documents(units_dirs: Sequence[Path], columns: Sequence[str]) -> pl.DataFrame:
+    frames = []
+    for d in units_dirs:
+        path = Path(d) / "documents.parquet"
+        if not path.is_file():
+            raise PipelineInputError(path, "missing documents.parquet (not a select_units folder?)")
+        frames.append(pl.read_parquet(path, columns=list(columns)))
+    docs = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.String for c in columns})
+    dup = docs.filter(pl.col("doc_id").is_duplicated())
+    if dup.height:
+        raise PipelineInputError(units_dirs[0], "doc_id appears in more than one document row", record=dup["doc_id"][0])
+    return docs
+
+
+def read_queries(rewrite_dirs: Sequence[Path]) -> pl.DataFrame:
+    frames = []
+    for d in rewrite_dirs:
+        path = Path(d) / "queries.parquet"
+        if not path.is_file():
+            raise PipelineInputError(path, "missing queries.parquet (not a rewrite folder?)")
+        df = pl.read_parquet(path)
+        missing = [c for c in QUERIES_SCHEMA.names if c not in df.columns]
+        if missing:
+            raise PipelineInputError(path, f"missing columns {missing}")
+        frames.append(df.select(QUERIES_SCHEMA.names).cast({"sentence_index": pl.Int32}))
+    return pl.concat(frames)
+
+
+def dedup_output_dir(rewrite_dir, units_dirs, config: DedupConfig | None = None, work_dir="work") -> Path:
+    config = config or DedupConfig()
+    inputs = [Path(p) / "queries.parquet" for p in _as_list(rewrite_dir)]
+    inputs += [Path(p) / "documents.parquet" for p in _as_list(units_dirs)]
+    return stage_output_dir(work_dir, STAGE, config, inputs, CODE_VERSION)
+
+
+def dedup(
+    rewrite_dir: str | os.PathLike | Sequence[str | os.PathLike],
+    units_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+    config: DedupConfig | None = None,
+    work_dir: str | os.PathLike = "work",
+) -> Path:
+    """De-duplicate keywords, queries and documents; return the stage folder
+    holding queries.parquet (contract 4), dropped.parquet,
+    near_duplicates.parquet and funnel.json."""
+    config = config or DedupConfig()
+    out = dedup_output_dir(rewrite_dir, units_dirs, config, work_dir)
+    if is_complete(out):
+        return out
+    rewrite_dirs, units = _as_list(rewrite_dir), _as_list(units_dirs)
+    funnel = Funnel()
+    queries = read_queries(rewrite_dirs).sort("doc_id", "sentence_index", "query")
+    funnel.seen(STAGE, queries.height)
+    dropped: list[pl.DataFrame] = []
+
+    def drop(frame: pl.DataFrame, reason: str, duplicate_of: pl.Expr | None = None) -> None:
+        funnel.drop(STAGE, reason, frame.height)
+        if frame.height:
+            dup = duplicate_of if duplicate_of is not None else pl.lit(None, pl.String)
+            dropped.append(
+                frame.select("doc_id", "sentence_index", "query", pl.lit(reason).alias("reason"), dup.alias("duplicate_of"))
+            )
+
+    # 1. Keywords within each query.
+    n_kw_in = n_kw_kept = 0
+    normalised = []
+    for doc_id, idx, q in queries.select("doc_id", "sentence_index", "query").iter_rows():
+        raw = [k for k in (keyword_key(surface_form(x), config) for x in _SPLIT.split(q or "")) if k]
+        n_kw_in += len(raw)
+        nq = normalise_query(q or "", doc_id, idx, config)
+        n_kw_kept += len(split_keywords(nq, config))
+        normalised.append(nq)
+    funnel.seen("dedup_keywords", n_kw_in)
+    funnel.kept("dedup_keywords", n_kw_kept)
+    funnel.drop("dedup_keywords", "repeated_keyword", n_kw_in - n_kw_kept)
+    queries = queries.with_columns(
+        pl.Series("raw_query", queries["query"]), pl.Series("query", normalised, dtype=pl.String)
+    )
+    empty = queries.filter(pl.col("query") == "")
+    drop(empty.with_columns(pl.col("raw_query").alias("query")), "empty_after_normalisation")
+    queries = queries.filter(pl.col("query") != "")
+
+    # 2. Near-duplicate documents (only documents that still have queries matter).
+    near = pl.DataFrame(schema={"doc_id": pl.String, "duplicate_of": pl.String, "jaccard": pl.Float32})
+    if config.near_duplicate_documents and queries.height:
+        docs = read_documents(units, ["doc_id", "text"])
+        missing = queries.join(docs, on="doc_id", how="anti")
+        if missing.height:
+            raise PipelineInputError(units[0], "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
+        near = near_duplicate_documents(docs.join(queries.select("doc_id").unique(), on="doc_id"), config)
+        gone = queries.join(near, on="doc_id", how="inner")
+        drop(gone, "near_duplicate_document", pl.col("duplicate_of"))
+        queries = queries.join(near, on="doc_id", how="anti")
+
+    # 3. Duplicate queries across the dataset: keep the first by (doc_id, sentence_index).
+    queries = (
+        queries.with_columns(
+            pl.col("query").map_elements(lambda q: query_key(q, config), return_dtype=pl.String).alias("_key")
+        )
+        .sort("doc_id", "sentence_index", "query")
+        .with_row_index("_row")
+    )
+    first = queries.group_by("_key").agg(
+        pl.col("_row").min().alias("_first_row"),
+        (pl.col("doc_id") + "#" + pl.col("sentence_index").cast(pl.String)).sort_by("_row").first().alias("_first"),
+    )
+    queries = queries.join(first, on="_key", how="left").sort("_row")
+    is_first = pl.col("_row") == pl.col("_first_row")
+    drop(queries.filter(~is_first), "duplicate_query", pl.col("_first"))
+    queries = queries.filter(is_first)
+
+    funnel.kept(STAGE, queries.height)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(queries.select(QUERIES_SCHEMA.names).to_arrow(), out / "queries.parquet", QUERIES_SCHEMA)
+    dropped_df = pl.concat(dropped) if dropped else pl.DataFrame(schema={n: pl.String for n in DROPPED_SCHEMA.names})
+    write_parquet(dropped_df.cast({"sentence_index": pl.Int32}).to_arrow(), out / "dropped.parquet", DROPPED_SCHEMA)
+    write_parquet(near.to_arrow(), out / "near_duplicates.parquet", NEAR_DUP_SCHEMA)
+    funnel.save(out / "funnel.json")
+    mark_complete(out, {"stage": STAGE, "code_version": CODE_VERSION, "config": config, "funnel": funnel.to_dict()})
+    return out
+
+
+@task(
+    name="dedup",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_key_fn=completed_output_cache_key(dedup_output_dir),
+    persist_result=True,
+)
+def dedup_task(rewrite_dir, units_dirs, config: DedupConfig | None = None, work_dir="work") -> Path:
+    return dedup(rewrite_dir, units_dirs, config, work_dir)

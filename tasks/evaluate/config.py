@@ -1,0 +1,146 @@
+"""Parameters of the evaluate-gear flow (the Prefect UI form) and the list
+of systems (table rows) they describe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.evaluate.metrics import DEFAULT_KS
+
+SystemKind = Literal["gear", "encoder", "bm25"]
+
+
+def resolve_model_dir(path: str) -> str:
+    """A model dir, or a train-gear models/ folder whose LATEST names the newest run."""
+    latest = Path(path) / "LATEST"
+    if not (Path(path) / "config.json").is_file() and latest.is_file():
+        return str(Path(path) / latest.read_text().strip())
+    return path
+
+
+class SystemSpec(BaseModel):
+    """One row of the tables: a model or baseline and what it is asked to do."""
+
+    name: str = Field(description="Row label in the report.")
+    kind: SystemKind = Field(description="gear: a GeAR model dir; encoder: a pre-trained encoder; bm25: BM25.")
+    path: str | None = Field(None, description="Model directory (gear, encoder).")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Encoder pooling (encoder only).")
+    backend: Literal["transformers", "flagembedding"] = Field("transformers", description="Encoder backend.")
+    query_instruction: str = Field("", description="Prefix for queries (BGE: its retrieval instruction).")
+    generation: bool = Field(False, description="Run information generation (GeAR only).")
+    figure: bool = Field(False, description="Collect the Figure 3 attention example from this model.")
+
+
+class EvalParams(BaseModel):
+    """Evaluate GeAR models beside baselines on the RIR test split and external sets
+    (paper section 4, Tables 1-3); writes report.md, report.json and report.html."""
+
+    model_dirs: list[str] = Field(
+        default_factory=list, description="GeAR model directories to evaluate (one table row each), or a train-gear models/ folder (its LATEST run)."
+    )
+    contrastive_model_dir: str | None = Field(
+        None, description="Optional GeAR model trained with lm_weight 0 (the paper's 'GeAR w/o L_LM' row)."
+    )
+    dataset: str | None = Field(
+        None, description="RIR dataset: a version folder with train/test.parquet, or a datasets folder with LATEST."
+    )
+    squad_json: list[str] = Field(default_factory=list, description="SQuAD-format JSON files (QA sets: EM/F1).")
+    beir_dirs: list[str] = Field(
+        default_factory=list, description="BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval only."
+    )
+    output_dir: str = Field("runs/eval", description="Where report.md, report.json and report.html are written.")
+    work_dir: str | None = Field(
+        None, description="Folder for cached per-model results (stages/evaluate/<key>); default output_dir."
+    )
+    ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS), description="Cut-offs k for Recall@k and MAP@k.")
+    layer: int | None = Field(
+        None, ge=1, le=48, description="1-based fusion layer for localisation (paper: 10 of 12); empty = the model's default (n_layers - 2)."
+    )
+    all_layers: bool = Field(False, description="Also report localisation at every fusion layer (to pick the best).")
+    baselines: bool = Field(True, description="Add the pre-trained encoder and BM25 rows.")
+    baseline_encoder: str | None = Field(
+        None, description="Pre-trained encoder directory; empty = the embedded all-MiniLM-L6-v2 (production: a BGE dir)."
+    )
+    baseline_pooling: Literal["mean", "cls"] = Field("mean", description="Baseline pooling (MiniLM: mean; BGE: cls).")
+    baseline_backend: Literal["transformers", "flagembedding"] = Field(
+        "transformers", description="Baseline backend (BGE: flagembedding)."
+    )
+    baseline_query_instruction: str = Field("", description="Query prefix for the baseline (BGE's retrieval instruction).")
+    max_test_queries: int | None = Field(
+        10_000, ge=1, description="Seeded sample of test queries per set for retrieval and localisation (paper: 10k); empty = all."
+    )
+    max_generation_queries: int | None = Field(
+        500, ge=1, description="Seeded sample of those queries for generation (slowest part); empty = all."
+    )
+    generation_max_tokens: int = Field(64, ge=1, le=512, description="Greedy decoding budget per generated unit.")
+    index_type: Literal["exact", "hnsw"] = Field(
+        "exact", description="FAISS index: exact (IndexFlatIP) or hnsw (approximate, for large corpora)."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Encoding batch size.")
+    seed: int = Field(0, description="Seed of the query samples.")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, ks: list[int]) -> list[int]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("ks must be positive cut-offs")
+        return sorted(set(ks))
+
+    @classmethod
+    def for_cli(cls, model: Path | None, dataset: Path | None, output_dir: Path, **overrides) -> EvalParams:
+        """``gear evaluate``: the model defaults to OUTPUT_DIR/models/LATEST (train-gear's
+        newest run), the dataset to the newest under OUTPUT_DIR; the report goes to OUTPUT_DIR."""
+        from tasks.common import PipelineInputError
+
+        output_dir = Path(output_dir)
+        if model is None:
+            latest = output_dir / "models" / "LATEST"
+            if not latest.is_file():
+                raise PipelineInputError(latest, "no --model given and no trained model recorded here")
+            model = output_dir / "models" / latest.read_text().strip()
+        return cls(
+            model_dirs=[str(model)], dataset=str(dataset or output_dir), output_dir=str(output_dir), **overrides
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.work_dir or self.output_dir)
+
+    def systems(self) -> list[SystemSpec]:
+        """Table rows in the paper's order: baselines, then GeAR variants."""
+        from tasks.assets import embedded_encoder_path
+
+        rows: list[SystemSpec] = []
+        if self.baselines:
+            rows.append(SystemSpec(name="BM25", kind="bm25"))
+            path = self.baseline_encoder or str(embedded_encoder_path())
+            rows.append(
+                SystemSpec(
+                    name=f"{Path(path).name} (pre-trained)" if self.baseline_encoder else "MiniLM-L6 (pre-trained)",
+                    kind="encoder",
+                    path=path,
+                    pooling=self.baseline_pooling,
+                    backend=self.baseline_backend,
+                    query_instruction=self.baseline_query_instruction,
+                )
+            )
+        if self.contrastive_model_dir:
+            rows.append(SystemSpec(name="GeAR w/o L_LM", kind="gear", path=resolve_model_dir(self.contrastive_model_dir)))
+        for i, model_dir in enumerate(resolve_model_dir(d) for d in self.model_dirs):
+            name = "GeAR" if len(self.model_dirs) == 1 else f"GeAR ({Path(model_dir).name})"
+            rows.append(SystemSpec(name=name, kind="gear", path=model_dir, generation=True, figure=i == 0))
+        if not rows:
+            raise ValueError("nothing to evaluate: give model_dirs or turn baselines on")
+        return rows
+
+    def set_config(self) -> dict:
+        """What the per-system results depend on besides the system and the input files."""
+        return self.model_dump(
+            include={
+                "dataset", "squad_json", "beir_dirs", "ks", "layer", "all_layers", "max_test_queries",
+                "max_generation_queries", "generation_max_tokens", "index_type", "seed",
+            }
+        )

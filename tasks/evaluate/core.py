@@ -1,0 +1,196 @@
+"""The evaluation stage without Prefect: one system's results on every set
+(cached in a content-addressed folder), then the report from all of them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.common import (
+    PipelineInputError,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_output_dir,
+    write_json,
+)
+from tasks.evaluate.config import EvalParams, SystemSpec
+from tasks.evaluate.loaders import EvalSet, load_beir, load_squad, load_triples, resolve_dataset_dir
+
+CODE_VERSION = source_hash(*sorted(Path(__file__).parent.glob("*.py")))
+RESULTS_NAME = "results.json"
+FIGURE_TOP_TOKENS = 10  # the paper's Figure 3 highlights the top 10 tokens
+
+
+# --------------------------------------------------------------------------
+# Inputs.
+
+
+def input_paths(params: EvalParams, system: SystemSpec) -> list[Path]:
+    paths = [Path(system.path)] if system.path else []
+    if params.dataset:
+        paths.append(resolve_dataset_dir(params.dataset))
+    paths += [Path(p) for p in params.squad_json] + [Path(p) for p in params.beir_dirs]
+    return paths
+
+
+def system_output_dir(system: SystemSpec, params: EvalParams) -> Path:
+    config = {"system": system.model_dump(), "sets": params.set_config()}
+    return stage_output_dir(params.cache_dir, "evaluate", config, input_paths(params, system), CODE_VERSION)
+
+
+def load_sets(params: EvalParams) -> list[EvalSet]:
+    sets: list[EvalSet] = []
+    n, seed = params.max_test_queries, params.seed
+    if params.dataset:
+        sets.append(load_triples(params.dataset, n, seed))
+    sets += [load_squad(p, n, seed) for p in params.squad_json]
+    sets += [load_beir(p, max_queries=n, seed=seed) for p in params.beir_dirs]
+    if not sets:
+        raise PipelineInputError(params.output_dir, "no evaluation data: give dataset, squad_json or beir_dirs")
+    seen: dict[str, int] = {}
+    for s in sets:  # two files with the same stem still need distinct columns
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}-{seen[s.name]}"
+        else:
+            seen[s.name] = 1
+    return sets
+
+
+# --------------------------------------------------------------------------
+# One system on every set.
+
+
+def _load_system(system: SystemSpec):
+    if system.kind == "gear":
+        from gear_model.model import GearModel
+
+        return GearModel.from_pretrained(system.path)
+    if system.kind == "encoder":
+        from tasks.evaluate.baselines import PretrainedEncoder
+
+        return PretrainedEncoder(system.path, system.pooling, system.backend, query_instruction=system.query_instruction)
+    return None
+
+
+def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
+    """Tables 1-3 numbers of one system on every set -> <stage dir>/results.json."""
+    from tasks.evaluate.generation import evaluate_generation
+    from tasks.evaluate.localization import (
+        bm25_scorer,
+        embedding_scorer,
+        evaluate_localization,
+        gear_scorer,
+    )
+    from tasks.evaluate.retrieval import evaluate_retrieval
+
+    out = system_output_dir(system, params)
+    if is_complete(out):
+        return out
+    t0 = time.perf_counter()
+    sets = load_sets(params)
+    model = _load_system(system)
+    layer = model.resolve_layer(params.layer) if system.kind == "gear" else None
+    results: dict[str, Any] = {"system": system.model_dump(), "layer": layer, "sets": {}, "figure": None}
+    if system.kind == "gear":
+        results["n_layers"] = model.n_layers
+    for s in sets:
+        entry: dict[str, Any] = {"kind": s.kind, "source": s.source, "sizes": s.sizes(), "funnel": s.funnel.to_dict()}
+        encoder = model if system.kind in ("gear", "encoder") else None
+        entry["retrieval"] = evaluate_retrieval(s, params.ks, encoder, params.index_type, params.batch_size)
+        entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
+        if s.has_units:
+            if system.kind == "gear":
+                if params.all_layers:
+                    by_layer = {
+                        str(l): evaluate_localization(s, gear_scorer(model, l), params.ks) for l in range(1, model.n_layers + 1)
+                    }
+                    entry["localization_by_layer"] = by_layer
+                    entry["localization"] = by_layer[str(layer)]
+                else:
+                    entry["localization"] = evaluate_localization(s, gear_scorer(model, layer), params.ks)
+            elif system.kind == "encoder":
+                entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks)
+            else:
+                entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks)
+            if system.generation:
+                entry["generation"] = evaluate_generation(
+                    model, s, params.max_generation_queries, params.generation_max_tokens, params.seed
+                )
+        results["sets"][s.name] = entry
+    if system.figure:
+        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens)
+    results["elapsed_s"] = time.perf_counter() - t0
+    write_json(results, out / RESULTS_NAME)
+    mark_complete(out, {"system": system.name, "elapsed_s": results["elapsed_s"]})
+    return out
+
+
+def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int) -> dict | None:
+    """Figure 3: one document, two queries, the top-10 cross-attention tokens of
+    each and the generated text. Picks the document with the most test queries
+    about different sentences."""
+    from tasks.evaluate.localization import token_weights
+
+    for s in sets:
+        by_doc: dict[str, list] = {}
+        for q in s.unit_queries():
+            by_doc.setdefault(q.doc_id, []).append(q)
+        if not by_doc:
+            continue
+        doc_id = max(by_doc, key=lambda d: (len({q.unit_index for q in by_doc[d]}), len(by_doc[d]), d))
+        chosen, units = [], set()
+        for q in by_doc[doc_id]:
+            if q.unit_index not in units:
+                chosen.append(q)
+                units.add(q.unit_index)
+            if len(chosen) == 2:
+                break
+        document = s.documents[doc_id]
+        spans = s.sentence_spans[doc_id]
+        examples = []
+        for q in chosen:
+            att = model.cross_attention(q.query, document, layer)
+            weights = token_weights(att.weights, att.query_mask)
+            real = att.offsets[:, 1] > att.offsets[:, 0]
+            order = [i for i in weights.argsort()[::-1] if real[i]][:FIGURE_TOP_TOKENS]
+            scores = model.localize(q.query, document, spans, layer)
+            examples.append(
+                {
+                    "query": q.query,
+                    "top_tokens": [
+                        {"start": int(att.offsets[i, 0]), "end": int(att.offsets[i, 1]), "weight": float(weights[i]),
+                         "text": document[att.offsets[i, 0] : att.offsets[i, 1]]}
+                        for i in order
+                    ],
+                    "true_unit_index": q.unit_index,
+                    "predicted_unit_index": int(scores.argmax()) if len(scores) else None,
+                    "gold": q.target if s.kind == "rir" else " | ".join(q.answers),
+                    "generated": model.generate(q.query, document, max_new_tokens=max_new_tokens),
+                }
+            )
+        return {"set": s.name, "doc_id": doc_id, "document": document, "sentence_spans": spans, "layer": layer,
+                "queries": examples}
+    return None
+
+
+# --------------------------------------------------------------------------
+# The report from every system's results.
+
+
+def write_report(result_dirs: list[str | Path], params: EvalParams) -> Path:
+    """report.md, report.json and report.html in params.output_dir."""
+    import json
+
+    from tasks.evaluate.report import build_report, render_html, render_markdown
+    from tasks.common import write_text
+
+    results = [json.loads((Path(d) / RESULTS_NAME).read_text()) for d in result_dirs]
+    report = build_report(results, params)
+    out = Path(params.output_dir)
+    write_json(report, out / "report.json")
+    write_text(render_markdown(report), out / "report.md")
+    write_text(render_html(report), out / "report.html")
+    return out

@@ -1,0 +1,39 @@
+"""Information generation (Table 3): decode the unit from query and document.
+
+RIR sets score ROUGE-1 / ROUGE-L F against the unit; QA sets score SQuAD
+EM / F1 against the answers (percent, as in the paper).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tasks.evaluate.loaders import EvalSet, sample
+from tasks.evaluate.metrics import qa_scores, rouge_scores
+
+N_EXAMPLES = 5  # generations kept in the report for reading
+
+
+def evaluate_generation(model, eval_set: EvalSet, max_queries: int | None, max_new_tokens: int, seed: int = 0) -> dict:
+    queries = [q for q in eval_set.unit_queries() if (q.target if eval_set.kind == "rir" else q.answers)]
+    queries = sample(queries, max_queries, seed)
+    if not queries:
+        return {"metrics": None, "n_queries": 0}
+    t0 = time.perf_counter()
+    predictions = [model.generate(q.query, eval_set.documents[q.doc_id], max_new_tokens=max_new_tokens) for q in queries]
+    elapsed = time.perf_counter() - t0
+    if eval_set.kind == "rir":
+        metrics = rouge_scores(predictions, [q.target for q in queries])
+        gold = [q.target for q in queries]
+    else:
+        metrics = qa_scores(predictions, [q.answers for q in queries])
+        gold = [" | ".join(q.answers) for q in queries]
+    examples = [
+        {"query": q.query, "gold": g, "generated": p} for q, g, p in list(zip(queries, gold, predictions))[:N_EXAMPLES]
+    ]
+    return {
+        "metrics": metrics,
+        "n_queries": len(queries),
+        "examples": examples,
+        "timing": {"queries_s": elapsed, "queries_per_s": len(queries) / elapsed if elapsed > 0 else float("inf")},
+    }

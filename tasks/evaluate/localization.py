@@ -1,0 +1,128 @@
+"""Unit localisation (Table 2): rank a document's sentences for a query.
+
+GeAR ranks them by the fusion encoder's cross-attention at one layer
+(``GearModel.localize``; the paper uses layer 10 of 12). The pooling, which
+``token_weights`` / ``sentence_scores`` mirror for tests and the Figure 3
+page, is:
+
+- heads: mean;
+- query tokens: mean over the query's word tokens ([CLS]/[SEP] left out),
+  which leaves one weight per document token, a distribution over the
+  document;
+- sentence tokens: sum of the weights of the tokens that start inside the
+  sentence's character span, i.e. the attention mass the query puts on the
+  sentence (tokens past the truncation limit count 0).
+
+Baselines: sentence embeddings against the query embedding (a dense
+encoder), or BM25 over the document's sentences.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tasks.evaluate.loaders import EvalQuery, EvalSet
+from tasks.evaluate.metrics import ranking_metrics
+
+POOLING_DESCRIPTION = (
+    "cross-attention of the chosen fusion layer, averaged over heads, then over the query's word tokens "
+    "([CLS]/[SEP] excluded); a sentence scores the sum of the weights of the document tokens that start "
+    "inside it (the attention mass on the sentence)"
+)
+
+Scorer = Callable[[EvalQuery, str, list[tuple[int, int]]], np.ndarray]
+
+
+def token_weights(weights: np.ndarray, query_mask: np.ndarray | None = None) -> np.ndarray:
+    """(heads, Lq, Ld) attention -> (Ld,) weight per document token."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 3:
+        raise ValueError(f"expected (heads, query_tokens, doc_tokens) weights, got shape {weights.shape}")
+    per_query_token = weights.mean(0)
+    if query_mask is not None and np.any(query_mask):
+        per_query_token = per_query_token[np.asarray(query_mask, dtype=bool)]
+    return per_query_token.mean(0)
+
+
+def sentence_scores(
+    per_token: np.ndarray, offsets: np.ndarray, sentence_spans: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """Sum of token weights per sentence; a token belongs where it starts.
+    Special tokens have the empty offset (0, 0) and belong nowhere."""
+    offsets = np.asarray(offsets)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    real = ends > starts
+    out = np.zeros(len(sentence_spans), dtype=np.float64)
+    for i, (start, end) in enumerate(sentence_spans):
+        out[i] = per_token[real & (starts >= start) & (starts < end)].sum()
+    return out
+
+
+def rank_sentences(scores: np.ndarray) -> list[str]:
+    """Sentence indices (as ranx ids) best first; ties keep document order."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return [str(i) for i in order]
+
+
+def evaluate_localization(eval_set: EvalSet, scorer: Scorer, ks: Sequence[int]) -> dict:
+    """Recall@k / MAP@k of the true unit among its document's sentences."""
+    queries = eval_set.unit_queries()
+    if not queries:
+        return {"metrics": None, "n_queries": 0}
+    rankings, qrels = {}, {}
+    t0 = time.perf_counter()
+    for q in queries:
+        spans = eval_set.sentence_spans[q.doc_id]
+        scores = scorer(q, eval_set.documents[q.doc_id], spans)
+        if len(scores) != len(spans):
+            raise ValueError(f"scorer returned {len(scores)} scores for {len(spans)} sentences (query {q.qid})")
+        rankings[q.qid] = rank_sentences(scores)
+        qrels[q.qid] = {str(q.unit_index): 1}
+    elapsed = time.perf_counter() - t0
+    metrics = ranking_metrics(qrels, rankings, ks)
+    return {
+        "metrics": metrics,
+        "n_queries": len(queries),
+        "timing": {"queries_s": elapsed, "queries_per_s": len(queries) / elapsed if elapsed > 0 else float("inf")},
+    }
+
+
+# --------------------------------------------------------------------------
+# Scorers.
+
+
+def gear_scorer(model, layer: int | None) -> Scorer:
+    def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
+        return model.localize(q.query, document, spans, layer)
+
+    return score
+
+
+def embedding_scorer(encoder, batch_size: int = 64) -> Scorer:
+    """Sentences through the document encoder, the query through the query encoder; cosine."""
+
+    def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
+        sents = [document[s:e] for s, e in spans]
+        sent_vecs = encoder.encode_documents(sents, batch_size=batch_size)
+        query_vec = encoder.encode_queries([q.query], batch_size=1)[0]
+        return sent_vecs @ query_vec
+
+    return score
+
+
+def bm25_scorer() -> Scorer:
+    """BM25 over the document's own sentences (IDF from that document)."""
+    from tasks.evaluate.retrieval import bm25_index, bm25_search
+
+    def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
+        sents = [document[s:e] for s, e in spans]
+        out = np.zeros(len(sents), dtype=np.float64)
+        hits = bm25_search(bm25_index(sents), [q.query], len(sents))[0]
+        for rank, i in enumerate(hits):
+            out[i] = len(sents) - rank  # keep BM25's order; non-matching sentences stay at 0
+        return out
+
+    return score

@@ -1,0 +1,127 @@
+"""Metrics of the paper's three tables.
+
+Ranking metrics (Tables 1 and 2) come from ranx, not from our own loops;
+this module only turns ordered result lists into ranx's Qrels/Run. Text
+metrics (Table 3): ROUGE-1/ROUGE-L F from rouge-score for RIR, and the
+official SQuAD v1.1 exact match / token F1 for QA sets.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10)
+
+
+def metric_names(ks: Iterable[int]) -> list[str]:
+    """ranx metric names in report column order: all recalls, then all MAPs."""
+    ks = sorted(set(ks))
+    return [f"recall@{k}" for k in ks] + [f"map@{k}" for k in ks]
+
+
+def ranking_metrics(
+    qrels: Mapping[str, Mapping[str, int]],
+    rankings: Mapping[str, Sequence[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """Recall@k and MAP@k, averaged over the queries of ``qrels``.
+
+    ``rankings`` maps a query id to its result ids, best first. Scores given
+    to ranx are derived from the rank, so ranx keeps exactly our order (ties
+    in raw scores were already broken by the caller). A query of ``qrels``
+    with no results counts as all-zero. ranx's AP@k divides by the number of
+    relevant items (with one relevant item, MAP@k is MRR@k).
+    """
+    from ranx import Qrels, Run, evaluate
+
+    names = metric_names(ks)
+    qrels = {q: {d: int(r) for d, r in rels.items() if int(r) > 0} for q, rels in qrels.items()}
+    qrels = {q: rels for q, rels in qrels.items() if rels}
+    if not qrels:
+        raise ValueError("no query has a relevant item: nothing to evaluate")
+    run: dict[str, dict[str, float]] = {}
+    for q in qrels:
+        ranked = list(dict.fromkeys(rankings.get(q, ())))  # drop repeats, keep first
+        n = len(ranked)
+        # A query without results still needs an entry; a never-relevant id does.
+        run[q] = {d: float(n - i) for i, d in enumerate(ranked)} or {"\x00none": 0.0}
+    scores = evaluate(Qrels(qrels), Run(run), names, make_comparable=True)
+    if len(names) == 1:  # ranx returns a bare float for a single metric
+        scores = {names[0]: scores}
+    return {name: float(scores[name]) for name in names}
+
+
+# --------------------------------------------------------------------------
+# SQuAD v1.1 answer normalisation, exact match and token F1.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation and English articles, squeeze spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised gold answer."""
+    if not answers:
+        raise ValueError("exact_match needs at least one gold answer")
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """Best bag-of-tokens F1 against the gold answers, as in the SQuAD script."""
+    if not answers:
+        raise ValueError("token_f1 needs at least one gold answer")
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold_tokens = normalize_answer(answer).split()
+        if not pred_tokens or not gold_tokens:
+            best = max(best, float(pred_tokens == gold_tokens))
+            continue
+        common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+        same = sum(common.values())
+        if same == 0:
+            continue
+        precision = same / len(pred_tokens)
+        recall = same / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def qa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean EM and F1 in percent (the paper's Table 3 scale)."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answer lists")
+    if not predictions:
+        return {"em": 0.0, "f1": 0.0}
+    n = len(predictions)
+    em = sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n
+    f1 = sum(token_f1(p, a) for p, a in zip(predictions, answers)) / n
+    return {"em": 100.0 * em, "f1": 100.0 * f1}
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F-measure in percent (Porter stemming on)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"rouge1": 0.0, "rougeL": 0.0}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(predictions, references):
+        result = scorer.score(ref, pred)  # score(target, prediction)
+        for name in totals:
+            totals[name] += result[name].fmeasure
+    return {name: 100.0 * v / len(predictions) for name, v in totals.items()}

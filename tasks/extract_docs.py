@@ -1,0 +1,193 @@
+"""Stage extract_docs: one dump shard -> clean plain-text articles.
+
+Streams the shard's pages with mwxml, keeps article-namespace pages that are
+neither redirects nor disambiguation / set-index / "List of" pages, renders
+their wikitext as plain prose (tasks/wikitext.py) and writes
+``articles.parquet`` plus the shard's ``funnel.json``. Every page that does
+not become an article is counted under a drop reason.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import mwxml
+import pyarrow as pa
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks import shard as shard_mod
+from tasks import wikitext
+from tasks.common import (
+    Funnel,
+    PipelineInputError,
+    completed_output_cache_key,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_output_dir,
+    write_parquet,
+)
+from tasks.shard import Shard, open_shard
+
+STAGE = "extract_docs"
+CLEAN_STAGE = "clean_wikitext"  # counts of removed lines/elements, not pages
+CODE_VERSION = source_hash(__file__, wikitext.__file__, shard_mod.__file__)
+
+ARTICLES_SCHEMA = pa.schema(
+    [
+        ("page_id", pa.int64()),
+        ("revision_id", pa.int64()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("source_dump", pa.string()),
+    ]
+)
+
+
+class ExtractConfig(BaseModel):
+    """Which pages become articles."""
+
+    namespaces: list[int] = Field([0], description="Page namespaces to keep (0 = articles).")
+    skip_disambiguation: bool = Field(True, description="Drop disambiguation pages ({{disambiguation}}, {{hndis}}, ...).")
+    skip_set_index: bool = Field(True, description="Drop set-index pages ({{set index article}}, {{surname}}, ...).")
+    skip_list_pages: bool = Field(True, description="Drop pages titled 'List of ...' / 'Lists of ...'.")
+    min_text_chars: int = Field(1, ge=1, le=1_000_000, description="Drop articles whose clean text is shorter than this (characters).")
+
+
+def extract_output_dir(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
+    """The content-addressed folder this shard's extraction writes."""
+    inputs = [shard.dump_path] + ([shard.index_path] if shard.index_path else [])
+    return stage_output_dir(work_dir, STAGE, {"config": config, "shard": shard}, inputs, CODE_VERSION)
+
+
+def _cache_dir(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
+    # For the Prefect cache key: a missing input is not a cache hit, and the
+    # task body (not the key function) reports it.
+    try:
+        return extract_output_dir(shard, config, work_dir)
+    except PipelineInputError:
+        return Path(work_dir) / "stages" / STAGE / "missing-input"
+
+
+def _page_label(title: str | None, page_id: int | None) -> str | None:
+    if title is None and page_id is None:
+        return None
+    return f"page {page_id} {title!r}"
+
+
+def _iter_shard_pages(shard: Shard):
+    """(page, last revision) for the shard's pages; bad XML becomes PipelineInputError."""
+    path = shard.dump_path
+    current: tuple[str | None, int | None] = (None, None)
+    last_done: tuple[str | None, int | None] = (None, None)
+    try:
+        with open_shard(shard) as fh:
+            try:
+                dump = mwxml.Dump.from_file(fh)
+            except PipelineInputError:
+                raise
+            except Exception as exc:  # mwxml/expat raise several types for a bad header
+                raise PipelineInputError(path, f"malformed XML before the first page: {exc}") from exc
+            ordinal = -1
+            for page in dump:
+                ordinal += 1
+                if shard.kind == "pages":
+                    if ordinal < shard.page_start:
+                        continue
+                    if shard.page_stop is not None and ordinal >= shard.page_stop:
+                        break
+                current = (page.title, page.id)
+                revision = None
+                for revision in page:
+                    pass  # full-history dumps: the last revision is the current one
+                yield page, revision
+                last_done = current
+    except PipelineInputError:
+        raise
+    except (ET.ParseError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        if current != last_done:
+            where = _page_label(*current)
+            reason = f"malformed or truncated input while reading this page: {exc}"
+        else:
+            where = _page_label(*last_done)
+            reason = f"malformed or truncated input after {'this page' if where else 'the header'}: {exc}"
+        raise PipelineInputError(path, reason, record=where) from exc
+
+
+def extract_shard(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
+    """Write ``articles.parquet`` and ``funnel.json`` for one shard; return the folder."""
+    out = extract_output_dir(shard, config, work_dir)
+    if is_complete(out):
+        return out
+    funnel = Funnel()
+    cols: dict[str, list[Any]] = {name: [] for name in ARTICLES_SCHEMA.names}
+    source = Path(shard.dump_path).name
+    namespaces = set(config.namespaces)
+    pages = 0
+    for page, revision in _iter_shard_pages(shard):
+        pages += 1
+        funnel.seen(STAGE)
+        if page.namespace not in namespaces:
+            funnel.drop(STAGE, "non_article_namespace")
+            continue
+        text = (revision.text if revision is not None else None) or ""
+        if page.redirect is not None or text.lstrip()[:9].upper() == "#REDIRECT":
+            funnel.drop(STAGE, "redirect")
+            continue
+        try:
+            result = wikitext.clean_wikitext(text)
+        except Exception as exc:  # a parser bug on one page must name the page
+            raise PipelineInputError(shard.dump_path, f"cannot parse wikitext: {exc}", record=_page_label(page.title, page.id)) from exc
+        kind = wikitext.page_kind(page.title, result)
+        if kind == "disambiguation" and config.skip_disambiguation:
+            funnel.drop(STAGE, "disambiguation")
+            continue
+        if kind == "set_index" and config.skip_set_index:
+            funnel.drop(STAGE, "set_index")
+            continue
+        if kind == "list_page" and config.skip_list_pages:
+            funnel.drop(STAGE, "list_page")
+            continue
+        funnel.drop(CLEAN_STAGE, "list_item", result.list_items)
+        funnel.drop(CLEAN_STAGE, "caption", result.captions)
+        funnel.drop(CLEAN_STAGE, "heading", result.headings)
+        funnel.drop(CLEAN_STAGE, "table", result.tables)
+        funnel.drop(CLEAN_STAGE, "markup_residue_paragraph", result.markup_residue_paragraphs)
+        if len(result.text) < config.min_text_chars:
+            funnel.drop(STAGE, "empty_text")
+            continue
+        funnel.kept(STAGE)
+        cols["page_id"].append(page.id)
+        cols["revision_id"].append(revision.id if revision is not None else -1)
+        cols["title"].append(page.title)
+        cols["text"].append(result.text)
+        cols["source_dump"].append(source)
+    if pages == 0:
+        raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
+    table = pa.table(cols, schema=ARTICLES_SCHEMA)
+    write_parquet(table, out / "articles.parquet", ARTICLES_SCHEMA)
+    funnel.save(out / "funnel.json")
+    mark_complete(out, {"stage": STAGE, "shard": shard.name, "pages": pages, "articles": table.num_rows, "funnel": funnel.to_dict()})
+    return out
+
+
+def retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: bad input fails at once; other errors (I/O) retry."""
+    return not isinstance(getattr(state, "data", None), PipelineInputError)
+
+
+@task(
+    name="extract_docs",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_bad_input,
+    cache_key_fn=completed_output_cache_key(_cache_dir),
+    persist_result=True,
+)
+def extract_docs(shard: Shard, config: ExtractConfig, work_dir: str) -> Path:
+    """Prefect task: extract one shard (cached on the dump's content, config and code)."""
+    return extract_shard(shard, config, work_dir)

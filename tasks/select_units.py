@@ -1,0 +1,496 @@
+"""Stage select_units: clean articles -> documents and candidate units.
+
+The paper's recipe (GeAR, Appendix A), with its figures as defaults:
+
+* documents: sentences are taken in order until the next one would push the
+  document past ``max_doc_tokens`` (500, i.e. < 512); sentences made of
+  repeated line breaks or repeated phrases are dropped on the way; documents
+  with fewer than 3 sentences or 200 tokens are dropped;
+* candidate units: sentences of 8..20 tokens (inclusive) whose first word and
+  whose grammatical subject are not pronouns from {this, these, it, that,
+  those, they, he, she, we, you, I}; documents with fewer than 3 candidates
+  are dropped.
+
+Added here because the input is Wikipedia prose rather than curated text: a
+candidate must end in final punctuation and look like a sentence (a subject,
+no list or caption debris), and an article whose words are not English is
+dropped (the parser and the recipe are English).
+
+Tokens are counted with the encoder's WordPiece tokenizer, without special
+tokens. spaCy runs the dependency parser only (it also sets sentence
+boundaries); the tagger, attribute ruler, NER and lemmatizer gave the same
+candidates and cost ~30% more time.
+
+A document's text is its kept sentences joined by one space; ``sentence_spans``
+and every unit's ``char_start``/``char_end`` index into that text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks.assets import SPACY_MODEL, embedded_encoder_path
+from tasks.common import (
+    Funnel,
+    PipelineInputError,
+    completed_output_cache_key,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_output_dir,
+    write_parquet,
+)
+
+STAGE = "select_units"
+ARTICLE_STAGE = "select_units.articles"
+SENTENCE_STAGE = "select_units.sentences"
+DOC_STAGE = "select_units.documents"
+CANDIDATE_STAGE = "select_units.candidates"
+CODE_VERSION = source_hash(__file__)
+
+SPAN = pa.struct([("start", pa.int32()), ("end", pa.int32())])
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("page_id", pa.int64()),
+        ("revision_id", pa.int64()),
+        ("part", pa.int32()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("sentence_spans", pa.list_(SPAN)),
+        ("token_count", pa.int32()),
+        ("source_dump", pa.string()),
+    ]
+)
+UNITS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("sentence_index", pa.int32()),
+        ("text", pa.string()),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("token_count", pa.int32()),
+    ]
+)
+
+PAPER_PRONOUNS = ["this", "these", "it", "that", "those", "they", "he", "she", "we", "you", "i"]
+# Components the candidate rules do not use (the parser alone sets sentences and dependencies).
+SPACY_EXCLUDE = ("tagger", "attribute_ruler", "ner", "lemmatizer")
+SUBJECT_DEPS = frozenset({"nsubj", "nsubjpass", "expl"})
+ANY_SUBJECT_DEPS = SUBJECT_DEPS | {"csubj", "csubjpass"}
+
+# Common English function words; an English Wikipedia article has 30-45% of
+# its words in this set (lowest on the embedded dump: 0.305), Bulgarian 0%.
+_FUNCTION_WORDS = frozenset(
+    "the of and in to a is was for on as by with that from at an be are were which or his her its has have had not also this it".split()
+)
+_WORD = re.compile(r"[^\W\d_]+")
+_CLOSERS = "\"'”’»)]"
+_FINAL = (".", "!", "?")
+_OPENERS_OK = "\"'“‘«(¿¡"
+_LIST_DEBRIS = ("|", "•", "·", "\t")
+
+
+class UnitConfig(BaseModel):
+    """The paper's document and candidate rules (Appendix A) as parameters."""
+
+    max_doc_tokens: int = Field(500, ge=16, le=100_000, description="Add sentences in order while the document stays within this many WordPiece tokens (paper: 500, < 512).")
+    min_doc_sentences: int = Field(3, ge=1, le=1000, description="Drop documents with fewer sentences (paper: 3).")
+    min_doc_tokens: int = Field(200, ge=0, le=100_000, description="Drop documents with fewer tokens (paper: 200).")
+    min_unit_tokens: int = Field(8, ge=1, le=512, description="Shortest candidate unit, in tokens, inclusive (paper: 8).")
+    max_unit_tokens: int = Field(20, ge=1, le=512, description="Longest candidate unit, in tokens, inclusive (paper: 20).")
+    pronouns: list[str] = Field(default_factory=lambda: list(PAPER_PRONOUNS), description="A candidate's first word and main-clause subject must not be one of these (lower case).")
+    min_candidates: int = Field(3, ge=1, le=1000, description="Drop documents with fewer candidate units (paper: 3).")
+    docs_per_article: int = Field(1, ge=1, le=10_000, description="1: one document per article, its first <= max_doc_tokens tokens (the paper). N > 1: cut an article into up to N consecutive documents.")
+    require_final_punctuation: bool = Field(True, description="A candidate must end with . ! or ? (optionally before a closing quote/bracket).")
+    require_subject: bool = Field(False, description="A candidate's main clause must have a subject (drops fragments; off by default: the parser-only pipeline misses some subjects, e.g. \"Alain Connes studies operator algebras.\").")
+    english_only: bool = Field(True, description="Drop articles whose function-word ratio says they are not English.")
+    min_english_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of English function words below which an article is 'not_english'.")
+    max_repeat_run: int = Field(3, ge=2, le=100, description="A sentence where a 1-4 word phrase repeats this many times in a row is dropped as repeated.")
+    tokenizer_path: str = Field(default_factory=lambda: str(embedded_encoder_path()), description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens).")
+    spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
+    batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
+    chars_per_token_budget: int = Field(6, ge=2, le=100, description="Parse only the first max_doc_tokens*docs_per_article*this characters of an article first (more if needed).")
+
+
+def select_output_dir(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
+    return stage_output_dir(work_dir, STAGE, config, article_files(article_dirs_or_files), CODE_VERSION)
+
+
+def _cache_dir(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
+    # For the Prefect cache key: a missing input is not a cache hit; the task body reports it.
+    try:
+        return select_output_dir(article_dirs_or_files, config, work_dir)
+    except PipelineInputError:
+        return Path(work_dir) / "stages" / STAGE / "missing-input"
+
+
+def article_files(article_dirs_or_files: Any) -> list[Path]:
+    """articles.parquet files from folders and/or files, in the order given."""
+    items = [article_dirs_or_files] if isinstance(article_dirs_or_files, (str, os.PathLike)) else list(article_dirs_or_files)
+    files = []
+    for item in items:
+        p = Path(item)
+        f = p / "articles.parquet" if p.is_dir() else p
+        if not f.is_file():
+            raise PipelineInputError(f, "articles file does not exist")
+        files.append(f)
+    return files
+
+
+# --------------------------------------------------------------------------
+# Models, loaded once per process.
+
+
+# Prefect's thread-pool runner may start several select_units tasks at once:
+# two threads importing transformers at the same time failed here with
+# "cannot import name 'AutoTokenizer'", and a spaCy pipeline is not
+# documented as thread-safe, so loading and parsing are serialised per process.
+_LOAD_LOCK = threading.Lock()
+_PARSE_LOCK = threading.Lock()
+
+
+@cache
+def _load_nlp(model: str):
+    import spacy
+
+    return spacy.load(model, exclude=list(SPACY_EXCLUDE))
+
+
+@cache
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 30  # we only count tokens; silence the length warning
+    return tok
+
+
+def load_nlp(model: str):
+    """The spaCy pipeline with the parser only (cached per process)."""
+    with _LOAD_LOCK:
+        return _load_nlp(model)
+
+
+def load_tokenizer(path: str):
+    """The encoder's WordPiece tokenizer (cached per process)."""
+    with _LOAD_LOCK:
+        return _load_tokenizer(path)
+
+
+def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
+    """WordPiece tokens per text, without [CLS]/[SEP]."""
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [len(x) for x in ids]
+
+
+# --------------------------------------------------------------------------
+# Sentence features and rules.
+
+
+@dataclass
+class Sentence:
+    text: str
+    first_word: str  # lower case, "" when the sentence has no word
+    subject_pronoun: bool
+    has_subject: bool
+    tokens: int = 0
+
+
+def sentence_features(sent, pronouns: frozenset[str]) -> Sentence:
+    """What the rules need from one spaCy sentence span."""
+    first = next((t.lower_ for t in sent if any(ch.isalnum() for ch in t.text)), "")
+    root = sent.root
+    subjects = [c for c in root.children if c.dep_ in ANY_SUBJECT_DEPS]
+    subject_pronoun = any(c.dep_ in SUBJECT_DEPS and c.lower_ in pronouns for c in subjects)
+    return Sentence(sent.text.strip(), first, subject_pronoun, bool(subjects))
+
+
+def is_repeated(text: str, max_run: int) -> bool:
+    """True when some 1-4 word phrase occurs ``max_run`` times in a row ("la la la")."""
+    words = text.lower().split()
+    n_words = len(words)
+    for n in range(1, 5):
+        for i in range(0, n_words - n * max_run + 1):
+            phrase = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, max_run)):
+                return True
+    return False
+
+
+def junk_reason(text: str, config: UnitConfig) -> str | None:
+    """Why a sentence cannot be part of a document (paper: repeated line breaks / phrases)."""
+    if not any(ch.isalpha() for ch in text):
+        return "no_letters"
+    # Clean paragraphs hold no line break, so one inside a sentence is layout debris.
+    if "\n" in text:
+        return "line_breaks"
+    if is_repeated(text, config.max_repeat_run):
+        return "repeated_phrase"
+    return None
+
+
+def ends_with_final_punctuation(text: str) -> bool:
+    return text.rstrip().rstrip(_CLOSERS).endswith(_FINAL)
+
+
+def candidate_reason(s: Sentence, config: UnitConfig, pronouns: frozenset[str]) -> str | None:
+    """None if the sentence is a candidate unit, else the first rule it fails."""
+    if s.tokens < config.min_unit_tokens:
+        return "too_short"
+    if s.tokens > config.max_unit_tokens:
+        return "too_long"
+    if config.require_final_punctuation and not ends_with_final_punctuation(s.text):
+        return "no_final_punctuation"
+    if (not s.text[0].isalnum() and s.text[0] not in _OPENERS_OK) or any(m in s.text for m in _LIST_DEBRIS):
+        return "list_or_caption"
+    if s.first_word in pronouns:
+        return "first_word_pronoun"
+    if s.subject_pronoun:
+        return "subject_pronoun"
+    if config.require_subject and not s.has_subject:
+        return "no_subject"
+    return None
+
+
+def english_ratio(text: str) -> float:
+    words = _WORD.findall(text[:20_000].lower())
+    return sum(w in _FUNCTION_WORDS for w in words) / len(words) if words else 0.0
+
+
+# --------------------------------------------------------------------------
+# The stage.
+
+
+@dataclass
+class _Article:
+    page_id: int
+    revision_id: int
+    title: str
+    source_dump: str
+    paragraphs: list[str]
+    parsed: int  # paragraphs parsed so far
+
+
+def _budget_prefix(paragraphs: list[str], budget: int) -> int:
+    used, n = 0, 0
+    for p in paragraphs:
+        if used >= budget:
+            break
+        used += len(p) + 2
+        n += 1
+    return n
+
+
+def _sentences_of(docs: Iterable, pronouns: frozenset[str]) -> list[Sentence]:
+    out = []
+    for doc in docs:
+        for sent in doc.sents:
+            s = sentence_features(sent, pronouns)
+            if s.text:
+                out.append(s)
+    return out
+
+
+def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel) -> tuple[list[list[Sentence]], bool]:
+    """Consecutive documents of whole sentences; second value: the last one is still open."""
+    parts: list[list[Sentence]] = []
+    cur: list[Sentence] = []
+    cur_tokens = 0
+    seen: set[str] = set()
+    for s in sentences:
+        reason = junk_reason(s.text, config)
+        if reason is None and s.text in seen:
+            reason = "duplicate_sentence"
+        if reason is None and s.tokens > config.max_doc_tokens:
+            reason = "longer_than_max_doc_tokens"
+        funnel.seen(SENTENCE_STAGE)
+        if reason:
+            funnel.drop(SENTENCE_STAGE, reason)
+            continue
+        seen.add(s.text)
+        if cur_tokens + s.tokens > config.max_doc_tokens:
+            parts.append(cur)
+            if len(parts) == config.docs_per_article:
+                # The paper stops here: the sentence that would cross the limit ends the article.
+                funnel.drop(SENTENCE_STAGE, "beyond_max_doc_tokens")
+                return parts, False
+            cur, cur_tokens = [], 0
+        cur.append(s)
+        cur_tokens += s.tokens
+    if cur:
+        parts.append(cur)
+    return parts, True
+
+
+def select_units(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
+    """Write documents.parquet, units.parquet and funnel.json for one shard's articles."""
+    files = article_files(article_dirs_or_files)
+    out = stage_output_dir(work_dir, STAGE, config, files, CODE_VERSION)
+    if is_complete(out):
+        return out
+    if config.min_unit_tokens > config.max_unit_tokens:
+        raise ValueError(f"min_unit_tokens {config.min_unit_tokens} > max_unit_tokens {config.max_unit_tokens}")
+    with _PARSE_LOCK:
+        if is_complete(out):  # another thread finished the same input meanwhile
+            return out
+        return _select(files, out, config)
+
+
+def _select(files: list[Path], out: Path, config: UnitConfig) -> Path:
+    nlp = load_nlp(config.spacy_model)
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    pronouns = frozenset(p.lower() for p in config.pronouns)
+    funnel = Funnel()
+
+    articles: list[_Article] = []
+    for f in files:
+        table = pq.read_table(f, columns=["page_id", "revision_id", "title", "text", "source_dump"])
+        for row in table.to_pylist():
+            funnel.seen(ARTICLE_STAGE)
+            if config.english_only and english_ratio(row["text"]) < config.min_english_ratio:
+                funnel.drop(ARTICLE_STAGE, "not_english")
+                continue
+            paragraphs = [p for p in row["text"].split("\n\n") if p.strip()]
+            if not paragraphs:
+                funnel.drop(ARTICLE_STAGE, "empty_text")
+                continue
+            articles.append(_Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], paragraphs, 0))
+
+    budget = config.max_doc_tokens * config.docs_per_article * config.chars_per_token_budget
+    prefixes = [_budget_prefix(a.paragraphs, budget) for a in articles]
+    stream = ((p, i) for i, a in enumerate(articles) for p in a.paragraphs[: prefixes[i]])
+    grouped: dict[int, list] = {}
+    for doc, i in nlp.pipe(stream, as_tuples=True, batch_size=config.batch_size, n_process=1):
+        grouped.setdefault(i, []).append(doc)
+
+    doc_cols: dict[str, list[Any]] = {n: [] for n in DOCUMENTS_SCHEMA.names}
+    unit_cols: dict[str, list[Any]] = {n: [] for n in UNITS_SCHEMA.names}
+    for i, art in enumerate(articles):
+        sentences = _sentences_of(grouped.pop(i, []), pronouns)
+        art.parsed = prefixes[i]
+        sub = Funnel()
+        parts, still_open = _cut_documents_counted(sentences, tokenizer, config, sub)
+        while still_open and art.parsed < len(art.paragraphs):
+            # The character budget ran out before the documents were full: parse another slice.
+            more = _budget_prefix(art.paragraphs[art.parsed :], budget)
+            sentences += _sentences_of(nlp.pipe(art.paragraphs[art.parsed : art.parsed + more], batch_size=config.batch_size), pronouns)
+            art.parsed += more
+            sub = Funnel()
+            parts, still_open = _cut_documents_counted(sentences, tokenizer, config, sub)
+        funnel.merge(sub)
+        kept_any = False
+        for part_no, part in enumerate(parts):
+            if _emit_document(art, part_no, part, config, pronouns, funnel, doc_cols, unit_cols):
+                kept_any = True
+        if kept_any:
+            funnel.kept(ARTICLE_STAGE)
+        else:
+            funnel.drop(ARTICLE_STAGE, "no_document_kept")
+
+    write_parquet(pa.table(doc_cols, schema=DOCUMENTS_SCHEMA), out / "documents.parquet", DOCUMENTS_SCHEMA)
+    write_parquet(pa.table(unit_cols, schema=UNITS_SCHEMA), out / "units.parquet", UNITS_SCHEMA)
+    funnel.save(out / "funnel.json")
+    mark_complete(
+        out,
+        {
+            "stage": STAGE,
+            "inputs": [str(f) for f in files],
+            "documents": len(doc_cols["doc_id"]),
+            "units": len(unit_cols["doc_id"]),
+            "funnel": funnel.to_dict(),
+        },
+    )
+    return out
+
+
+def _cut_documents_counted(sentences: list[Sentence], tokenizer, config: UnitConfig, funnel: Funnel):
+    missing = [s for s in sentences if s.tokens == 0]
+    for s, n in zip(missing, count_tokens(tokenizer, [s.text for s in missing])):
+        s.tokens = n
+    return _cut_documents(sentences, config, funnel)
+
+
+def _emit_document(art: _Article, part_no: int, part: list[Sentence], config: UnitConfig, pronouns, funnel: Funnel, doc_cols, unit_cols) -> bool:
+    funnel.seen(DOC_STAGE)
+    tokens = sum(s.tokens for s in part)
+    funnel.add(SENTENCE_STAGE, "kept", len(part))
+    if len(part) < config.min_doc_sentences:
+        funnel.drop(DOC_STAGE, "too_few_sentences")
+        return False
+    if tokens < config.min_doc_tokens:
+        funnel.drop(DOC_STAGE, "too_few_tokens")
+        return False
+    candidates = []
+    for idx, s in enumerate(part):
+        funnel.seen(CANDIDATE_STAGE)
+        reason = candidate_reason(s, config, pronouns)
+        if reason:
+            funnel.drop(CANDIDATE_STAGE, reason)
+        else:
+            candidates.append(idx)
+    if len(candidates) < config.min_candidates:
+        funnel.drop(DOC_STAGE, "too_few_candidates")
+        funnel.drop(CANDIDATE_STAGE, "in_document_with_too_few_candidates", len(candidates))
+        return False
+    funnel.kept(DOC_STAGE)
+    funnel.kept(CANDIDATE_STAGE, len(candidates))
+
+    doc_id = f"{art.page_id}-{part_no}"
+    spans, pieces, pos = [], [], 0
+    for s in part:
+        if pieces:
+            pos += 1
+        spans.append({"start": pos, "end": pos + len(s.text)})
+        pieces.append(s.text)
+        pos += len(s.text)
+    text = " ".join(pieces)
+    doc_cols["doc_id"].append(doc_id)
+    doc_cols["page_id"].append(art.page_id)
+    doc_cols["revision_id"].append(art.revision_id)
+    doc_cols["part"].append(part_no)
+    doc_cols["title"].append(art.title)
+    doc_cols["text"].append(text)
+    doc_cols["sentence_spans"].append(spans)
+    doc_cols["token_count"].append(tokens)
+    doc_cols["source_dump"].append(art.source_dump)
+    for idx in candidates:
+        s, span = part[idx], spans[idx]
+        unit_cols["doc_id"].append(doc_id)
+        unit_cols["sentence_index"].append(idx)
+        unit_cols["text"].append(s.text)
+        unit_cols["char_start"].append(span["start"])
+        unit_cols["char_end"].append(span["end"])
+        unit_cols["token_count"].append(s.tokens)
+    return True
+
+
+def _retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
+    return not isinstance(getattr(state, "data", None), PipelineInputError)
+
+
+@task(
+    name="select_units",
+    retries=1,
+    retry_condition_fn=_retry_unless_bad_input,
+    retry_delay_seconds=5,
+    cache_key_fn=completed_output_cache_key(_cache_dir),
+    persist_result=True,
+)
+def select_units_task(article_dirs_or_files: list[str], config: UnitConfig, work_dir: str) -> Path:
+    """Prefect task: documents and candidate units for one shard's articles (cached)."""
+    return select_units(article_dirs_or_files, config, work_dir)

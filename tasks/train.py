@@ -1,0 +1,341 @@
+"""train-gear's stage: launch ``gear_model.train`` under torchrun and follow it.
+
+The core (``run_training``) resolves the dataset, fixes the run's folder
+``<output_dir>/models/<key>`` (the key hashes the resolved training config,
+the number of processes, the content of train.parquet and of the init
+checkpoint, and the code version), builds the torchrun command, streams the
+trainer's log lines, follows the JSON-lines metrics it writes, and returns
+``<run>/model``. A finished run is returned at once; an unfinished one resumes
+from its latest checkpoint (so a task retry resumes too).
+``<output_dir>/models/LATEST`` holds ``<key>/model`` of the newest finished run.
+
+Multi-node: run the flow on every node with the same parameters and its own
+``node_rank``; torchrun's c10d rendezvous at ``rdzv_endpoint`` joins them.
+Resume across nodes needs ``output_dir`` on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks.common import (
+    PipelineInputError,
+    completed_output_cache_key,
+    is_complete,
+    mark_complete,
+    source_hash,
+    stage_key,
+    write_json,
+    write_text,
+)
+
+_GEAR_MODEL = Path(__file__).resolve().parent.parent / "gear_model"
+CODE_VERSION = source_hash(__file__, *sorted(_GEAR_MODEL.glob("*.py")))
+STAGE = "train"
+MODELS_DIR = "models"
+LATEST = "LATEST"
+# Fields that do not change the trained weights, so they stay out of the run key.
+_NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "keep_last",
+               "log_every", "num_threads", "stop_after_steps", "device"}
+
+
+class TrainParams(BaseModel):
+    """Parameters of a GeAR training run (the train-gear form).
+
+    ``profile`` picks the defaults: ``embedded`` (laptop: MiniLM, short
+    lengths, 3 epochs, a few minutes on 2 CPU cores) or ``paper`` (Table 4:
+    10 epochs, batch 16 per device, length 512, lr 1e-5, queue 57,600). Any
+    field left empty takes the profile's value.
+    """
+
+    dataset: str | None = Field(
+        None,
+        description="Training triples: a train.parquet, a dataset version folder, a datasets/ folder with "
+        "LATEST, or a build-dataset output dir (its latest version). Empty: the latest dataset under output_dir.",
+    )
+    output_dir: str = Field("data", description="Runs go to OUTPUT_DIR/models/<run key>/ (checkpoints, metrics, model).")
+    init_checkpoint: str | None = Field(
+        None,
+        description="BERT checkpoint folder to initialise every part (production: a bert-base-uncased folder), "
+        "or a GeAR model folder to continue from. Empty: the embedded all-MiniLM-L6-v2.",
+    )
+    profile: Literal["embedded", "paper"] = Field("embedded", description="Default values: embedded (laptop) or paper (Table 4).")
+    epochs: int | None = Field(None, ge=1, le=1000, description="Epochs (paper 10, embedded 3).")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Triples per device per micro-step (paper 16).")
+    grad_accum: int | None = Field(None, ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
+    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, embedded 5e-5).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
+    lm_weight: float | None = Field(None, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
+    queue_size: int | None = Field(None, ge=0, description="Momentum feature queue (paper 57,600); must divide by batch_size x processes.")
+    max_query_length: int | None = Field(None, ge=8, le=512, description="Query tokens (paper 512, embedded 32).")
+    max_doc_length: int | None = Field(None, ge=8, le=512, description="Document tokens (paper 512, embedded 128).")
+    max_unit_length: int | None = Field(None, ge=8, le=512, description="Unit (generation target) tokens (paper 512, embedded 48).")
+    max_steps: int = Field(0, ge=0, description="If > 0, train at most this many optimizer steps (the lr schedule follows).")
+    save_every: int | None = Field(None, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only).")
+    momentum_eval_mode: bool | None = Field(
+        None, description="Momentum encoders run without dropout (faster on CPU; off = BLIP). Embedded: on.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per node (one per GPU; CPU: gloo processes).")
+    nnodes: int = Field(1, ge=1, le=1024, description="Number of nodes (torchrun --nnodes).")
+    node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node_rank).")
+    rdzv_endpoint: str = Field("", description="host:port of the c10d rendezvous for multi-node runs (empty: single node).")
+    resume: bool = Field(True, description="Resume from the run's latest checkpoint if there is one.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo).")
+
+    def train_config(self, dataset_file: Path, run_dir: Path) -> Any:
+        """The resolved ``gear_model.config.TrainConfig`` of this run."""
+        from gear_model.config import TrainConfig
+
+        base = TrainConfig.embedded() if self.profile == "embedded" else TrainConfig()
+        fields = base.to_dict()
+        for name in ("epochs", "batch_size", "grad_accum", "lr", "warmup_steps", "lm_weight", "queue_size",
+                     "max_query_length", "max_doc_length", "max_unit_length", "save_every", "momentum_eval_mode"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        fields.update(
+            dataset=str(dataset_file),
+            init_checkpoint=str(self.init_checkpoint or _embedded_encoder()),
+            output_dir=str(run_dir),
+            max_steps=self.max_steps,
+            seed=self.seed,
+            resume=self.resume,
+            device=self.device,
+        )
+        return TrainConfig.from_dict(fields)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def _embedded_encoder() -> Path:
+    from tasks.assets import embedded_encoder_path
+
+    return embedded_encoder_path()
+
+
+def resolve_train_file(dataset: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
+    """train.parquet of a file, a version folder, a datasets/ folder or a build-dataset output dir."""
+    path = Path(dataset) if dataset else Path(output_dir)
+    if path.is_file():
+        return path
+    if (path / "train.parquet").is_file():
+        return path / "train.parquet"
+    try:
+        from tasks.write_triples import resolve_dataset
+    except ImportError:  # the dataset stage is optional for training
+        resolve_dataset = _resolve_latest
+    return Path(resolve_dataset(path)) / "train.parquet"
+
+
+def _resolve_latest(path: Path) -> Path:
+    for folder in (path, path / "datasets"):
+        if (folder / LATEST).is_file():
+            return folder / (folder / LATEST).read_text().strip()
+    raise PipelineInputError(path, "not a dataset: no train.parquet, LATEST or datasets/LATEST here")
+
+
+def run_dir_for(params: TrainParams) -> Path:
+    train_file = resolve_train_file(params.dataset, params.output_dir)
+    config = params.train_config(train_file, Path("."))
+    key_config = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
+    key_config["world_size"] = params.world_size
+    inputs = [train_file, Path(config.init_checkpoint)]
+    return Path(params.output_dir) / MODELS_DIR / stage_key(STAGE, key_config, inputs, CODE_VERSION)
+
+
+def torchrun_command(params: TrainParams, config_file: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.nproc_per_node}"]
+    if params.nnodes > 1:
+        if not params.rdzv_endpoint:
+            raise ValueError("a multi-node run needs rdzv_endpoint (host:port)")
+        cmd += [f"--nnodes={params.nnodes}", f"--node_rank={params.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={params.rdzv_endpoint}", "--rdzv_id=gear-train"]
+    else:
+        cmd += ["--standalone", "--nnodes=1"]
+    return cmd + ["-m", "gear_model.train", "--config", str(config_file)]
+
+
+class MetricsTail:
+    """Reads the JSON lines a trainer appends to its metrics file, as they come."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.is_file() else 0
+        self.partial = ""
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open() as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+            self.offset = fh.tell()
+        text = self.partial + chunk
+        lines = text.split("\n")
+        self.partial = lines.pop()  # an unfinished last line waits for the next read
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_training(
+    params: TrainParams,
+    on_log: Callable[[str], None] = print,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Train (or resume, or reuse) the run of ``params``; returns its model folder."""
+    train_file = resolve_train_file(params.dataset, params.output_dir)
+    run_dir = run_dir_for(params)
+    model_dir = run_dir / "model"
+    if is_complete(run_dir):
+        on_log(f"reusing finished run {run_dir}")
+        return model_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = params.train_config(train_file, run_dir)
+    config_file = run_dir / "train_config.json"
+    config.save(config_file)
+
+    global_batch = config.batch_size * params.world_size
+    if config.queue_size % global_batch:
+        raise ValueError(f"queue_size {config.queue_size} is not divisible by the global batch {global_batch}")
+
+    cmd = torchrun_command(params, config_file)
+    on_log("launching: " + " ".join(cmd))
+    tail = MetricsTail(run_dir / "metrics.jsonl")
+    last_lines: deque[str] = deque(maxlen=40)
+    proc_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env=proc_env, cwd=str(Path(__file__).resolve().parent.parent),
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if not line or line.startswith("Loading weights"):
+                continue
+            last_lines.append(line)
+            on_log(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    records: list[dict[str, Any]] = []
+    try:
+        while True:
+            finished = proc.poll() is not None
+            for record in tail.read():
+                records.append(record)
+                if on_metrics is not None:
+                    on_metrics(record)
+            if finished:
+                break
+            time.sleep(0.5)
+    except BaseException:
+        proc.terminate()  # a cancelled task must not leave the trainer running
+        proc.wait(timeout=30)
+        raise
+    reader.join(timeout=10)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); last lines:\n" + "\n".join(last_lines))
+    if params.node_rank > 0:
+        return model_dir  # rank 0's node writes the model
+    done = [r for r in records if r.get("event") == "done"]
+    if not (model_dir / "config.json").is_file() or not done:
+        raise RuntimeError(f"training exited without writing {model_dir}; last lines:\n" + "\n".join(last_lines))
+    steps = [r for r in records if r.get("event") == "step"]
+    write_json(summarise(steps, done[-1]), run_dir / "summary.json")
+    mark_complete(run_dir, {"model_dir": str(model_dir), "steps": done[-1]["step"]})
+    write_text(f"{run_dir.name}/model\n", Path(params.output_dir) / MODELS_DIR / LATEST)
+    return model_dir
+
+
+def summarise(steps: list[dict[str, Any]], done: dict[str, Any]) -> dict[str, Any]:
+    if not steps:
+        return {"steps": done.get("step", 0)}
+    rates = [s["samples_per_s"] for s in steps[1:]] or [steps[0]["samples_per_s"]]
+    return {
+        "steps": done["step"],
+        "first_loss": steps[0]["loss"],
+        "final_loss": steps[-1]["loss"],
+        "final_itc": steps[-1]["itc"],
+        "final_lm": steps[-1]["lm"],
+        "mean_samples_per_s": sum(rates) / len(rates),
+        "elapsed_s": done.get("elapsed_s"),
+    }
+
+
+def read_metrics(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(model_dir).parent / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------
+# Prefect tasks.
+
+
+@task(
+    name="train-gear-model",
+    retries=2,  # a retry resumes from the latest checkpoint
+    retry_delay_seconds=10,
+    cache_key_fn=completed_output_cache_key(run_dir_for),
+    persist_result=True,
+)
+def train_task(params: TrainParams) -> Path:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    progress_id = create_progress_artifact(0.0, description="train-gear: optimizer steps done (%)")
+    state = {"last": 0.0}
+
+    def on_metrics(record: dict[str, Any]) -> None:
+        if record.get("event") != "step":
+            return
+        pct = 100.0 * record["step"] / max(1, record["total_steps"])
+        if pct - state["last"] >= 1.0 or record["step"] == record["total_steps"]:
+            state["last"] = pct
+            update_progress_artifact(
+                progress_id, pct,
+                description=f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
+                f"{record['samples_per_s']:.1f} samples/s eta {record['eta_s']:.0f}s",
+            )
+
+    return run_training(params, on_log=logger.info, on_metrics=on_metrics)
+
+
+@task(name="report-training")
+def report_training_task(model_dir: Path) -> str:
+    """Loss curves as a Prefect table artifact (at most ~200 rows) and a summary."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    steps = [r for r in read_metrics(model_dir) if r.get("event") == "step"]
+    stride = max(1, len(steps) // 200)
+    rows = [
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
+         if k in ("step", "epoch", "loss", "itc", "lm", "lr", "temp", "samples_per_s")}
+        for r in steps[::stride] + ([steps[-1]] if steps and (len(steps) - 1) % stride else [])
+    ]
+    create_table_artifact(rows, key="train-gear-loss", description="train-gear loss curve (loss = itc + lm_weight x lm)")
+    summary_file = Path(model_dir).parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    lines = ["# train-gear", "", f"Model: `{model_dir}`", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key="train-gear-summary", description="train-gear summary")
+    return markdown

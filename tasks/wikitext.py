@@ -1,0 +1,354 @@
+"""MediaWiki wikitext -> plain prose, in one pass over mwparserfromhell's nodes.
+
+What the GeAR recipe needs from a page is its running prose: sentences a
+search user might look for. So link text is kept (a piped link shows its
+label), and everything that is not prose is left out: templates and
+infoboxes, references, tables, files/images and their captions, categories,
+interlanguage links, comments, magic words, headings, list items and
+definition lists.
+
+The renderer walks the parse tree once and appends kept text to a list
+(calling ``Wikicode.remove()`` per node was measured at 15.9 s against 4.2 s
+for this approach on the embedded dump). mwparserfromhell leaves markup it
+cannot parse as plain text (on the embedded dump: eleven ``<ref>`` spans, a
+``{{cite}}`` and a ``[[File:]]`` link), so a regex fallback runs over the
+result, and a paragraph that still holds markup after it is dropped and
+counted: the output never contains ``{{ }} [[ ]] <ref {| |}``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+
+import mwparserfromhell
+from mwparserfromhell.nodes import (
+    Argument,
+    Comment,
+    ExternalLink,
+    Heading,
+    HTMLEntity,
+    Tag,
+    Template,
+    Text,
+    Wikilink,
+)
+
+# Strings that must never reach the output.
+FORBIDDEN_MARKUP = ("{{", "}}", "[[", "]]", "<ref", "{|", "|}")
+
+# Sentinel placed where a list item / definition line starts; the line is
+# dropped when paragraphs are assembled. A control character cannot occur in
+# a dump's text (XML 1.0 forbids it).
+_LIST = "\x01"
+
+# Tags whose contents are not prose.
+_DROP_TAGS = frozenset(
+    """ref references table tr td th caption gallery math chem ce score timeline
+    imagemap syntaxhighlight source pre graph mapframe maplink templatedata
+    includeonly hiero inputbox categorytree indicator section poem noinclude
+    templatestyles""".split()
+)
+_LIST_TAGS = frozenset({"li", "dt", "dd"})
+_MEDIA_PREFIXES = frozenset({"file", "image", "media"})
+_INTERLANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]+)*$|^simple$")
+
+# Disambiguation and set-index templates, by lower-cased name.
+_DISAMBIGUATION = frozenset(
+    {"disambiguation", "disambig", "disamb", "dab", "dis", "hndis", "geodis", "numberdis", "mathdab", "dmbox"}
+)
+_SET_INDEX = frozenset(
+    {
+        "set index article",
+        "set index",
+        "sia",
+        "surname",
+        "given name",
+        "human name",
+        "ship index",
+        "shipindex",
+        "mountain index",
+        "lake index",
+        "river index",
+        "road index",
+        "sport index",
+        "plant common name",
+        "species latin name",
+        "chemistry index",
+        "molecular formula index",
+        "animal common name",
+        "fungus common name",
+    }
+)
+
+# A few inline templates render as words inside a sentence; dropping them
+# would leave holes ("It is  long."), so they are rendered.
+_RENDER_FIRST_ARG = frozenset({"nowrap", "nobr", "small", "smaller", "big", "sic", "nihongo", "ill", "interlanguage link", "abbr", "visible anchor"})
+_RENDER_LAST_ARG = frozenset({"lang", "transl", "transliteration"})
+_RENDER_CONVERT = frozenset({"convert", "cvt"})
+
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+_REF_SELF_CLOSING = re.compile(r"<ref\b[^>]*/>", re.I)
+_REF_SPAN = re.compile(r"<ref\b[^>]*>.*?</ref\s*>", re.I | re.S)
+_REF_OPEN = re.compile(r"<ref\b[^>]*>", re.I)
+_REF_CLOSE = re.compile(r"</ref\s*>", re.I)
+_INNER_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_TABLE = re.compile(r"\{\|.*?\|\}", re.S)
+_INNER_MEDIA_LINK = re.compile(r"\[\[\s*(?:file|image|media|category)\s*:[^\[\]]*\]\]", re.I)
+_PIPED_LINK = re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]")
+_PLAIN_LINK = re.compile(r"\[\[([^\[\]|]*)\]\]")
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>")
+_EMPTY_PARENS = re.compile(r"[(\[]\s*(?:[,;:]\s*)*[)\]]")
+_PUNCT_AFTER_OPEN = re.compile(r"\(\s*[,;:]+\s*")
+_PUNCT_BEFORE_CLOSE = re.compile(r"\s*[,;:]+\s*\)")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)])")
+_SPACE_AFTER_OPEN = re.compile(r"([(])\s+")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+
+
+@dataclass
+class CleanResult:
+    """Plain prose and what the cleaner removed (counts feed the funnel)."""
+
+    text: str
+    templates: list[str] = field(default_factory=list)  # lower-cased names, in order
+    list_items: int = 0
+    captions: int = 0
+    headings: int = 0
+    tables: int = 0
+    markup_residue_paragraphs: int = 0
+    magic_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    templates: list[str] = field(default_factory=list)
+    list_items: int = 0
+    captions: int = 0
+    headings: int = 0
+    tables: int = 0
+
+
+def template_name(template: Template) -> str:
+    """Normalised template name: lower case, underscores as spaces, no 'Template:' prefix."""
+    name = str(template.name).strip().replace("_", " ").lower()
+    name = re.sub(r"\s+", " ", name)
+    if name.startswith("template:"):
+        name = name[len("template:") :].strip()
+    return name
+
+
+def _render_template(tpl: Template, name: str, out: list[str], st: _State) -> None:
+    positional = [p for p in tpl.params if not p.showkey]
+    if not positional:
+        return
+    if name in _RENDER_FIRST_ARG:
+        _render(positional[0].value.nodes, out, st)
+    elif name in _RENDER_LAST_ARG or name.startswith("lang-"):
+        _render(positional[-1].value.nodes, out, st)
+    elif name in _RENDER_CONVERT and len(positional) >= 2:
+        out.append(f"{positional[0].value.strip_code().strip()} {positional[1].value.strip_code().strip()}")
+
+
+def _render(nodes, out: list[str], st: _State) -> None:
+    for node in nodes:
+        if isinstance(node, Text):
+            out.append(node.value)
+        elif isinstance(node, Wikilink):
+            _render_link(node, out, st)
+        elif isinstance(node, Template):
+            name = template_name(node)
+            st.templates.append(name)
+            _render_template(node, name, out, st)
+        elif isinstance(node, Tag):
+            tag = str(node.tag).strip().lower()
+            if tag in _LIST_TAGS and node.wiki_markup:
+                st.list_items += 1
+                out.append(_LIST)
+            elif tag == "table":
+                st.tables += 1
+            elif tag == "br":
+                out.append(" ")
+            elif tag in _DROP_TAGS or node.self_closing:
+                continue
+            elif tag == "nowiki":
+                out.append(str(node.contents))
+            elif node.contents is not None:
+                _render(node.contents.nodes, out, st)
+        elif isinstance(node, HTMLEntity):
+            out.append(node.normalize())
+        elif isinstance(node, ExternalLink):
+            if node.title is not None:
+                _render(node.title.nodes, out, st)
+        elif isinstance(node, Heading):
+            st.headings += 1
+            out.append("\n")
+        elif isinstance(node, (Comment, Argument)):
+            continue
+        # Any other node type (none today) carries no prose.
+
+
+def _render_link(link: Wikilink, out: list[str], st: _State) -> None:
+    title = str(link.title).strip()
+    if title.startswith(":"):  # [[:Category:X|x]] is an ordinary visible link
+        title = title[1:]
+    elif ":" in title:
+        prefix = title.split(":", 1)[0].strip()
+        low = prefix.lower()
+        if low in _MEDIA_PREFIXES:
+            if link.text is not None:
+                st.captions += 1
+            return
+        if low == "category":
+            return
+        if link.text is None and _INTERLANGUAGE.match(prefix):
+            return  # [[de:Foo]]: interlanguage link, not shown in the article body
+    if link.text is not None:
+        _render(link.text.nodes, out, st)
+    else:
+        out.append(title.split("#", 1)[0] if not title.startswith("#") else title[1:])
+
+
+def _fallback(text: str, st: _State) -> str:
+    """Regex pass for markup mwparserfromhell left as plain text."""
+    if "<" in text:
+        text = _REF_SELF_CLOSING.sub("", text)
+        text = _REF_SPAN.sub("", text)
+        text = _REF_OPEN.sub("", text)
+        text = _REF_CLOSE.sub("", text)
+    if "{{" in text:
+        while True:
+            new = _INNER_TEMPLATE.sub("", text)
+            if new == text:
+                break
+            text = new
+    if "{|" in text:
+        text, n = _TABLE.subn("", text)
+        st.tables += n
+    if "[[" in text:
+        # Innermost first: a caption's own links resolve, then its file link
+        # has no nested brackets and the media rule removes it.
+        for _ in range(20):
+            before = text
+            text, n = _INNER_MEDIA_LINK.subn("", text)
+            st.captions += n
+            text = _PLAIN_LINK.sub(_link_text, text)
+            text = _PIPED_LINK.sub(_link_text, text)
+            if text == before:
+                break
+    if "<" in text:
+        text = _HTML_TAG.sub("", text)
+    return text
+
+
+def _link_text(m: re.Match) -> str:
+    target = m.group(0)[2:].split("|", 1)[0]
+    prefix = target.split(":", 1)[0].strip().lower() if ":" in target else ""
+    if prefix in _MEDIA_PREFIXES or prefix == "category":
+        return m.group(0)  # left for the media/category rule
+    return m.group(1)
+
+
+def _paragraphs(text: str, st: _State) -> tuple[list[str], int]:
+    """Lines -> paragraphs (blank-line separated); list lines dropped."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    residue = 0
+
+    def flush() -> None:
+        nonlocal residue
+        if not current:
+            return
+        para = " ".join(current)
+        para = _SPACES.sub(" ", para)
+        para = _EMPTY_PARENS.sub("", para)
+        para = _PUNCT_AFTER_OPEN.sub("(", para)  # "(; 1900)" after a dropped pronunciation template
+        para = _PUNCT_BEFORE_CLOSE.sub(")", para)
+        para = _SPACE_BEFORE_PUNCT.sub(r"\1", para)
+        para = _SPACE_AFTER_OPEN.sub(r"\1", para)
+        para = _SPACES.sub(" ", para).strip()
+        current.clear()
+        if not para or not any(ch.isalnum() for ch in para):
+            return
+        if any(m in para for m in FORBIDDEN_MARKUP):
+            residue += 1
+            return
+        paragraphs.append(para)
+
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if not stripped:
+            flush()
+            continue
+        if stripped.startswith(_LIST):
+            flush()  # a list interrupts a paragraph
+            continue
+        if stripped[0] in "*#;:":  # list markup the parser left as text
+            st.list_items += 1
+            flush()
+            continue
+        if stripped.startswith("|") or stripped.startswith("!"):
+            flush()  # stray table rows
+            continue
+        current.append(stripped.replace(_LIST, " "))
+    flush()
+    return paragraphs, residue
+
+
+def clean_wikitext(wikitext: str) -> CleanResult:
+    """Render wikitext as plain prose; paragraphs joined by a blank line."""
+    st = _State()
+    code = mwparserfromhell.parse(wikitext)
+    out: list[str] = []
+    _render(code.nodes, out, st)
+    text = "".join(out)
+    magic = _MAGIC_WORD.findall(text)
+    if magic:
+        text = _MAGIC_WORD.sub("", text)
+    text = html.unescape(text) if "&" in text else text
+    text = _fallback(text, st)
+    paragraphs, residue = _paragraphs(text, st)
+    return CleanResult(
+        text="\n\n".join(paragraphs),
+        templates=st.templates,
+        list_items=st.list_items,
+        captions=st.captions,
+        headings=st.headings,
+        tables=st.tables,
+        markup_residue_paragraphs=residue,
+        magic_words=magic,
+    )
+
+
+def is_disambiguation_template(name: str) -> bool:
+    name = name.strip().lower().replace("_", " ")
+    if name in _DISAMBIGUATION:
+        return True
+    return name.endswith(" disambiguation") or name.endswith(" dab")
+
+
+def is_set_index_template(name: str) -> bool:
+    name = name.strip().lower().replace("_", " ")
+    return name in _SET_INDEX or name.endswith(" set index") or name.endswith(" set index article")
+
+
+def is_list_title(title: str) -> bool:
+    low = title.strip().lower()
+    return low.startswith("list of ") or low.startswith("lists of ")
+
+
+def page_kind(title: str, result: CleanResult) -> str | None:
+    """'disambiguation', 'set_index', 'list_page' for pages that are not prose, else None."""
+    if "__DISAMBIG__" in result.magic_words or any(is_disambiguation_template(t) for t in result.templates):
+        return "disambiguation"
+    if any(is_set_index_template(t) for t in result.templates):
+        return "set_index"
+    if is_list_title(title):
+        return "list_page"
+    return None
+
+
+def strip_residual_markup(text: str) -> str:
+    """The regex fallback alone, for markup a parser left as plain text."""
+    return _fallback(text, _State())

@@ -1,0 +1,109 @@
+"""Localisation pooling on constructed attention, and agreement with GearModel.localize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eval_helpers import tiny_gear_dir  # noqa: F401 - fixture
+
+from tasks.evaluate.loaders import EvalQuery, EvalSet
+from tasks.evaluate.localization import (
+    bm25_scorer,
+    evaluate_localization,
+    rank_sentences,
+    sentence_scores,
+    token_weights,
+)
+
+# Document "abc def ghi jkl mno": sentence 0 = tokens t1 t2, sentence 1 = t3 t4 t5.
+OFFSETS = np.array([[0, 0], [0, 3], [4, 7], [8, 11], [12, 15], [16, 19], [0, 0]])  # [CLS] t1..t5 [SEP]
+SPANS = [(0, 7), (8, 19)]
+QUERY_MASK = np.array([False, True, False])  # [CLS] word [SEP]
+
+
+def constructed_weights() -> np.ndarray:
+    """(heads=2, Lq=3, Ld=7). The query word: head 0 all on t2, head 1 uniform.
+    [CLS]/[SEP] query rows put everything on t4 (they must not count)."""
+    w = np.zeros((2, 3, 7))
+    w[0, 1, 2] = 1.0
+    w[1, 1, :] = 1 / 7
+    w[:, 0, 4] = 1.0
+    w[:, 2, 4] = 1.0
+    return w
+
+
+def test_pooling_means_heads_and_word_tokens_and_sums_sentence_tokens():
+    per_token = token_weights(constructed_weights(), QUERY_MASK)
+    # t2: (1 + 1/7) / 2 = 4/7; every other token 1/14.
+    assert per_token[2] == pytest.approx(4 / 7)
+    assert per_token[4] == pytest.approx(1 / 14)
+    scores = sentence_scores(per_token, OFFSETS, SPANS)
+    # sentence 0 = t1 + t2 = 1/14 + 8/14; sentence 1 = 3 * 1/14; specials belong nowhere.
+    assert scores == pytest.approx([9 / 14, 3 / 14])
+    assert rank_sentences(scores) == ["0", "1"]
+
+
+def test_special_query_tokens_would_change_the_answer():
+    # Without the mask, [CLS]/[SEP] rows drag the mass onto t4 (sentence 1).
+    scores = sentence_scores(token_weights(constructed_weights()), OFFSETS, SPANS)
+    assert rank_sentences(scores) == ["1", "0"]
+
+
+def test_token_weights_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="heads, query_tokens, doc_tokens"):
+        token_weights(np.ones((3, 7)))
+
+
+def test_rank_sentences_breaks_ties_by_document_order():
+    assert rank_sentences(np.array([0.2, 0.5, 0.2, 0.5])) == ["1", "3", "0", "2"]
+
+
+def _tiny_set() -> EvalSet:
+    doc = "Cats purr softly. Dogs bark loudly at night. Birds sing."
+    spans = [(0, 17), (18, 44), (45, 56)]
+    queries = [
+        EvalQuery("a", "dogs bark", {"d": 1}, "d", 1),
+        EvalQuery("b", "birds sing", {"d": 1}, "d", 2),
+        EvalQuery("c", "purring cats", {"d": 1}, "d", 0),
+    ]
+    return EvalSet("tiny", "rir", "mem", {"d": doc}, queries, {"d": spans})
+
+
+def test_evaluate_localization_scores_the_true_unit_rank():
+    s = _tiny_set()
+    heavy = {"a": 1, "b": 0, "c": 0}  # a: right; b: true unit ranked 3rd; c: right
+
+    def scorer(q, document, spans):
+        out = np.array([0.3, 0.2, 0.1])
+        out[heavy[q.qid]] = 1.0
+        return out
+
+    r = evaluate_localization(s, scorer, ks=[1, 3])
+    assert r["n_queries"] == 3
+    assert r["metrics"]["recall@1"] == pytest.approx(2 / 3)
+    assert r["metrics"]["recall@3"] == pytest.approx(1.0)
+    assert r["metrics"]["map@3"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+
+
+def test_bm25_sentence_baseline_finds_the_matching_sentence():
+    r = evaluate_localization(_tiny_set(), bm25_scorer(), ks=[1])
+    # every query shares a word with its own sentence only ("cats", "dogs", "birds")
+    assert r["metrics"]["recall@1"] == pytest.approx(1.0)
+
+
+def test_scorer_must_return_one_score_per_sentence():
+    with pytest.raises(ValueError, match="2 scores for 3 sentences"):
+        evaluate_localization(_tiny_set(), lambda q, d, s: np.zeros(2), ks=[1])
+
+
+def test_pooling_agrees_with_gear_model_localize(tiny_gear_dir):
+    from gear_model.model import GearModel
+
+    model = GearModel.from_pretrained(tiny_gear_dir)
+    s = _tiny_set()
+    doc, spans = s.documents["d"], s.sentence_spans["d"]
+    for layer in (1, 2):
+        att = model.cross_attention("dogs bark", doc, layer)
+        ours = sentence_scores(token_weights(att.weights, att.query_mask), att.offsets, spans)
+        assert ours == pytest.approx(model.localize("dogs bark", doc, spans, layer), abs=1e-6)

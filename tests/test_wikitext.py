@@ -1,0 +1,130 @@
+"""Wikitext cleaning on hand-written markup: what is kept, what is dropped and counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.wikitext import FORBIDDEN_MARKUP, clean_wikitext, is_list_title, page_kind, strip_residual_markup
+
+PAGE = """{{Infobox river
+| name = Exe
+| image = [[File:Exe.jpg|thumb|The {{lang|en|Exe}} at [[Exeter]]]]
+| length = {{convert|60|mi|km}}
+}}
+{{Use dmy dates}}
+The '''River Exe''' is a river in [[England|south-west England]].<ref name="a">{{cite web|title={{nowrap|Rivers}}|url=http://x}}</ref> It rises on [[Exmoor]]<ref name="a"/> and flows south.<!-- a comment -->
+__TOC__
+== Course ==
+[[Image:Map.png|thumb|left|A map of the [[River Exe|river]] basin.]]
+The river is {{convert|60|mi}} long &amp; crosses [http://example.org Devon].
+
+* [[Tiverton]], a town
+# Exeter
+; Term : definition
+: An indented note
+{| class="wikitable"
+|-
+! Town !! Population
+|-
+| Exeter || 130,000
+|}
+Its estuary reaches the sea at [[Exmouth]].
+
+[[Category:Rivers of Devon]]
+[[de:Exe (Fluss)]]
+"""
+
+
+def test_clean_keeps_prose_and_link_text():
+    res = clean_wikitext(PAGE)
+    assert res.text == (
+        "The River Exe is a river in south-west England. It rises on Exmoor and flows south."
+        "\n\n"
+        "The river is 60 mi long & crosses Devon."
+        "\n\n"
+        "Its estuary reaches the sea at Exmouth."
+    )
+
+
+def test_clean_counts_what_it_drops():
+    res = clean_wikitext(PAGE)
+    assert res.list_items == 5  # *, #, ;, the ':' of the definition, ':' indent
+    assert res.captions == 1  # the [[Image:...]] in the body (the infobox one goes with its template)
+    assert res.headings == 1
+    assert res.tables == 1
+    # Templates inside dropped elements (the ref's {{cite web}}) are not walked.
+    assert res.templates == ["infobox river", "use dmy dates", "convert"]
+    assert res.magic_words == ["__TOC__"]
+
+
+def test_clean_output_has_no_markup():
+    text = clean_wikitext(PAGE).text
+    for mark in FORBIDDEN_MARKUP + ("<!--", "__TOC__", "Category", "thumb", "Fluss", "Course", "Population"):
+        assert mark not in text
+
+
+@pytest.mark.parametrize(
+    "wikitext, expected",
+    [
+        ("A [[Paris|capital]] and [[London]].", "A capital and London."),
+        ("See [[:Category:Rivers|rivers]] here.", "See rivers here."),
+        ("Nested {{a|{{b|{{c}}}}}} templates.", "Nested templates."),
+        ("Refs<ref>{{cite book|title=[[X]]}}</ref> go.<ref name=b/>", "Refs go."),
+        ("Words ''italic'' and '''bold'''.", "Words italic and bold."),
+        ("Line one\ncontinues here.", "Line one continues here."),
+        ("Born ({{IPA|x}}; 1900) in Rome ({{lang|it|Roma}}, ).", "Born (1900) in Rome (Roma)."),
+        ("Empty ({{IPA|x}}) parens.", "Empty parens."),
+        ("A<br/>B.", "A B."),
+        ("x<math>\\frac{1}{2}</math> y.", "x y."),
+    ],
+)
+def test_clean_cases(wikitext, expected):
+    assert clean_wikitext(wikitext).text == expected
+
+
+def test_fallback_removes_markup_the_parser_left_as_text():
+    # What mwparserfromhell left unparsed on the embedded dump: ref spans, a cite
+    # template and a file link with a linked caption.
+    raw = (
+        "A<ref name=a>{{cite web|t={{x}}}}</ref> b [[File:X.png|thumb|a [[b|c]] d]] "
+        "[[Foo|bar]] [[Baz]] {{a|{{b}}}} end.<ref name=z/> {| x |} ok [[Category:Y]]"
+    )
+    out = strip_residual_markup(raw)
+    for mark in FORBIDDEN_MARKUP:
+        assert mark not in out
+    assert out.split() == ["A", "b", "bar", "Baz", "end.", "ok"]
+
+
+def test_unbalanced_markup_never_survives():
+    # Unclosed template and link: the paragraph with residue is dropped and counted.
+    res = clean_wikitext("Good paragraph here.\n\nBad {{unclosed [[link and <ref>text.\n\nAnother good one.")
+    for mark in FORBIDDEN_MARKUP:
+        assert mark not in res.text
+    assert res.text.startswith("Good paragraph here.")
+    assert res.text.endswith("Another good one.")
+
+
+@pytest.mark.parametrize(
+    "title, wikitext, kind",
+    [
+        ("Alien", "'''Alien''' may refer to:\n* [[Alien (film)]]\n{{disambiguation}}", "disambiguation"),
+        ("Ada", "{{Dab}}", "disambiguation"),
+        ("John Smith", "{{hndis|Smith, John}}", "disambiguation"),
+        ("Aa River", "{{geodis}}", "disambiguation"),
+        ("Foo", "{{Disambiguation|geo|surname}}", "disambiguation"),
+        ("Bar", "text\n__DISAMBIG__", "disambiguation"),
+        ("HMS Foo", "{{Set index article|ship}}", "set_index"),
+        ("Smith", "{{surname}}", "set_index"),
+        ("Mount X", "{{Mountain index}}", "set_index"),
+        ("List of anthropologists", "Text.", "list_page"),
+        ("Lists of rivers", "Text.", "list_page"),
+        ("Anarchism", "{{Infobox|x}} Anarchism is a philosophy.", None),
+    ],
+)
+def test_page_kind(title, wikitext, kind):
+    assert page_kind(title, clean_wikitext(wikitext)) == kind
+
+
+def test_list_title_is_a_prefix_rule():
+    assert is_list_title("List of Atlas Shrugged characters")
+    assert not is_list_title("Schindler's List")

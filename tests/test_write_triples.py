@@ -1,0 +1,231 @@
+"""Triples, split, invariants, version folder, card and resolve_dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.common import PipelineInputError, mark_complete, write_parquet
+from tasks.dedup import DedupConfig, dedup
+from tasks.relevance import SCORED_SCHEMA, RelevanceConfig, filter_by_threshold, relevance_filter
+from tasks.write_triples import (
+    TRIPLES_SCHEMA,
+    DatasetInvariantError,
+    TriplesConfig,
+    build_triples,
+    check_triples,
+    resolve_dataset,
+    split_documents,
+    write_triples,
+    write_triples_task,
+)
+from test_dedup import DOCS, GOOD_QUERIES, make_rewrite_dir, make_units_dir
+
+SCORES = [0.62, 0.41, 0.55, 0.18, 0.47, 0.36, 0.71, 0.52]  # one per GOOD_QUERIES row; 0.18 is dropped at 0.3
+
+
+def many_docs(n: int) -> dict:
+    """n documents made of the fixture's sentences under new ids."""
+    base = list(DOCS.values())
+    return {f"doc{i:03d}#0": base[i % len(base)] for i in range(n)}
+
+
+@pytest.fixture()
+def stages(tmp_path):
+    """select_units, rewrite, dedup and relevance folders, with fixed scores (no model)."""
+    units = make_units_dir(tmp_path / "units", DOCS)
+    rewrite = make_rewrite_dir(tmp_path / "rewrite", DOCS, GOOD_QUERIES)
+    dd = dedup(rewrite, units, DedupConfig(), tmp_path / "work")
+    q = pl.read_parquet(dd / "queries.parquet").sort("doc_id", "sentence_index")
+    score = {(d, i): s for (d, i, _), s in zip(GOOD_QUERIES, SCORES)}
+    q = q.with_columns(pl.Series("score", [score[(d, i)] for d, i in q.select("doc_id", "sentence_index").iter_rows()],
+                                 dtype=pl.Float32))
+    scored_dir = tmp_path / "work" / "stages" / "relevance_score" / "fixedscores0001"
+    scored_dir.mkdir(parents=True)
+    write_parquet(q.to_arrow(), scored_dir / "scored.parquet", SCORED_SCHEMA)
+    mark_complete(scored_dir, {"config": {"model": "fixed-scores", "pooling": "mean"}, "model_path": "fixed"})
+    relevance = filter_by_threshold(scored_dir, 0.3, tmp_path / "work")
+    return {"units": units, "rewrite": rewrite, "dedup": dd, "relevance": relevance, "out": tmp_path / "output"}
+
+
+def publish(stages, config=None, lineage=None):
+    return write_triples(stages["relevance"], [stages["units"]], config or TriplesConfig(), stages["out"],
+                         upstream_dirs=[stages["units"], stages["rewrite"], stages["dedup"]],
+                         lineage=lineage or {"dump": {"name": "testwiki-20260101", "fingerprint": "abc123"}})
+
+
+# --------------------------------------------------------------------------
+# Split.
+
+
+def test_split_by_document_is_stable_and_near_the_fraction():
+    ids = [f"page{i}#0" for i in range(4000)]
+    test = split_documents(ids, TriplesConfig())
+    assert 0.04 <= len(test) / len(ids) <= 0.06
+    shuffled = list(ids)
+    random.Random(3).shuffle(shuffled)
+    assert split_documents(shuffled, TriplesConfig()) == test  # order-free
+    assert split_documents(ids[:2000], TriplesConfig()) == {d for d in test if d in set(ids[:2000])}  # per-doc decision
+    assert split_documents(ids, TriplesConfig(seed=14)) != test
+    assert 0.18 <= len(split_documents(ids, TriplesConfig(test_fraction=0.2))) / len(ids) <= 0.22
+
+
+def test_small_runs_get_a_test_document_but_keep_one_for_training():
+    assert len(split_documents(["a", "b", "c"], TriplesConfig())) == 1
+    assert split_documents(["a"], TriplesConfig()) == set()
+    assert split_documents(["a", "b", "c"], TriplesConfig(min_test_documents=0, test_fraction=0.0)) == set()
+
+
+# --------------------------------------------------------------------------
+# Publishing.
+
+
+def test_write_triples_schema_invariants_and_layout(stages):
+    version_dir = publish(stages)
+    datasets = stages["out"] / "datasets"
+    assert version_dir.parent == datasets
+    assert (datasets / "LATEST").read_text().strip() == version_dir.name
+    for name in ("train.parquet", "test.parquet", "params.json", "dataset_card.md", "dataset_card.json", "_SUCCESS.json"):
+        assert (version_dir / name).is_file(), name
+    assert not [p for p in datasets.iterdir() if p.name.startswith(".")]  # no temp folder left
+    train, test = (pq.read_table(version_dir / f"{s}.parquet") for s in ("train", "test"))
+    assert train.schema.equals(TRIPLES_SCHEMA, check_metadata=False)
+    assert test.schema.equals(TRIPLES_SCHEMA, check_metadata=False)
+    both = pl.concat([pl.from_arrow(train), pl.from_arrow(test)])
+    assert both.height == sum(s >= 0.3 for s in SCORES) == 7
+    assert set(train.column("split").to_pylist()) == {"train"} and set(test.column("split").to_pylist()) == {"test"}
+    assert not set(train.column("doc_id").to_pylist()) & set(test.column("doc_id").to_pylist())
+    assert test.num_rows >= 1
+    for r in both.iter_rows(named=True):
+        assert r["document"][r["unit_start"]:r["unit_end"]] == r["unit"]
+        assert r["sentence_spans"][r["unit_index"]] == {"start": r["unit_start"], "end": r["unit_end"]}
+        assert r["score"] >= 0.3
+        assert (r["rewriter_model"], r["prompt_version"], r["dump_name"]) == ("test-rewriter", "paper-v1", "testwiki-20260101")
+    assert resolve_dataset(stages["out"]) == version_dir
+    assert resolve_dataset(datasets) == version_dir
+    assert resolve_dataset(version_dir) == version_dir
+
+
+def test_card_has_funnel_histogram_samples_and_lineage(stages):
+    version_dir = publish(stages)
+    card = json.loads((version_dir / "dataset_card.json").read_text())
+    f = card["funnel"]
+    assert f["rewrite"]["dropped:echo"] == 1 and f["select_units"]["kept"] == len(DOCS)
+    assert f["dedup"]["kept"] == len(GOOD_QUERIES)
+    assert f["relevance"] == {"input": 8, "kept": 7, "dropped:below_threshold": 1}
+    assert f["write_triples"]["kept"] == 7
+    assert f["split"]["train"] + f["split"]["test"] == 7
+    h = card["score_histogram"]
+    assert sum(h["kept"]) == 7 and sum(h["dropped"]) == 1 and len(h["edges"]) == len(h["kept"]) + 1
+    assert card["threshold"] == 0.3
+    assert 1 <= len(card["samples"]) <= 5
+    lin = card["lineage"]
+    assert lin["dump"] == {"name": "testwiki-20260101", "fingerprint": "abc123"}
+    assert lin["rewriter_models"] == ["test-rewriter"] and lin["prompt_versions"] == ["paper-v1"]
+    assert {s["stage"] for s in lin["stages"]} >= {"dedup", "relevance"}
+    assert "dedup" in lin["code_versions"]
+    md = (version_dir / "dataset_card.md").read_text()
+    assert "| relevance | dropped:below_threshold | 1 |" in md and "## Samples" in md and "```" in md
+    params = json.loads((version_dir / "params.json").read_text())
+    assert params["triples"]["test_fraction"] == 0.05 and params["version"] == version_dir.name
+
+
+def test_rerun_reuses_the_version_and_config_change_makes_a_new_one(stages):
+    v1 = publish(stages)
+    mtime = (v1 / "train.parquet").stat().st_mtime_ns
+    assert publish(stages) == v1 and (v1 / "train.parquet").stat().st_mtime_ns == mtime
+    v2 = publish(stages, TriplesConfig(seed=99))
+    assert v2 != v1 and (stages["out"] / "datasets" / "LATEST").read_text().strip() == v2.name
+    v3 = publish(stages, lineage={"dump": {"name": "testwiki-20260201", "fingerprint": "def456"}})
+    assert v3 not in (v1, v2)
+    assert resolve_dataset(v1) == v1  # older versions stay readable
+
+
+def test_invariant_check_rejects_broken_data(stages):
+    triples, _ = build_triples(stages["relevance"], [stages["units"]], TriplesConfig())
+    check_triples(triples, 0.3)  # the real thing passes
+
+    broken_span = triples.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("unit_start") + 1).otherwise(pl.col("unit_start")).alias("unit_start")
+    )
+    with pytest.raises(DatasetInvariantError, match=r"not document\[unit_start:unit_end\]"):
+        check_triples(broken_span, 0.3)
+    leak = triples.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("test")).otherwise(pl.lit("train")).alias("split"))
+    leak = pl.concat([leak, leak.head(1).with_columns(pl.lit("train").alias("split"), pl.lit("x, y").alias("query"))])
+    with pytest.raises(DatasetInvariantError, match="in both splits"):
+        check_triples(leak, 0.3)
+    dup = pl.concat([triples, triples.head(1).with_columns(pl.col("query").str.to_uppercase())])
+    with pytest.raises(DatasetInvariantError, match="share a normalised query"):
+        check_triples(dup, 0.3)
+    with pytest.raises(DatasetInvariantError, match="below the threshold"):
+        check_triples(triples, 0.5)
+
+
+def test_broken_input_publishes_nothing(stages, tmp_path):
+    # A units.parquet whose spans are off by one: caught before publishing.
+    units = stages["units"]
+    u = pl.read_parquet(units / "units.parquet").with_columns(pl.col("char_start") + 1)
+    write_parquet(u.to_arrow(), units / "units.parquet")
+    with pytest.raises(DatasetInvariantError, match="unit_start"):
+        publish(stages)
+    assert not (stages["out"] / "datasets" / "LATEST").exists()
+    assert not (stages["out"] / "datasets").exists() or not list((stages["out"] / "datasets").iterdir())
+
+
+def test_resolve_dataset_rejects_non_datasets(tmp_path):
+    with pytest.raises(PipelineInputError, match="not a dataset"):
+        resolve_dataset(tmp_path)
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "LATEST").write_text("missing\n")
+    with pytest.raises(PipelineInputError, match="incomplete or missing"):
+        resolve_dataset(tmp_path)
+
+
+def test_end_to_end_with_the_real_scorer(tmp_path):
+    """dedup -> relevance (embedded MiniLM) -> write_triples on the fixture."""
+    docs = many_docs(24)
+    units = make_units_dir(tmp_path / "units", docs)
+    topics = {d: i % len(DOCS) for i, d in enumerate(docs)}
+    base_queries = {k: [(i, q) for d, i, q in GOOD_QUERIES if d == k] for k in DOCS}
+    names = list(DOCS)
+    rows = []
+    for d, t in topics.items():
+        for i, q in base_queries[names[t]]:
+            rows.append((d, i, f"{q}, {d.split('#')[0]}"))  # a per-doc keyword keeps queries distinct
+    rewrite = make_rewrite_dir(tmp_path / "rewrite", docs, rows)
+    # Documents repeat the fixture text: near-duplicate detection off, or it would (rightly) keep 4.
+    dd = dedup(rewrite, units, DedupConfig(near_duplicate_documents=False), tmp_path / "work")
+    relevance = relevance_filter(dd, units, RelevanceConfig(max_length=128), tmp_path / "work")
+    out = write_triples(relevance, units, TriplesConfig(test_fraction=0.2), tmp_path / "output",
+                        upstream_dirs=[units, rewrite, dd])
+    train, test = (pl.read_parquet(out / f"{s}.parquet") for s in ("train", "test"))
+    assert train.height + test.height >= 0.75 * len(rows)
+    assert test["doc_id"].n_unique() >= 2 and not set(train["doc_id"]) & set(test["doc_id"])
+
+
+def test_task_publishes_artifacts_and_caches(stages, prefect_harness):
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    @flow
+    def publish_flow():
+        return write_triples_task(stages["relevance"], [stages["units"]], TriplesConfig(), stages["out"],
+                                  upstream_dirs=[stages["dedup"]], lineage={"dump": {"name": "t"}})
+
+    first = publish_flow()
+    assert (first / "train.parquet").is_file()
+    assert Artifact.get("rir-funnel") is not None and Artifact.get("rir-dataset-card") is not None
+    assert publish_flow() == first
+
+
+def test_nothing_kept_still_publishes_an_empty_dataset_with_its_funnel(stages, tmp_path):
+    scored_dir = stages["relevance"].parents[1] / "relevance_score" / "fixedscores0001"
+    strict = filter_by_threshold(scored_dir, 0.99, tmp_path / "work")
+    out = write_triples(strict, [stages["units"]], TriplesConfig(), tmp_path / "out2")
+    assert pl.read_parquet(out / "train.parquet").height == 0
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["funnel"]["relevance"]["dropped:below_threshold"] == 8 and sum(card["score_histogram"]["dropped"]) == 8
