@@ -252,7 +252,10 @@ def completed_output_cache_key(output_dir_fn: Callable[..., Path]) -> Callable[[
     """
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
-        out = output_dir_fn(**parameters)
+        try:
+            out = output_dir_fn(**parameters)
+        except PipelineInputError:
+            return None  # a missing input: let the task itself raise the clear error
         if not is_complete(out):
             return None
         return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()

@@ -31,3 +31,16 @@ def test_local_smollm2_batch_equals_single_and_keeps_order():
     assert all("\n" not in o.strip() for o in batch)
     for o, s in zip(batch, SENTENCES):
         judge(o, s)  # the gate accepts any string
+
+
+@pytest.mark.slow
+def test_prefix_cache_gives_the_same_greedy_outputs_as_full_prompts():
+    """The cached prompt head (system prompt + worked examples) is an
+    optimisation only: greedy outputs must equal those of full prompts."""
+    from tasks.rewriters.local import LocalRewriter
+
+    cached = LocalRewriter(RewriteConfig(backend="local", batch_size=3, max_new_tokens=24, prefix_cache=True))
+    assert len(cached._prefix_ids) > 100  # the system prompt and both examples
+    full = LocalRewriter(RewriteConfig(backend="local", batch_size=3, max_new_tokens=24, prefix_cache=False))
+    assert full._prefix_cache is None
+    assert cached.rewrite(SENTENCES, seed=0) == full.rewrite(SENTENCES, seed=0)

@@ -15,6 +15,7 @@ OPERATIONAL_FIELDS = frozenset(
     {
         "batch_size",
         "torch_threads",
+        "prefix_cache",
         "tensor_parallel_size",
         "gpu_memory_utilization",
         "base_url",
@@ -58,6 +59,12 @@ class RewriteConfig(BaseModel):
     )
     stop_at_newline: bool = Field(
         True, description="Stop generating at the first line break; only the first line is used anyway."
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="local backend: run the prompt's shared head (system prompt and worked examples) "
+        "through the model once and reuse its key/value cache for every batch, instead of "
+        "re-reading ~180 identical tokens per sentence.",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="local backend: torch intra-op threads (None: all cores of this machine)."

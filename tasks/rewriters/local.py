@@ -9,6 +9,7 @@ padding, and outputs are put back in the caller's order.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -51,7 +52,50 @@ class LocalRewriter(Rewriter):
         eos = self.tokenizer.eos_token_id
         newline_ids = [i for i in range(len(self.tokenizer)) if "\n" in self.tokenizer.decode([i])]
         self._stop_ids = sorted({eos, *newline_ids} - {None})
+        self._prefix_ids: list[int] = []
+        self._prefix_cache = None
+        if config.prefix_cache:
+            self._prefix_ids = self._shared_prefix_ids()
+            with torch.inference_mode():
+                prefix = torch.tensor([self._prefix_ids])
+                self._prefix_cache = self.model(input_ids=prefix, use_cache=True).past_key_values
         log.info("local rewriter %s loaded in %.1f s (%d threads)", path.name, self.load_seconds, threads)
+
+    def _shared_prefix_ids(self) -> list[int]:
+        """Token ids every prompt starts with: the common head of two prompts
+        for unrelated sentences, less one token so that no sentence can merge
+        with it into a different token."""
+        a = self._encode(self._prompt("Alpha beta gamma."))
+        b = self._encode(self._prompt("Zygotes quickly vex 42 jumping frogs!"))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[: max(n - 1, 0)]
+
+    def _encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _generate_with_prefix(self, prompts: list[str], gen_kwargs: dict):
+        """Generate for prompts that share the cached head: the batch is laid
+        out as [head][padding][sentence part], so the head sits at the same
+        positions as in the cache; generate() derives positions from the
+        attention mask, which skips the padding. Returns None when a prompt
+        does not start with the head (then the caller pads normally)."""
+        import torch
+
+        head = self._prefix_ids
+        ids = [self._encode(p) for p in prompts]
+        if self._prefix_cache is None or any(x[: len(head)] != head for x in ids):
+            return None
+        tails = [x[len(head) :] for x in ids]
+        width = max(len(t) for t in tails)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([head + [pad] * (width - len(t)) + t for t in tails])
+        mask = torch.tensor([[1] * len(head) + [0] * (width - len(t)) + [1] * len(t) for t in tails])
+        cache = copy.deepcopy(self._prefix_cache)
+        cache.batch_repeat_interleave(len(prompts))
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **gen_kwargs)
+        return out[:, input_ids.shape[1] :]
 
     def _prompt(self, sentence: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -87,11 +131,13 @@ class LocalRewriter(Rewriter):
                 idx = order[start : start + bs]
                 if sampling:
                     torch.manual_seed(seed + b)
-                enc = self.tokenizer(
-                    [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-                )
-                out = self.model.generate(**enc, **gen_kwargs)
-                new = out[:, enc["input_ids"].shape[1] :]
+                new = self._generate_with_prefix([prompts[i] for i in idx], gen_kwargs)
+                if new is None:
+                    enc = self.tokenizer(
+                        [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                    )
+                    out = self.model.generate(**enc, **gen_kwargs)
+                    new = out[:, enc["input_ids"].shape[1] :]
                 for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                     outputs[i] = text
         self.last_errors = [None] * len(sentences)
@@ -99,3 +145,4 @@ class LocalRewriter(Rewriter):
 
     def close(self) -> None:
         self.model = None
+        self._prefix_cache = None
