@@ -30,11 +30,15 @@ class PipelineParams(BaseModel):
     evaluate: EvalParams = Field(default_factory=EvalParams, title="Evaluation")
 
     @classmethod
-    def for_cli(cls, dump: Path | None, output_dir: Path) -> PipelineParams:
+    def for_cli(
+        cls, dump: Path | None, output_dir: Path, docs_per_article: int = 1, test_fraction: float = 0.05, epochs: int | None = None
+    ) -> PipelineParams:
         out = str(output_dir)
+        build = BuildDatasetParams.for_cli(dump=dump, output_dir=output_dir, docs_per_article=docs_per_article)
+        build.triples = build.triples.model_copy(update={"test_fraction": test_fraction})
         return cls(
-            build=BuildDatasetParams.for_cli(dump=dump, output_dir=output_dir),
-            train=TrainParams(output_dir=out),
+            build=build,
+            train=TrainParams(output_dir=out, epochs=epochs),
             evaluate=EvalParams(output_dir=str(Path(out) / "eval"), work_dir=out, all_layers=True),
         )
 
