@@ -272,6 +272,7 @@ class GearModel(nn.Module):
         document: str,
         sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]],
         layer: int | None = None,
+        pooling: str = "sum",
     ) -> np.ndarray:
         """One score per sentence (higher = more relevant), paper section 3.5.
 
@@ -280,10 +281,14 @@ class GearModel(nn.Module):
         giving one weight per document token (a distribution over the
         document); a sentence's score is the sum of the weights of the document
         tokens that start inside its character span [start, end). A summed
-        score is the attention mass the query puts on that sentence. Sentences
-        past the truncation limit score 0. ``layer`` as in ``cross_attention``.
+        score is the attention mass the query puts on that sentence.
+        ``pooling="mean"`` divides it by the sentence's token count (mass per
+        token), which removes the advantage long sentences have while the
+        attention is still diffuse. Sentences past the truncation limit score 0. ``layer`` as in ``cross_attention``.
         Spans are (start, end) pairs or {"start", "end"} dicts (the triples' SPAN).
         """
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', not {pooling!r}")
         att = self.cross_attention(query, document, layer)
         per_query_token = att.weights.mean(0)  # (Lq, Ld)
         rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
@@ -294,7 +299,9 @@ class GearModel(nn.Module):
         for i, span in enumerate(sentence_spans):
             start, end = (span["start"], span["end"]) if isinstance(span, dict) else span
             inside = real & (starts >= start) & (starts < end)
-            scores[i] = float(per_doc_token[inside].sum())
+            if inside.any():
+                mass = float(per_doc_token[inside].sum())
+                scores[i] = mass / int(inside.sum()) if pooling == "mean" else mass
         return scores
 
     @torch.no_grad()

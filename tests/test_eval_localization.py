@@ -107,3 +107,10 @@ def test_pooling_agrees_with_gear_model_localize(tiny_gear_dir):
         att = model.cross_attention("dogs bark", doc, layer)
         ours = sentence_scores(token_weights(att.weights, att.query_mask), att.offsets, spans)
         assert ours == pytest.approx(model.localize("dogs bark", doc, spans, layer), abs=1e-6)
+        # Mean pooling is the attention mass divided by the sentence's token count.
+        starts, ends = att.offsets[:, 0], att.offsets[:, 1]
+        counts = np.array([((ends > starts) & (starts >= a) & (starts < b)).sum() for a, b in spans])
+        mean = model.localize("dogs bark", doc, spans, layer, pooling="mean")
+        assert mean == pytest.approx(ours / np.maximum(counts, 1), abs=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        model.localize("dogs bark", doc, spans, 1, pooling="max")

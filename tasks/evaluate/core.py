@@ -105,12 +105,12 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
             if system.kind == "gear":
                 if params.all_layers:
                     by_layer = {
-                        str(l): evaluate_localization(s, gear_scorer(model, l), params.ks) for l in range(1, model.n_layers + 1)
+                        str(l): evaluate_localization(s, gear_scorer(model, l, params.localization_pooling), params.ks) for l in range(1, model.n_layers + 1)
                     }
                     entry["localization_by_layer"] = by_layer
                     entry["localization"] = by_layer[str(layer)]
                 else:
-                    entry["localization"] = evaluate_localization(s, gear_scorer(model, layer), params.ks)
+                    entry["localization"] = evaluate_localization(s, gear_scorer(model, layer, params.localization_pooling), params.ks)
             elif system.kind == "encoder":
                 entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks)
             else:
@@ -121,14 +121,14 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
                 )
         results["sets"][s.name] = entry
     if system.figure:
-        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens)
+        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling)
     results["elapsed_s"] = time.perf_counter() - t0
     write_json(results, out / RESULTS_NAME)
     mark_complete(out, {"system": system.name, "elapsed_s": results["elapsed_s"]})
     return out
 
 
-def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int) -> dict | None:
+def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum") -> dict | None:
     """Figure 3: one document, two queries, the top-10 cross-attention tokens of
     each and the generated text. Picks the document with the most test queries
     about different sentences."""
@@ -156,7 +156,7 @@ def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int) 
             weights = token_weights(att.weights, att.query_mask)
             real = att.offsets[:, 1] > att.offsets[:, 0]
             order = [i for i in weights.argsort()[::-1] if real[i]][:FIGURE_TOP_TOKENS]
-            scores = model.localize(q.query, document, spans, layer)
+            scores = model.localize(q.query, document, spans, layer, pooling=pooling)
             examples.append(
                 {
                     "query": q.query,

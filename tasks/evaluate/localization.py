@@ -32,6 +32,13 @@ POOLING_DESCRIPTION = (
     "([CLS]/[SEP] excluded); a sentence scores the sum of the weights of the document tokens that start "
     "inside it (the attention mass on the sentence)"
 )
+MEAN_POOLING_DESCRIPTION = POOLING_DESCRIPTION.replace(
+    "the sum of the weights", "the mean of the weights"
+).replace("(the attention mass on the sentence)", "(attention mass per token, so long sentences gain nothing by length)")
+
+
+def pooling_description(pooling: str) -> str:
+    return MEAN_POOLING_DESCRIPTION if pooling == "mean" else POOLING_DESCRIPTION
 
 Scorer = Callable[[EvalQuery, str, list[tuple[int, int]]], np.ndarray]
 
@@ -94,9 +101,9 @@ def evaluate_localization(eval_set: EvalSet, scorer: Scorer, ks: Sequence[int]) 
 # Scorers.
 
 
-def gear_scorer(model, layer: int | None) -> Scorer:
+def gear_scorer(model, layer: int | None, pooling: str = "sum") -> Scorer:
     def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
-        return model.localize(q.query, document, spans, layer)
+        return model.localize(q.query, document, spans, layer, pooling=pooling)
 
     return score
 

@@ -8,7 +8,7 @@ import html
 from typing import Any
 
 from tasks.evaluate.config import EvalParams
-from tasks.evaluate.localization import POOLING_DESCRIPTION
+from tasks.evaluate.localization import pooling_description
 from tasks.evaluate.metrics import metric_names
 
 DASH = "—"
@@ -79,7 +79,7 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
             "ks": params.ks,
             "metrics": metric_names(params.ks),
             "index_type": params.index_type,
-            "pooling": POOLING_DESCRIPTION,
+            "pooling": pooling_description(params.localization_pooling),
             "max_test_queries": params.max_test_queries,
             "max_generation_queries": params.max_generation_queries,
             "generation_max_tokens": params.generation_max_tokens,
