@@ -37,13 +37,13 @@ class BuildDatasetParams(BaseModel):
         title="Output folder",
         description="Stage outputs go to <output_dir>/stages, the dataset to <output_dir>/datasets/<version>.",
     )
-    shard: ShardConfig = Field(default_factory=ShardConfig, title="Sharding")
-    extract: ExtractConfig = Field(default_factory=ExtractConfig, title="Wikitext extraction")
-    units: UnitConfig = Field(default_factory=UnitConfig, title="Documents and candidate units (paper, Appendix A)")
-    rewrite: RewriteConfig = Field(default_factory=RewriteConfig, title="Query rewriting (LLM)")
-    dedup: DedupConfig = Field(default_factory=DedupConfig, title="De-duplication")
-    relevance: RelevanceConfig = Field(default_factory=RelevanceConfig, title="Relevance filter (BGE similarity)")
-    triples: TriplesConfig = Field(default_factory=TriplesConfig, title="Train/test split")
+    shard: ShardConfig = Field(ShardConfig(), title="Sharding", description="How the dump is cut into shards (one Prefect task each).")
+    extract: ExtractConfig = Field(ExtractConfig(), title="Wikitext extraction", description="Which pages are kept and how wikitext becomes plain prose.")
+    units: UnitConfig = Field(UnitConfig(), title="Documents and candidate units (paper, Appendix A)", description="The paper's document and candidate-sentence rules (Appendix A) with its figures as defaults.")
+    rewrite: RewriteConfig = Field(RewriteConfig(), title="Query rewriting (LLM)", description="The LLM that rewrites sampled units into keyword queries, its prompt and the quality gate.")
+    dedup: DedupConfig = Field(DedupConfig(), title="De-duplication", description="Keyword de-duplication and reordering, duplicate queries, near-duplicate documents.")
+    relevance: RelevanceConfig = Field(RelevanceConfig(), title="Relevance filter (BGE similarity)", description="The embedding model and threshold of the query-document relevance filter.")
+    triples: TriplesConfig = Field(TriplesConfig(), title="Train/test split", description="The document-level train/test split and the dataset card.")
 
     @field_validator("dump")
     @classmethod

@@ -20,14 +20,16 @@ class PipelineParams(BaseModel):
     the step before, so leave `train.dataset`, `evaluate.model_dirs` and
     `evaluate.dataset` empty."""
 
-    build: BuildDatasetParams = Field(default_factory=BuildDatasetParams, title="Dataset")
-    train: TrainParams = Field(default_factory=TrainParams, title="Training")
+    build: BuildDatasetParams = Field(BuildDatasetParams(), title="Dataset", description="Parameters of build-rir-dataset.")
+    train: TrainParams = Field(TrainParams(), title="Training", description="Parameters of train-gear; the dataset is filled in from the build.")
     train_contrastive_baseline: bool = Field(
         True,
         title="Train the contrastive-only baseline",
         description="Also train the same model with LM weight 0 (the paper's 'GeAR w/o L_LM') for the tables.",
     )
-    evaluate: EvalParams = Field(default_factory=EvalParams, title="Evaluation")
+    evaluate: EvalParams = Field(
+        EvalParams(), title="Evaluation", description="Parameters of evaluate-gear; models and dataset are filled in."
+    )
 
     @classmethod
     def for_cli(

@@ -111,7 +111,7 @@ class UnitConfig(BaseModel):
     min_doc_tokens: int = Field(200, ge=0, le=100_000, description="Drop documents with fewer tokens (paper: 200).")
     min_unit_tokens: int = Field(8, ge=1, le=512, description="Shortest candidate unit, in tokens, inclusive (paper: 8).")
     max_unit_tokens: int = Field(20, ge=1, le=512, description="Longest candidate unit, in tokens, inclusive (paper: 20).")
-    pronouns: list[str] = Field(default_factory=lambda: list(PAPER_PRONOUNS), description="A candidate's first word and main-clause subject must not be one of these (lower case).")
+    pronouns: list[str] = Field(list(PAPER_PRONOUNS), description="A candidate's first word and main-clause subject must not be one of these (lower case).")
     min_candidates: int = Field(3, ge=1, le=1000, description="Drop documents with fewer candidate units (paper: 3).")
     docs_per_article: int = Field(1, ge=1, le=10_000, description="1: one document per article, its first <= max_doc_tokens tokens (the paper). N > 1: cut an article into up to N consecutive documents.")
     require_final_punctuation: bool = Field(True, description="A candidate must end with . ! or ? (optionally before a closing quote/bracket).")
@@ -119,7 +119,7 @@ class UnitConfig(BaseModel):
     english_only: bool = Field(True, description="Drop articles whose function-word ratio says they are not English.")
     min_english_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of English function words below which an article is 'not_english'.")
     max_repeat_run: int = Field(3, ge=2, le=100, description="A sentence where a 1-4 word phrase repeats this many times in a row is dropped as repeated.")
-    tokenizer_path: str = Field(default_factory=lambda: str(embedded_encoder_path()), description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens).")
+    tokenizer_path: str | None = Field(None, description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens); empty: the embedded all-MiniLM-L6-v2, which has bert-base-uncased's vocab.")
     spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
     chars_per_token_budget: int = Field(6, ge=2, le=100, description="Parse only the first max_doc_tokens*docs_per_article*this characters of an article first (more if needed).")
@@ -184,10 +184,10 @@ def load_nlp(model: str):
         return _load_nlp(model)
 
 
-def load_tokenizer(path: str):
-    """The encoder's WordPiece tokenizer (cached per process)."""
+def load_tokenizer(path: str | None):
+    """The encoder's WordPiece tokenizer (cached per process); None: the embedded one."""
     with _LOAD_LOCK:
-        return _load_tokenizer(path)
+        return _load_tokenizer(path or str(embedded_encoder_path()))
 
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:

@@ -39,7 +39,7 @@ class EvalParams(BaseModel):
     (paper section 4, Tables 1-3); writes report.md, report.json and report.html."""
 
     model_dirs: list[str] = Field(
-        default_factory=list, description="GeAR model directories to evaluate (one table row each), or a train-gear models/ folder (its LATEST run)."
+        [], description="GeAR model directories to evaluate (one table row each), or a train-gear models/ folder (its LATEST run)."
     )
     contrastive_model_dir: str | None = Field(
         None, description="Optional GeAR model trained with lm_weight 0 (the paper's 'GeAR w/o L_LM' row)."
@@ -47,15 +47,15 @@ class EvalParams(BaseModel):
     dataset: str | None = Field(
         None, description="RIR dataset: a version folder with train/test.parquet, or a datasets folder with LATEST."
     )
-    squad_json: list[str] = Field(default_factory=list, description="SQuAD-format JSON files (QA sets: EM/F1).")
+    squad_json: list[str] = Field([], description="SQuAD-format JSON files (QA sets: EM/F1).")
     beir_dirs: list[str] = Field(
-        default_factory=list, description="BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval only."
+        [], description="BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval only."
     )
     output_dir: str = Field("runs/eval", description="Where report.md, report.json and report.html are written.")
     work_dir: str | None = Field(
         None, description="Folder for cached per-model results (stages/evaluate/<key>); default output_dir."
     )
-    ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS), description="Cut-offs k for Recall@k and MAP@k.")
+    ks: list[int] = Field(list(DEFAULT_KS), description="Cut-offs k for Recall@k and MAP@k.")
     layer: int | None = Field(
         None, ge=1, le=48, description="1-based fusion layer for localisation (paper: 10 of 12); empty = the model's default (n_layers - 2)."
     )
