@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,11 +231,14 @@ def rewrite_queries(
     config: RewriteConfig,
     work_dir: Path,
     rewriter: Rewriter | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Rewrite sampled units of every input shard; return the output folder.
 
     ``rewriter``: an already loaded backend to reuse (tests, benchmarks);
     by default the configured one is built once for the whole call.
+    ``on_progress(done, total)``: called as sampled units are rewritten (per
+    batch where the backend reports batches, else per shard).
     """
     units_dirs = [Path(d) for d in units_dirs]
     out = rewrite_output_dir(units_dirs, config, work_dir)
@@ -246,16 +250,21 @@ def rewrite_queries(
     model = model_label(config)
     timing = {"load_seconds": 0.0, "rewrite_seconds": 0.0, "rewrites": 0}
     raws = []
+    shards = []
+    for units_dir in sorted(units_dirs, key=str):
+        units = read_units(units_dir)
+        sampled = sample_units(units, config.units_per_doc, config.seed)
+        funnel.seen(SAMPLE_STAGE, units.height)
+        funnel.kept(SAMPLE_STAGE, sampled.height)
+        funnel.drop(SAMPLE_STAGE, "not_sampled", units.height - sampled.height)
+        shards.append((units_dir, sampled))
+    progress = _Progress(sum(s.height for _, s in shards), on_progress)
     try:
-        for units_dir in sorted(units_dirs, key=str):
-            units = read_units(units_dir)
-            sampled = sample_units(units, config.units_per_doc, config.seed)
-            funnel.seen(SAMPLE_STAGE, units.height)
-            funnel.kept(SAMPLE_STAGE, sampled.height)
-            funnel.drop(SAMPLE_STAGE, "not_sampled", units.height - sampled.height)
+        for units_dir, sampled in shards:
             raw_path = out / "raw" / f"{fingerprint(_units_file(units_dir))[:16]}.parquet"
             if raw_path.is_file():  # finished by an earlier attempt of this task
                 raws.append(pl.read_parquet(raw_path))
+                progress.shard_done(sampled.height)
                 continue
             if sampled.is_empty():
                 raws.append(pl.DataFrame(schema=pl.Schema(RAW_SCHEMA)))
@@ -264,10 +273,12 @@ def rewrite_queries(
                 started = time.perf_counter()
                 rewriter = make_rewriter(config)
                 timing["load_seconds"] = time.perf_counter() - started
+            rewriter.on_progress = progress.items_done
             started = time.perf_counter()
             raw = _rewrite_shard(rewriter, sampled, shard_seed(config.seed, sampled["doc_id"].to_list()))
             timing["rewrite_seconds"] += time.perf_counter() - started
             timing["rewrites"] += raw.height
+            progress.shard_done(sampled.height)
             write_parquet(raw.to_arrow(), raw_path, RAW_SCHEMA)
             raws.append(raw)
     finally:
@@ -295,6 +306,27 @@ def rewrite_queries(
     return out
 
 
+class _Progress:
+    """Counts rewritten units for ``on_progress``; backends that report
+    batches advance it as they go, the shard's end settles the rest."""
+
+    def __init__(self, total: int, callback: Callable[[int, int], None] | None):
+        self.total, self.callback = total, callback
+        self.done = self.shard_start = 0
+
+    def items_done(self, n: int) -> None:
+        self.done += n
+        if self.callback:
+            self.callback(self.done, self.total)
+
+    def shard_done(self, shard_size: int) -> None:
+        self.shard_start += shard_size
+        if self.done != self.shard_start:
+            self.done = self.shard_start
+            if self.callback:
+                self.callback(self.done, self.total)
+
+
 def _retry_unless_config_error(task_: Any, task_run: Any, state: Any) -> bool:
     """Retry transport trouble (an endpoint down past the client's own retries),
     not bad input or a misconfiguration that would fail the same way again."""
@@ -316,5 +348,20 @@ def _retry_unless_config_error(task_: Any, task_run: Any, state: Any) -> bool:
     persist_result=True,
 )
 def rewrite_queries_task(units_dirs: list[Path], config: RewriteConfig, work_dir: Path) -> Path:
-    """Prefect wrapper: retries re-run only unfinished shards (finished ones are in raw/)."""
-    return rewrite_queries(units_dirs, config, work_dir)
+    """Prefect wrapper: retries re-run only unfinished shards (finished ones are in raw/).
+    Shows a progress artifact on the run's page (rewriting is the build's longest stage)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:  # called as a plain function (.fn): no run page to show it on
+        return rewrite_queries(units_dirs, config, work_dir)
+    artifact = create_progress_artifact(0.0, description="rewrite_queries: sampled units rewritten (%)")
+    shown = [0.0]
+
+    def report(done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        if pct - shown[0] >= 1.0 or done == total:  # at most ~100 API calls
+            shown[0] = pct
+            update_progress_artifact(artifact, pct)
+
+    return rewrite_queries(units_dirs, config, work_dir, on_progress=report)

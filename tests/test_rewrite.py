@@ -246,8 +246,11 @@ def test_rewrite_queries_end_to_end(shards, tmp_path):
     work = tmp_path / "work"
     with FakeChatServer() as srv:
         cfg = RewriteConfig(backend="openai", base_url=srv.base_url, units_per_doc=3, backoff_base_s=0.01)
-        out = rewrite_queries(shards, cfg, work)
+        progress = []
+        out = rewrite_queries(shards, cfg, work, on_progress=lambda done, total: progress.append((done, total)))
         requests = sum(srv.attempts.values())
+        # The openai backend reports per shard: shard A's 6 sampled units, then all 9.
+        assert progress == [(6, 9), (9, 9)]
         # A re-run (any shard order) finds the finished folder and sends nothing.
         assert rewrite_queries(list(reversed(shards)), cfg, work) == out
         assert sum(srv.attempts.values()) == requests == 9

@@ -43,4 +43,7 @@ def test_prefix_cache_gives_the_same_greedy_outputs_as_full_prompts():
     assert len(cached._prefix_ids) > 100  # the system prompt and both examples
     full = LocalRewriter(RewriteConfig(backend="local", batch_size=3, max_new_tokens=24, prefix_cache=False))
     assert full._prefix_cache is None
+    batches = []
+    cached.on_progress = batches.append  # the stage's progress hook: sentences done per batch
     assert cached.rewrite(SENTENCES, seed=0) == full.rewrite(SENTENCES, seed=0)
+    assert batches == [3]

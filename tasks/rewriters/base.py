@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 
 class RewriteBackendError(RuntimeError):
@@ -28,6 +29,9 @@ class Rewriter(abc.ABC):
 
     model_name: str
     last_errors: list[str | None]
+    # Set by the stage: called with the number of sentences a backend has just
+    # finished inside one ``rewrite`` call (backends that work in batches).
+    on_progress: Callable[[int], None] | None = None
 
     @abc.abstractmethod
     def rewrite(self, sentences: list[str], seed: int) -> list[str]:

@@ -140,6 +140,8 @@ class LocalRewriter(Rewriter):
                     new = out[:, enc["input_ids"].shape[1] :]
                 for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                     outputs[i] = text
+                if self.on_progress:
+                    self.on_progress(len(idx))
         self.last_errors = [None] * len(sentences)
         return outputs
 
