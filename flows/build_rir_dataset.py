@@ -13,7 +13,7 @@ from prefect import flow, unmapped
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.assets import embedded_dump_path
-from tasks.common import publish_funnel
+from tasks.common import fingerprint, publish_funnel
 from tasks.dedup import DedupConfig, dedup_task
 from tasks.extract_docs import ExtractConfig, extract_docs
 from tasks.relevance import RelevanceConfig, relevance_filter_task
@@ -66,7 +66,14 @@ class BuildDatasetParams(BaseModel):
 
 
 def _lineage(params: BuildDatasetParams, dump: str) -> dict[str, Any]:
-    return {"dump": dump, "dump_name": Path(dump).name, "params": params.model_dump(mode="json")}
+    """What the dataset version id hashes: the dump's content identity (not
+    its path, so the same dump elsewhere gives the same version) and every
+    stage config (not the output folder)."""
+    return {
+        "dump_name": Path(dump).name,
+        "dump_fingerprint": fingerprint(dump),
+        "params": params.model_dump(mode="json", exclude={"dump", "output_dir"}),
+    }
 
 
 @flow(name="build-rir-dataset", log_prints=True)
