@@ -264,6 +264,12 @@ def completed_output_cache_key(output_dir_fn: Callable[..., Path]) -> Callable[[
 
 
 
+def retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: bad input fails the same way every time,
+    so it fails at once; anything else (I/O, memory) may pass on a retry."""
+    return not isinstance(state.result(raise_on_failure=False), PipelineInputError)
+
+
 @task(name="publish_funnel")
 def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, dict[str, int]]:
     """Merge the funnel.json files of stage folders into a Prefect table artifact."""

@@ -27,6 +27,7 @@ from tasks.common import (
     completed_output_cache_key,
     is_complete,
     mark_complete,
+    retry_unless_bad_input,
     source_hash,
     stage_output_dir,
     write_parquet,
@@ -173,11 +174,6 @@ def extract_shard(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLi
     funnel.save(out / "funnel.json")
     mark_complete(out, {"stage": STAGE, "shard": shard.name, "pages": pages, "articles": table.num_rows, "funnel": funnel.to_dict()})
     return out
-
-
-def retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: bad input fails at once; other errors (I/O) retry."""
-    return not isinstance(getattr(state, "data", None), PipelineInputError)
 
 
 @task(

@@ -48,6 +48,7 @@ from tasks.common import (
     completed_output_cache_key,
     is_complete,
     mark_complete,
+    retry_unless_bad_input,
     source_hash,
     stage_output_dir,
     write_parquet,
@@ -479,14 +480,10 @@ def _emit_document(art: _Article, part_no: int, part: list[Sentence], config: Un
     return True
 
 
-def _retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
-    return not isinstance(getattr(state, "data", None), PipelineInputError)
-
-
 @task(
     name="select_units",
     retries=1,
-    retry_condition_fn=_retry_unless_bad_input,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
     cache_key_fn=completed_output_cache_key(_cache_dir),
     persist_result=True,

@@ -27,7 +27,7 @@ from typing import Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import PipelineInputError
+from tasks.common import PipelineInputError, retry_unless_bad_input
 
 _CHUNK = 1 << 20
 _TITLE = re.compile(rb"<title>([^<]*)</title>")
@@ -405,18 +405,7 @@ def make_multistream(source_dump: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 
-def _retry_unless_bad_input(task_, task_run, state) -> bool:
-    """Retry I/O trouble, not a bad dump that would fail the same way again."""
-    try:
-        state.result()
-    except PipelineInputError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
-    return False
-
-
-@task(name="shard_dump", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
+@task(name="shard_dump", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def shard_dump(dump_path: str, config: ShardConfig) -> list[Shard]:
     """Plan the dump's shards (multistream byte ranges, else page ranges)."""
     return plan_shards(dump_path, config)

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.common import PipelineInputError, completed_output_cache_key
+from tasks.common import completed_output_cache_key, retry_unless_bad_input
 from tasks.evaluate.config import EvalParams, SystemSpec
 from tasks.evaluate.core import CODE_VERSION, evaluate_system, load_sets, system_output_dir, write_report
 
@@ -25,18 +25,12 @@ __all__ = [
 ]
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    # A malformed file fails the same way every time; anything else (memory,
-    # a file system hiccup) may pass on a second try.
-    return not isinstance(state.result(raise_on_failure=False), PipelineInputError)
-
-
 @task(
     name="evaluate-system",
     task_run_name="evaluate-{system.name}",
     retries=1,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_bad_input,
+    retry_condition_fn=retry_unless_bad_input,
     cache_key_fn=completed_output_cache_key(system_output_dir),
     persist_result=True,
 )
