@@ -78,7 +78,7 @@ def main() -> None:
     from tasks.assets import embedded_encoder_path
     from tasks.evaluate.baselines import PretrainedEncoder
     from tasks.evaluate.loaders import sample
-    from tasks.evaluate.localization import embedding_scorer, evaluate_localization, gear_scorer
+    from tasks.evaluate.localization import embedding_scorer, evaluate_localization, gear_scorer, random_localization
     from tasks.evaluate.retrieval import evaluate_retrieval
 
     figures: dict = {"torch_threads": torch.get_num_threads(), "docs": args.docs, "queries": args.queries}
@@ -111,6 +111,8 @@ def main() -> None:
         r = evaluate_localization(loc_set, embedding_scorer(baseline, args.batch_size), ks)
         rows.append({"task": "localisation", "system": "MiniLM sentence similarity",
                      "queries_per_s": r["timing"]["queries_per_s"], "recall@1": r["metrics"]["recall@1"]})
+        # what a random sentence order scores on the same queries, to read recall@1 against
+        figures["localisation_random_recall@1"] = random_localization(loc_set, ks)["metrics"]["recall@1"]
         figures["peak_rss_mib"] = peak_rss_mib()
         figures["results"] = rows
 

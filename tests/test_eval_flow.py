@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from eval_helpers import make_tiny_gear, tiny_gear_dir, write_beir, write_dataset, write_squad  # noqa: F401
@@ -46,17 +47,45 @@ def test_report_files_have_every_model_set_and_table(evaluated):
             assert set(m) == {f"{x}@{k}" for x in ("recall", "map") for k in (1, 3, 5, 10)}
             assert all(0.0 <= v <= 1.0 for v in m.values())
             assert m["recall@10"] == 1.0 or s == "nq"  # <= 10 documents: everything is retrieved
-    for model in rows:
+    trained = [r for r in rows if r != "GeAR w/o L_LM"]
+    for model in trained:
         assert report["localization"]["RIR"][model]["recall@5"] == 1.0  # <= 4 sentences per document
+        assert report["localization_ci"]["RIR"][model]["recall@5"] == [1.0, 1.0]
+        lo, hi = report["localization_ci"]["RIR"][model]["recall@1"]
+        assert lo <= report["localization"]["RIR"][model]["recall@1"] <= hi
+    for model in rows:
         assert report["localization"]["nq"][model] is None
+        assert report["retrieval_ci"]["nq"][model]["recall@1"] is not None
+    # lm_weight 0 in its config.json: the fusion never trained, so no localisation or generation
+    assert report["localization"]["RIR"]["GeAR w/o L_LM"] is None
+    assert set(report["not_applicable"]["GeAR w/o L_LM"]) == {"localization", "generation"}
+    # random rows: 3 documents of 3 sentences and 2 of 4 among the 5 test queries; 6 documents in the corpus
+    assert report["localization_random"]["RIR"]["recall@1"] == pytest.approx((3 / 3 + 2 / 4) / 5)
+    assert report["retrieval_random"]["RIR"]["recall@1"] == pytest.approx(1 / 6)
+    assert report["n_queries"]["localization"]["RIR"] == 5 and report["n_queries"]["retrieval"]["nq"] == 2
     assert set(report["generation"]["RIR"]["GeAR"]) == {"rouge1", "rougeL"}
+    assert set(report["generation_ci"]["RIR"]["GeAR"]) == {"rouge1", "rougeL"}
     assert set(report["generation"]["dev"]["GeAR"]) == {"em", "f1"}
     assert report["generation"]["RIR"]["GeAR w/o L_LM"] is None
     assert set(report["localization_by_layer"]["GeAR"]["RIR"]) == {"1", "2"}
     md = (out / "report.md").read_text()
     for heading in ("## Table 1", "## Table 2", "## Table 3", "Localisation by fusion layer, GeAR on RIR"):
         assert heading in md
-    assert all(f"| {r} |" in md for r in rows)
+    assert all(f"| {r} |" in md for r in [*rows, "Random ranking"])
+    assert "| Model (5 queries) |" in md
+
+
+def test_html_has_tables_plots_and_no_machine_paths(evaluated):
+    params, _, out = evaluated
+    page = (out / "report.html").read_text()
+    assert page.count("<h2>Table") == 3 and "<td>Random ranking</td>" in page
+    assert page.count("data:image/png;base64,") == 2  # by-layer plots of GeAR on RIR and dev; no training log here
+    assert "No training loss recorded" in page
+    # the tiny model lies outside the output folder, the contrastive one beside it, MiniLM in site-packages
+    roots = {str(Path(params.output_dir).parent), str(Path(params.model_dirs[0]).parent), str(Path(__file__).parents[1])}
+    for name in ("report.html", "report.md", "report.json"):
+        text = (out / name).read_text()
+        assert not [r for r in roots if r in text]
 
 
 def test_html_shows_two_queries_with_top10_tokens_and_generations(evaluated):

@@ -114,3 +114,59 @@ def test_pooling_agrees_with_gear_model_localize(tiny_gear_dir):
         assert mean == pytest.approx(ours / np.maximum(counts, 1), abs=1e-6)
     with pytest.raises(ValueError, match="pooling"):
         model.localize("dogs bark", doc, spans, 1, pooling="max")
+
+
+def test_random_row_is_the_expected_score_of_a_random_sentence_order():
+    from tasks.evaluate.localization import random_localization
+
+    # Documents of 3 and 5 sentences; two queries on the first, one on the second.
+    spans3, spans5 = [(0, 1), (2, 3), (4, 5)], [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    queries = [EvalQuery("a", "x", {"d3": 1}, "d3", 0), EvalQuery("b", "y", {"d3": 1}, "d3", 2),
+               EvalQuery("c", "z", {"d5": 1}, "d5", 4)]
+    s = EvalSet("hand", "rir", "mem", {"d3": "a b c", "d5": "a b c d e"}, queries, {"d3": spans3, "d5": spans5})
+    r = random_localization(s, ks=[1, 3, 10])
+    # R@k = min(k, n)/n; AP@k = (1/n) * sum_{r <= min(k, n)} 1/r
+    assert r["per_query"]["qids"] == ["a", "b", "c"]
+    assert r["per_query"]["recall@1"] == pytest.approx([1 / 3, 1 / 3, 1 / 5])
+    assert r["metrics"]["recall@1"] == pytest.approx((2 / 3 + 1 / 5) / 3)
+    assert r["metrics"]["recall@3"] == pytest.approx((1 + 1 + 3 / 5) / 3)
+    assert r["metrics"]["recall@10"] == pytest.approx(1.0)
+    assert r["metrics"]["map@1"] == r["metrics"]["recall@1"]
+    assert r["metrics"]["map@3"] == pytest.approx((2 * (11 / 6) / 3 + (11 / 6) / 5) / 3)
+    assert r["metrics"]["map@10"] == pytest.approx((2 * (11 / 6) / 3 + (137 / 60) / 5) / 3)
+    lo, hi = r["ci"]["recall@3"]
+    assert lo < r["metrics"]["recall@3"] < hi and lo >= 0.6 - 1e-12 and hi <= 1.0
+
+
+def test_random_row_matches_ranx_on_shuffled_sentences():
+    """The closed form against ranx scoring many uniformly random orders of the same documents."""
+    rng = np.random.default_rng(1)
+    from tasks.evaluate.localization import random_localization
+
+    s = _tiny_set()
+
+    closed = random_localization(s, ks=[1, 2])["metrics"]
+    trials = [evaluate_localization(s, lambda q, d, spans: rng.random(len(spans)), ks=[1, 2])["metrics"] for _ in range(400)]
+    for name, value in closed.items():
+        # 400 trials x 3 queries: a standard error of about 0.014 at these values
+        assert np.mean([t[name] for t in trials]) == pytest.approx(value, abs=0.05)
+
+
+def test_evaluate_localization_keeps_per_query_values_and_an_interval():
+    s = _tiny_set()
+    heavy = {"a": 1, "b": 0, "c": 0}
+
+    def scorer(q, document, spans):
+        out = np.array([0.3, 0.2, 0.1])
+        out[heavy[q.qid]] = 1.0
+        return out
+
+    r = evaluate_localization(s, scorer, ks=[1, 3], resamples=500, seed=3)
+    assert r["per_query"]["qids"] == ["a", "b", "c"]
+    assert r["per_query"]["recall@1"] == [1.0, 0.0, 1.0]
+    assert r["per_query"]["map@3"] == pytest.approx([1.0, 1 / 3, 1.0])
+    lo, hi = r["ci"]["recall@1"]
+    assert lo <= r["metrics"]["recall@1"] <= hi and (lo, hi) != (hi, hi)
+    assert r["ci"]["recall@3"] == [1.0, 1.0]  # every query hits: no spread
+    again = evaluate_localization(s, scorer, ks=[1, 3], resamples=500, seed=3)
+    assert again["ci"] == r["ci"]

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.evaluate.metrics import DEFAULT_KS
+from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
 
 SystemKind = Literal["gear", "encoder", "bm25"]
 
@@ -87,7 +88,11 @@ class EvalParams(BaseModel):
         "exact", description="FAISS index: exact (IndexFlatIP) or hnsw (approximate, for large corpora)."
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Encoding batch size.")
-    seed: int = Field(0, description="Seed of the query samples.")
+    seed: int = Field(0, description="Seed of the query samples and of the bootstrap intervals.")
+    bootstrap_resamples: int = Field(
+        BOOTSTRAP_RESAMPLES, ge=100, le=100_000,
+        description="Resamples of the test queries behind each 95% interval (percentile bootstrap).",
+    )
 
     @field_validator("ks")
     @classmethod
@@ -144,10 +149,27 @@ class EvalParams(BaseModel):
         return rows
 
     def set_config(self) -> dict:
-        """What the per-system results depend on besides the system and the input files."""
-        return self.model_dump(
-            include={
-                "dataset", "squad_json", "beir_dirs", "ks", "layer", "all_layers", "max_test_queries",
-                "max_generation_queries", "generation_max_tokens", "index_type", "seed",
-            }
-        )
+        """What the per-system results depend on besides the system and the input files:
+        every field but those in NOT_IN_RESULTS_KEY, so a new setting is in the key unless
+        someone decides it is not."""
+        return self.model_dump(exclude=NOT_IN_RESULTS_KEY)
+
+
+# Fields that do not change a system's results.json. Everything else is in the
+# results key (EvalParams.set_config), by exclusion so a new field cannot be forgotten.
+NOT_IN_RESULTS_KEY = frozenset(
+    {
+        "output_dir",  # where the report goes, not what is in it
+        "work_dir",  # where the cache lives
+        "batch_size",  # padding per batch; attention masks keep each text's vector the same
+        # Which systems are rows: each system's own spec (path, pooling, backend,
+        # instruction) is the other half of the key (core.system_output_dir).
+        "model_dirs",
+        "contrastive_model_dir",
+        "baselines",
+        "baseline_encoder",
+        "baseline_pooling",
+        "baseline_backend",
+        "baseline_query_instruction",
+    }
+)

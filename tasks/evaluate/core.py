@@ -18,7 +18,10 @@ from tasks.common import (
 from tasks.evaluate.config import EvalParams, SystemSpec
 from tasks.evaluate.loaders import EvalSet, load_beir, load_squad, load_triples, resolve_dataset_dir
 
-CODE_VERSION = source_hash(*sorted(Path(__file__).parent.glob("*.py")))
+# The numbers depend on this package and on the model code that ranks, pools
+# and generates (gear_model/), so both are in the results key.
+_GEAR_MODEL_DIR = Path(__file__).resolve().parents[2] / "gear_model"
+CODE_VERSION = source_hash(*sorted(Path(__file__).parent.glob("*.py")), *sorted(_GEAR_MODEL_DIR.glob("*.py")))
 RESULTS_NAME = "results.json"
 FIGURE_TOP_TOKENS = 10  # the paper's Figure 3 highlights the top 10 tokens
 
@@ -63,6 +66,21 @@ def load_sets(params: EvalParams) -> list[EvalSet]:
 # One system on every set.
 
 
+NOT_TRAINED_FUSION = (
+    "trained with lm_weight 0 (the model's config.json), so its fusion cross-attention blocks and decoder "
+    "never received a gradient: localisation and generation would measure their random initialisation"
+)
+
+
+def saved_lm_weight(model_dir: str | Path) -> float | None:
+    """lm_weight from a GeAR model directory's config.json ("gear" section); None if absent."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    value = config.get("gear", {}).get("lm_weight")
+    return None if value is None else float(value)
+
+
 def _load_system(system: SystemSpec):
     if system.kind == "gear":
         from gear_model.model import GearModel
@@ -83,8 +101,9 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
         embedding_scorer,
         evaluate_localization,
         gear_scorer,
+        random_localization,
     )
-    from tasks.evaluate.retrieval import evaluate_retrieval
+    from tasks.evaluate.retrieval import evaluate_retrieval, random_retrieval
 
     out = system_output_dir(system, params)
     if is_complete(out):
@@ -94,33 +113,45 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
     model = _load_system(system)
     layer = model.resolve_layer(params.layer) if system.kind == "gear" else None
     results: dict[str, Any] = {"system": system.model_dump(), "layer": layer, "sets": {}, "figure": None}
+    # A GeAR trained without the LM loss has an untrained fusion and decoder:
+    # its localisation and generation are not applicable, whatever its row is called.
+    fusion_trained = True
     if system.kind == "gear":
         results["n_layers"] = model.n_layers
+        results["lm_weight"] = saved_lm_weight(system.path)
+        fusion_trained = results["lm_weight"] != 0
+        if not fusion_trained:
+            results["not_applicable"] = {"localization": NOT_TRAINED_FUSION, "generation": NOT_TRAINED_FUSION}
+    boot = {"resamples": params.bootstrap_resamples, "seed": params.seed}
     for s in sets:
         entry: dict[str, Any] = {"kind": s.kind, "source": s.source, "sizes": s.sizes(), "funnel": s.funnel.to_dict()}
         encoder = model if system.kind in ("gear", "encoder") else None
-        entry["retrieval"] = evaluate_retrieval(s, params.ks, encoder, params.index_type, params.batch_size)
+        entry["retrieval"] = evaluate_retrieval(s, params.ks, encoder, params.index_type, params.batch_size, **boot)
         entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
-        if s.has_units:
+        if s.has_units and fusion_trained:
             if system.kind == "gear":
+                def at(l: int) -> dict:
+                    return evaluate_localization(s, gear_scorer(model, l, params.localization_pooling), params.ks, **boot)
+
                 if params.all_layers:
-                    by_layer = {
-                        str(l): evaluate_localization(s, gear_scorer(model, l, params.localization_pooling), params.ks) for l in range(1, model.n_layers + 1)
-                    }
-                    entry["localization_by_layer"] = by_layer
-                    entry["localization"] = by_layer[str(layer)]
+                    entry["localization_by_layer"] = {str(l): at(l) for l in range(1, model.n_layers + 1)}
+                    entry["localization"] = entry["localization_by_layer"][str(layer)]
                 else:
-                    entry["localization"] = evaluate_localization(s, gear_scorer(model, layer, params.localization_pooling), params.ks)
+                    entry["localization"] = at(layer)
             elif system.kind == "encoder":
-                entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks)
+                entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks, **boot)
             else:
-                entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks)
+                entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
             if system.generation:
                 entry["generation"] = evaluate_generation(
-                    model, s, params.max_generation_queries, params.generation_max_tokens, params.seed
+                    model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
+                    params.bootstrap_resamples,
                 )
+        # The random rows need no model; every system's results carry them for its own queries.
+        entry["retrieval_random"] = random_retrieval(s, params.ks, **boot)
+        entry["localization_random"] = random_localization(s, params.ks, **boot) if s.has_units else None
         results["sets"][s.name] = entry
-    if system.figure:
+    if system.figure and fusion_trained:
         results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling)
     results["elapsed_s"] = time.perf_counter() - t0
     write_json(results, out / RESULTS_NAME)
@@ -184,13 +215,29 @@ def write_report(result_dirs: list[str | Path], params: EvalParams) -> Path:
     """report.md, report.json and report.html in params.output_dir."""
     import json
 
-    from tasks.evaluate.report import build_report, render_html, render_markdown
     from tasks.common import write_text
+    from tasks.evaluate.page import render_html
+    from tasks.evaluate.report import build_report, render_markdown
 
     results = [json.loads((Path(d) / RESULTS_NAME).read_text()) for d in result_dirs]
-    report = build_report(results, params)
+    report = build_report(results, params, training_records(results))
     out = Path(params.output_dir)
     write_json(report, out / "report.json")
     write_text(render_markdown(report), out / "report.md")
     write_text(render_html(report), out / "report.html")
+    return out
+
+
+def training_records(results: list[dict]) -> dict[str, list[dict]]:
+    """Each GeAR row's training log (<model_dir>/../metrics.jsonl), read when the
+    report is written so a re-report shows what the run has recorded by then."""
+    from tasks.train import read_metrics
+
+    out = {}
+    for r in results:
+        system = r["system"]
+        if system["kind"] == "gear" and system.get("path") and Path(system["path"]).is_dir():
+            records = read_metrics(system["path"])
+            if records:
+                out[system["name"]] = records
     return out

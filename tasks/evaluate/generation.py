@@ -9,12 +9,17 @@ from __future__ import annotations
 import time
 
 from tasks.evaluate.loaders import EvalSet, sample
-from tasks.evaluate.metrics import qa_scores, rouge_scores
+from tasks.evaluate.metrics import qa_per_query, rouge_per_query
+from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES, summarize
 
 N_EXAMPLES = 5  # generations kept in the report for reading
 
 
-def evaluate_generation(model, eval_set: EvalSet, max_queries: int | None, max_new_tokens: int, seed: int = 0) -> dict:
+def evaluate_generation(
+    model, eval_set: EvalSet, max_queries: int | None, max_new_tokens: int, seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict:
+    """Per-query scores in percent, their means and bootstrap intervals."""
     queries = [q for q in eval_set.unit_queries() if (q.target if eval_set.kind == "rir" else q.answers)]
     queries = sample(queries, max_queries, seed)
     if not queries:
@@ -23,16 +28,16 @@ def evaluate_generation(model, eval_set: EvalSet, max_queries: int | None, max_n
     predictions = [model.generate(q.query, eval_set.documents[q.doc_id], max_new_tokens=max_new_tokens) for q in queries]
     elapsed = time.perf_counter() - t0
     if eval_set.kind == "rir":
-        metrics = rouge_scores(predictions, [q.target for q in queries])
+        per_query = rouge_per_query(predictions, [q.target for q in queries])
         gold = [q.target for q in queries]
     else:
-        metrics = qa_scores(predictions, [q.answers for q in queries])
+        per_query = qa_per_query(predictions, [q.answers for q in queries])
         gold = [" | ".join(q.answers) for q in queries]
     examples = [
         {"query": q.query, "gold": g, "generated": p} for q, g, p in list(zip(queries, gold, predictions))[:N_EXAMPLES]
     ]
     return {
-        "metrics": metrics,
+        **summarize([q.qid for q in queries], per_query, resamples, seed),
         "n_queries": len(queries),
         "examples": examples,
         "timing": {"queries_s": elapsed, "queries_per_s": len(queries) / elapsed if elapsed > 0 else float("inf")},

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tasks.evaluate.loaders import EvalQuery, EvalSet
-from tasks.evaluate.metrics import ranking_metrics
+from tasks.evaluate.metrics import per_query_ranking_metrics
+from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES, random_ranking_expectation, summarize
 
 POOLING_DESCRIPTION = (
     "cross-attention of the chosen fusion layer, averaged over heads, then over the query's word tokens "
@@ -74,8 +75,11 @@ def rank_sentences(scores: np.ndarray) -> list[str]:
     return [str(i) for i in order]
 
 
-def evaluate_localization(eval_set: EvalSet, scorer: Scorer, ks: Sequence[int]) -> dict:
-    """Recall@k / MAP@k of the true unit among its document's sentences."""
+def evaluate_localization(
+    eval_set: EvalSet, scorer: Scorer, ks: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict:
+    """Recall@k / MAP@k of the true unit among its document's sentences, per
+    query and averaged, with bootstrap intervals."""
     queries = eval_set.unit_queries()
     if not queries:
         return {"metrics": None, "n_queries": 0}
@@ -89,12 +93,25 @@ def evaluate_localization(eval_set: EvalSet, scorer: Scorer, ks: Sequence[int]) 
         rankings[q.qid] = rank_sentences(scores)
         qrels[q.qid] = {str(q.unit_index): 1}
     elapsed = time.perf_counter() - t0
-    metrics = ranking_metrics(qrels, rankings, ks)
+    qids, per_query = per_query_ranking_metrics(qrels, rankings, ks)
     return {
-        "metrics": metrics,
+        **summarize(qids, per_query, resamples, seed),
         "n_queries": len(queries),
         "timing": {"queries_s": elapsed, "queries_per_s": len(queries) / elapsed if elapsed > 0 else float("inf")},
     }
+
+
+def random_localization(
+    eval_set: EvalSet, ks: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict | None:
+    """Expected scores of a uniformly random sentence order, per query (its
+    document's sentence count n: R@k = min(k, n)/n, AP@k = H_min(k,n)/n)."""
+    queries = eval_set.unit_queries()
+    if not queries:
+        return None
+    expected = [random_ranking_expectation(len(eval_set.sentence_spans[q.doc_id]), 1, ks) for q in queries]
+    per_query = {name: [e[name] for e in expected] for name in expected[0]}
+    return summarize([q.qid for q in queries], per_query, resamples, seed)
 
 
 # --------------------------------------------------------------------------

@@ -27,13 +27,25 @@ def ranking_metrics(
     rankings: Mapping[str, Sequence[str]],
     ks: Iterable[int] = DEFAULT_KS,
 ) -> dict[str, float]:
-    """Recall@k and MAP@k, averaged over the queries of ``qrels``.
+    """Recall@k and MAP@k, averaged over the queries of ``qrels`` (see
+    ``per_query_ranking_metrics``)."""
+    _, per_query = per_query_ranking_metrics(qrels, rankings, ks)
+    return {name: float(sum(v) / len(v)) for name, v in per_query.items()}
+
+
+def per_query_ranking_metrics(
+    qrels: Mapping[str, Mapping[str, int]],
+    rankings: Mapping[str, Sequence[str]],
+    ks: Iterable[int] = DEFAULT_KS,
+) -> tuple[list[str], dict[str, list[float]]]:
+    """Each judged query's Recall@k and AP@k: (query ids, metric -> values in that order).
 
     ``rankings`` maps a query id to its result ids, best first. Scores given
     to ranx are derived from the rank, so ranx keeps exactly our order (ties
     in raw scores were already broken by the caller). A query of ``qrels``
     with no results counts as all-zero. ranx's AP@k divides by the number of
-    relevant items (with one relevant item, MAP@k is MRR@k).
+    relevant items (with one relevant item, MAP@k is MRR@k). Queries without
+    a positive judgement are left out.
     """
     from ranx import Qrels, Run, evaluate
 
@@ -48,10 +60,12 @@ def ranking_metrics(
         n = len(ranked)
         # A query without results still needs an entry; a never-relevant id does.
         run[q] = {d: float(n - i) for i, d in enumerate(ranked)} or {"\x00none": 0.0}
-    scores = evaluate(Qrels(qrels), Run(run), names, make_comparable=True)
-    if len(names) == 1:  # ranx returns a bare float for a single metric
-        scores = {names[0]: scores}
-    return {name: float(scores[name]) for name in names}
+    ranx_run = Run(run)
+    # ranx orders its per-query arrays its own way; it also files each score
+    # under its query id in the run, which is what we read back.
+    evaluate(Qrels(qrels), ranx_run, names, make_comparable=True, return_mean=False, save_results_in_run=True)
+    qids = list(qrels)
+    return qids, {name: [float(ranx_run.scores[name][q]) for q in qids] for name in names}
 
 
 # --------------------------------------------------------------------------
@@ -98,30 +112,40 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
-def qa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean EM and F1 in percent (the paper's Table 3 scale)."""
+def qa_per_query(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Each prediction's EM and F1 in percent."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answer lists")
-    if not predictions:
-        return {"em": 0.0, "f1": 0.0}
-    n = len(predictions)
-    em = sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n
-    f1 = sum(token_f1(p, a) for p, a in zip(predictions, answers)) / n
-    return {"em": 100.0 * em, "f1": 100.0 * f1}
+    return {
+        "em": [100.0 * exact_match(p, a) for p, a in zip(predictions, answers)],
+        "f1": [100.0 * token_f1(p, a) for p, a in zip(predictions, answers)],
+    }
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1 and ROUGE-L F-measure in percent (Porter stemming on)."""
+def qa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean EM and F1 in percent (the paper's Table 3 scale)."""
+    return _means(qa_per_query(predictions, answers))
+
+
+def rouge_per_query(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """Each prediction's ROUGE-1 and ROUGE-L F-measure in percent (Porter stemming on)."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        return {"rouge1": 0.0, "rougeL": 0.0}
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rougeL": 0.0}
+    out: dict[str, list[float]] = {"rouge1": [], "rougeL": []}
     for pred, ref in zip(predictions, references):
         result = scorer.score(ref, pred)  # score(target, prediction)
-        for name in totals:
-            totals[name] += result[name].fmeasure
-    return {name: 100.0 * v / len(predictions) for name, v in totals.items()}
+        for name in out:
+            out[name].append(100.0 * result[name].fmeasure)
+    return out
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F-measure in percent."""
+    return _means(rouge_per_query(predictions, references))
+
+
+def _means(per_query: dict[str, list[float]]) -> dict[str, float]:
+    return {name: (sum(v) / len(v) if v else 0.0) for name, v in per_query.items()}

@@ -1,22 +1,30 @@
 """The report in the paper's layout: Table 1 (retrieval), Table 2 (unit
-localisation), Table 3 (generation), one row per model, "—" where a model
-cannot do a task; plus a Figure 3 style HTML page."""
+localisation), Table 3 (generation), one row per model beside a random
+ranking, each figure with its 95% bootstrap interval and each table with its
+number of queries; "—" where a model cannot do a task, "n/a" where it could
+but its parts for it were never trained. The HTML page is ``page.py``."""
 
 from __future__ import annotations
 
-import html
+import os
+from pathlib import Path
 from typing import Any
 
 from tasks.evaluate.config import EvalParams
 from tasks.evaluate.localization import pooling_description
 from tasks.evaluate.metrics import metric_names
+from tasks.evaluate.stats import CI_LEVEL
 
 DASH = "—"
+NA = "n/a"
+RANDOM_ROW = "Random ranking"
 GEN_COLUMNS = {"rir": [("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L")], "qa": [("em", "EM"), ("f1", "F1")]}
 BASELINE_LOCALISATION = {
     "encoder": "sentence embeddings vs. the query embedding (cosine), same encoder as its retrieval row",
     "bm25": "BM25 over the document's own sentences",
 }
+TABLES = ("retrieval", "localization", "generation")
+MAX_STEP_POINTS = 1000  # loss-curve points kept in report.json; long runs are thinned evenly
 
 
 def metric_label(name: str) -> str:
@@ -24,11 +32,47 @@ def metric_label(name: str) -> str:
     return f"{'R' if kind == 'recall' else 'MAP'}@{k}"
 
 
-def _metrics(entry: dict | None) -> dict | None:
-    return entry.get("metrics") if entry else None
+def display_path(path: str | None, base: str | Path) -> str | None:
+    """A path as the report shows it: relative to the report folder when inside
+    it, else its last two components, so no absolute machine path is printed."""
+    if not path:
+        return path
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path(base).resolve())) or "."
+    except ValueError:
+        return os.path.join(*p.parts[-2:]) if len(p.parts) > 2 else p.name
 
 
-def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
+def _part(entry: dict | None, key: str) -> Any:
+    return entry.get(key) if entry else None
+
+
+def _training(records: list[dict]) -> dict | None:
+    """The loss and held-out records of a run's metrics.jsonl, without paths or extras."""
+    steps = [
+        {k: r.get(k) for k in ("step", "epoch", "loss", "itc", "lm")} for r in records if r.get("event") == "step"
+    ]
+    if len(steps) > MAX_STEP_POINTS:
+        stride = -(-len(steps) // MAX_STEP_POINTS)
+        steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
+    evals = [
+        {k: r.get(k) for k in ("step", "epoch", "n_queries", "layer", "localization", "generation")}
+        for r in records
+        if r.get("event") == "eval"
+    ]
+    starts = [r for r in records if r.get("event") == "start" and r.get("steps_per_epoch")]
+    per_epoch = starts[-1]["steps_per_epoch"] if starts else None
+    return {"steps": steps, "evals": evals, "steps_per_epoch": per_epoch} if steps or evals else None
+
+
+def build_report(results: list[dict], params: EvalParams, training: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """report.json: every table's means (the original keys), their intervals
+    (``<table>_ci``), the random rows (``<table>_random``), query counts and,
+    when given, the training records of each GeAR model (name -> metrics.jsonl records)."""
+    out_dir = params.output_dir
     rows = [r["system"]["name"] for r in results]
     set_names: list[str] = []
     sets: dict[str, dict] = {}
@@ -36,23 +80,37 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
         for name, entry in r["sets"].items():
             if name not in sets:
                 set_names.append(name)
-                sets[name] = {k: entry[k] for k in ("kind", "source", "sizes", "funnel")}
-    tables: dict[str, dict] = {"retrieval": {}, "localization": {}, "generation": {}}
+                sets[name] = {k: entry[k] for k in ("kind", "sizes", "funnel")}
+                sets[name]["source"] = display_path(entry["source"], out_dir)
+    tables: dict[str, dict] = {t: {} for t in TABLES}
+    cis: dict[str, dict] = {t: {} for t in TABLES}
+    n_queries: dict[str, dict] = {t: {} for t in TABLES}
+    randoms: dict[str, dict] = {"retrieval": {}, "localization": {}}
+    random_cis: dict[str, dict] = {"retrieval": {}, "localization": {}}
     by_layer: dict[str, dict] = {}
+    by_layer_ci: dict[str, dict] = {}
     timing: dict[str, dict] = {}
     examples: dict[str, dict] = {}
     for r in results:
         name = r["system"]["name"]
         for s in set_names:
             entry = r["sets"].get(s, {})
-            for table in tables:
-                tables[table].setdefault(s, {})[name] = _metrics(entry.get(table))
+            for table in TABLES:
+                tables[table].setdefault(s, {})[name] = _part(entry.get(table), "metrics")
+                cis[table].setdefault(s, {})[name] = _part(entry.get(table), "ci")
+                if _part(entry.get(table), "metrics"):
+                    n_queries[table][s] = entry[table]["n_queries"]
+            for table in randoms:
+                rand = entry.get(f"{table}_random")
+                if rand and s not in randoms[table]:
+                    randoms[table][s], random_cis[table][s] = rand["metrics"], rand.get("ci")
+                    n_queries[table].setdefault(s, len(rand["per_query"]["qids"]))
             if entry.get("localization_by_layer"):
-                by_layer.setdefault(name, {})[s] = {l: _metrics(v) for l, v in entry["localization_by_layer"].items()}
+                layers = entry["localization_by_layer"]
+                by_layer.setdefault(name, {})[s] = {l: _part(v, "metrics") for l, v in layers.items()}
+                by_layer_ci.setdefault(name, {})[s] = {l: _part(v, "ci") for l, v in layers.items()}
             timing.setdefault(name, {})[s] = {
-                task: entry[task]["timing"]
-                for task in ("retrieval", "localization", "generation")
-                if entry.get(task) and entry[task].get("timing")
+                task: entry[task]["timing"] for task in TABLES if entry.get(task) and entry[task].get("timing")
             }
             if entry.get("generation") and entry["generation"].get("examples"):
                 examples.setdefault(name, {})[s] = entry["generation"]["examples"]
@@ -63,9 +121,10 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
             {
                 "name": r["system"]["name"],
                 "kind": kind,
-                "path": r["system"]["path"],
+                "path": display_path(r["system"]["path"], out_dir),
                 "layer": r.get("layer"),
                 "n_layers": r.get("n_layers"),
+                "lm_weight": r.get("lm_weight"),
                 "localisation": f"cross-attention, layer {r.get('layer')} of {r.get('n_layers')}"
                 if kind == "gear"
                 else BASELINE_LOCALISATION[kind],
@@ -73,6 +132,7 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
             }
         )
     figure = next((r["figure"] for r in results if r.get("figure")), None)
+    curves = {name: t for name, t in ((n, _training(recs)) for n, recs in (training or {}).items()) if t}
     return {
         "title": "GeAR evaluation",
         "meta": {
@@ -84,6 +144,10 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
             "max_generation_queries": params.max_generation_queries,
             "generation_max_tokens": params.generation_max_tokens,
             "seed": params.seed,
+            "interval": {"level": CI_LEVEL, "method": "percentile bootstrap over queries",
+                         "resamples": params.bootstrap_resamples, "seed": params.seed},
+            "random_row": RANDOM_ROW,
+            "paths": "relative to this report's folder (else the last two components)",
         },
         "rows": rows,
         "models": models,
@@ -93,6 +157,17 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
         "localization": tables["localization"],
         "localization_by_layer": by_layer,
         "generation": tables["generation"],
+        "retrieval_ci": cis["retrieval"],
+        "localization_ci": cis["localization"],
+        "localization_by_layer_ci": by_layer_ci,
+        "generation_ci": cis["generation"],
+        "retrieval_random": randoms["retrieval"],
+        "retrieval_random_ci": random_cis["retrieval"],
+        "localization_random": randoms["localization"],
+        "localization_random_ci": random_cis["localization"],
+        "n_queries": n_queries,
+        "not_applicable": {r["system"]["name"]: r["not_applicable"] for r in results if r.get("not_applicable")},
+        "training": curves,
         "timing": timing,
         "examples": examples,
         "figure": figure,
@@ -100,19 +175,44 @@ def build_report(results: list[dict], params: EvalParams) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Table rows (shared by Markdown and the Prefect table artifacts).
+# Table rows (shared by Markdown, HTML and the Prefect table artifacts).
+
+
+def cell(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
+    """'0.630 [0.550, 0.710]': the mean and its interval; the mean alone without one."""
+    if value is None:
+        return DASH
+    text = f"{value:.{digits}f}"
+    return f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else text
+
+
+def _value(report: dict, table: str, set_name: str, model: str, name: str, digits: int = 3) -> str:
+    if model == RANDOM_ROW:
+        m, ci = report[f"{table}_random"].get(set_name), report[f"{table}_random_ci"].get(set_name)
+    else:
+        m, ci = report[table].get(set_name, {}).get(model), report[f"{table}_ci"].get(set_name, {}).get(model)
+    if not m:
+        return NA if table in report["not_applicable"].get(model, {}) else DASH
+    return cell(m[name], (ci or {}).get(name), digits)
+
+
+def _rows(report: dict, table: str) -> list[str]:
+    """The random row leads the ranking tables: chance level first, then the systems."""
+    has_random = table in ("retrieval", "localization") and any(report[f"{table}_random"].values())
+    return ([RANDOM_ROW] if has_random else []) + report["rows"]
+
+
+def n_label(report: dict, table: str, set_name: str) -> str:
+    return f"n={report['n_queries'][table].get(set_name, 0)}"
 
 
 def ranking_table(report: dict, table: str, set_name: str) -> list[dict[str, str]]:
-    """Rows = models, columns = R@k then MAP@k, three decimals or a dash."""
-    out = []
-    for model in report["rows"]:
-        m = report[table].get(set_name, {}).get(model)
-        row = {"Model": model}
-        for name in report["meta"]["metrics"]:
-            row[metric_label(name)] = f"{m[name]:.3f}" if m else DASH
-        out.append(row)
-    return out
+    """Rows = random ranking and models, columns = R@k then MAP@k with intervals."""
+    first = f"Model ({report['n_queries'][table].get(set_name, 0)} queries)"
+    return [
+        {first: model, **{metric_label(n): _value(report, table, set_name, model, n) for n in report["meta"]["metrics"]}}
+        for model in _rows(report, table)
+    ]
 
 
 def _paper_k(report: dict, table: str, kind: str) -> int:
@@ -122,51 +222,66 @@ def _paper_k(report: dict, table: str, kind: str) -> int:
     return want if want in ks else min(ks, key=lambda k: abs(k - want))
 
 
+def _table_sets(report: dict, table: str) -> list[str]:
+    return [s for s in report["set_order"] if report["n_queries"][table].get(s)]
+
+
 def paper_table(report: dict, table: str) -> list[dict[str, str]]:
-    """The paper's layout: rows = models, per set one R@k and one MAP@k column."""
-    sets = [s for s in report["set_order"] if any(report[table].get(s, {}).values())]
+    """The paper's layout: rows = models, per set one R@k and one MAP@k column (n in the header)."""
     out = []
-    for model in report["rows"]:
+    for model in _rows(report, table):
         row = {"Model": model}
-        for s in sets:
+        for s in _table_sets(report, table):
             k = _paper_k(report, table, report["sets"][s]["kind"])
-            m = report[table][s].get(model)
-            row[f"{s} R@{k}"] = f"{m[f'recall@{k}']:.3f}" if m else DASH
-            row[f"{s} M@{k}"] = f"{m[f'map@{k}']:.3f}" if m else DASH
+            n = n_label(report, table, s)
+            row[f"{s} R@{k} ({n})"] = _value(report, table, s, model, f"recall@{k}")
+            row[f"{s} M@{k} ({n})"] = _value(report, table, s, model, f"map@{k}")
         out.append(row)
     return out
 
 
 def layer_table(report: dict, model: str, set_name: str) -> list[dict[str, str]]:
     layers = report["localization_by_layer"].get(model, {}).get(set_name, {})
+    cis = report.get("localization_by_layer_ci", {}).get(model, {}).get(set_name, {})
+    first = f"Layer ({report['n_queries']['localization'].get(set_name, 0)} queries)"
     out = []
     for layer in sorted(layers, key=int):
-        m = layers[layer]
-        row = {"Layer": layer}
-        for name in report["meta"]["metrics"]:
-            row[metric_label(name)] = f"{m[name]:.3f}" if m else DASH
-        out.append(row)
+        m, ci = layers[layer], cis.get(layer) or {}
+        out.append({first: layer, **{metric_label(n): cell(m[n] if m else None, ci.get(n)) for n in report["meta"]["metrics"]}})
+    if layers and report["localization_random"].get(set_name):
+        out.append({first: "random", **{metric_label(n): _value(report, "localization", set_name, RANDOM_ROW, n)
+                                        for n in report["meta"]["metrics"]}})
     return out
 
 
 def generation_table(report: dict) -> list[dict[str, str]]:
-    """Rows = models; per set the paper's columns (RIR: ROUGE-1/L, QA: EM/F1)."""
+    """Rows = models; per set the paper's columns (RIR: ROUGE-1/L, QA: EM/F1), n in the header."""
     out = []
     for model in report["rows"]:
         row = {"Model": model}
         for s in report["set_order"]:
             for key, label in GEN_COLUMNS.get(report["sets"][s]["kind"], []):
-                m = report["generation"].get(s, {}).get(model)
-                row[f"{s} {label}"] = f"{m[key]:.1f}" if m else DASH
+                row[f"{s} {label} ({n_label(report, 'generation', s)})"] = _value(report, "generation", s, model, key, 1)
         out.append(row)
     return out
+
+
+def footnotes(report: dict, table: str) -> list[str]:
+    """Why a row reads n/a (localisation and generation of an untrained fusion)."""
+    return [f"n/a: {model} was {why[table]}." for model, why in report["not_applicable"].items() if table in why]
+
+
+def interval_note(report: dict) -> str:
+    iv = report["meta"]["interval"]
+    return (f"Each figure: mean over the test queries [{iv['level']:.0%} interval: {iv['method']}, "
+            f"{iv['resamples']} resamples, seed {iv['seed']}]. n = number of queries.")
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return "_(no rows)_"
     cols = list(rows[0])
-    # Numbers (and dashes) right-aligned, text left-aligned.
+    # Numbers (with their intervals, dashes, n/a) right-aligned, text left-aligned.
     numeric = [all(_is_number(r[c]) for r in rows) for c in cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
@@ -175,9 +290,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 def _is_number(value: str) -> bool:
     try:
-        float(value)
+        float(value.split(" [", 1)[0])
     except ValueError:
-        return value == DASH
+        return value in (DASH, NA)
     return True
 
 
@@ -193,6 +308,7 @@ def render_markdown(report: dict) -> str:
     parts = [f"# {report['title']}", ""]
     parts.append("Models: " + "; ".join(f"{m['name']} ({m['kind']}{', ' + m['path'] if m['path'] else ''})" for m in report["models"]))
     parts.append(f"\nFAISS index: {meta['index_type']}. Ranking metrics by ranx (MAP@k divides by the number of relevant items).")
+    parts.append(f"{interval_note(report)} {RANDOM_ROW}: the expected score of a uniformly random order (documents of the corpus; sentences of the query's document).")
     parts += ["", "## Table 1: document retrieval", ""]
     parts += ["Paper layout:", "", markdown_table(paper_table(report, "retrieval")), ""]
     for s in report["set_order"]:
@@ -209,89 +325,41 @@ def render_markdown(report: dict) -> str:
         parts += [_set_caption(report, s, "localization"), "", markdown_table(ranking_table(report, "localization", s)), ""]
     if not unit_sets:
         parts += ["_No set with sentence-level units._", ""]
+    parts += [*footnotes(report, "localization"), ""] if footnotes(report, "localization") else []
     for model, per_set in report["localization_by_layer"].items():
         for s in per_set:
             parts += [f"Localisation by fusion layer, {model} on {s}:", "", markdown_table(layer_table(report, model, s)), ""]
     parts += ["## Table 3: information generation", ""]
     parts.append(f"Greedy decoding, at most {meta['generation_max_tokens']} new tokens; percent. RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.")
     parts += ["", markdown_table(generation_table(report)) if unit_sets else "_No set with generation targets._", ""]
+    parts += [*footnotes(report, "generation"), ""] if footnotes(report, "generation") else []
     for model, per_set in report["examples"].items():
         for s, items in per_set.items():
             parts += [f"Examples, {model} on {s}:", ""]
             for ex in items:
                 parts.append(f"- query: {ex['query']!r}\n  - gold: {ex['gold']!r}\n  - generated: {ex['generated']!r}")
             parts.append("")
-    parts += ["## Data", ""]
-    data_rows = [
+    parts += ["## Data", "", markdown_table(data_rows(report)), ""]
+    parts += ["## Speed", "", markdown_table(speed_rows(report)), ""]
+    parts += ["Plots (training loss, localisation by layer and per epoch) and the Figure 3 attention example: report.html", ""]
+    return "\n".join(parts)
+
+
+def data_rows(report: dict) -> list[dict[str, str]]:
+    return [
         {"Set": s, "Kind": v["kind"], "Documents": str(v["sizes"]["documents"]), "Queries": str(v["sizes"]["queries"]),
          "Unit queries": str(v["sizes"]["unit_queries"]), "Source": v["source"]}
         for s, v in report["sets"].items()
     ]
-    parts += [markdown_table(data_rows), ""]
-    speed_rows = []
+
+
+def speed_rows(report: dict) -> list[dict[str, str]]:
+    out = []
     for model, per_set in report["timing"].items():
         for s, tasks in per_set.items():
             row = {"Model": model, "Set": s}
-            for task in ("retrieval", "localization", "generation"):
+            for task in TABLES:
                 qps = tasks.get(task, {}).get("queries_per_s")
                 row[f"{task} q/s"] = f"{qps:.1f}" if qps is not None else DASH
-            speed_rows.append(row)
-    parts += ["## Speed", "", markdown_table(speed_rows), ""]
-    if report["figure"]:
-        parts += ["Figure 3 style attention example: report.html", ""]
-    return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------
-# Figure 3: a document with each query's top-10 cross-attention tokens.
-
-
-def highlight(document: str, tokens: list[dict]) -> str:
-    """The document as HTML with the given character spans marked, darker = heavier."""
-    if not tokens:
-        return html.escape(document)
-    hi, lo = max(t["weight"] for t in tokens), min(t["weight"] for t in tokens)
-    marks = sorted(tokens, key=lambda t: t["start"])
-    out, pos = [], 0
-    for t in marks:
-        if t["start"] < pos:  # overlapping spans cannot happen with offsets; be safe
-            continue
-        out.append(html.escape(document[pos : t["start"]]))
-        alpha = 0.25 + 0.75 * ((t["weight"] - lo) / (hi - lo) if hi > lo else 1.0)
-        out.append(
-            f'<mark style="background: rgba(230, 60, 40, {alpha:.2f})" title="weight {t["weight"]:.4f}">'
-            f"{html.escape(document[t['start']:t['end']])}</mark>"
-        )
-        pos = t["end"]
-    out.append(html.escape(document[pos:]))
-    return "".join(out)
-
-
-def render_html(report: dict) -> str:
-    fig = report["figure"]
-    head = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>GeAR attention</title><style>"
-        "body{font-family:Georgia,serif;max-width:60em;margin:2em auto;line-height:1.5}"
-        ".doc{border:1px solid #ccc;padding:1em;white-space:pre-wrap}"
-        ".gen{background:#eef6ee;padding:.5em;border-left:4px solid #4a4}"
-        "mark{color:inherit;padding:0 1px}</style></head><body>"
-    )
-    if not fig:
-        return head + "<h1>GeAR attention</h1><p>No GeAR model with a sentence-level set was evaluated.</p></body></html>\n"
-    parts = [
-        head,
-        "<h1>Information localisation and generation (Figure 3 style)</h1>",
-        f"<p>Set {html.escape(fig['set'])}, document {html.escape(str(fig['doc_id']))}; "
-        f"fusion layer {fig['layer']}; the {len(fig['queries'][0]['top_tokens']) if fig['queries'] else 0} document tokens "
-        f"with the highest cross-attention weight ({html.escape(report['meta']['pooling'])}) are highlighted.</p>",
-    ]
-    for n, q in enumerate(fig["queries"], 1):
-        parts += [
-            f"<h2>Query {n}: {html.escape(q['query'])}</h2>",
-            f"<div class='doc'>{highlight(fig['document'], q['top_tokens'])}</div>",
-            f"<p class='gen'><b>Generated:</b> {html.escape(q['generated'])}</p>",
-            f"<p><b>Gold:</b> {html.escape(q['gold'] or '')}<br>"
-            f"<b>Localised sentence:</b> {q['predicted_unit_index']} (true: {q['true_unit_index']})</p>",
-        ]
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+            out.append(row)
+    return out

@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 
 from tasks.evaluate.loaders import EvalSet
-from tasks.evaluate.metrics import ranking_metrics
+from tasks.evaluate.metrics import metric_names, per_query_ranking_metrics
+from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES, random_ranking_expectation, summarize
 
 HNSW_M = 32  # graph degree; with efSearch 128 recall@10 stays near exact on 1M vectors
 HNSW_EF_SEARCH = 128
@@ -104,14 +105,36 @@ def evaluate_retrieval(
     encoder: Encoder | None = None,
     index_type: str = "exact",
     batch_size: int = 32,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
 ) -> dict:
-    """Recall@k / MAP@k of a dense encoder, or of BM25 when ``encoder`` is None."""
+    """Recall@k / MAP@k of a dense encoder, or of BM25 when ``encoder`` is None,
+    per query and averaged with bootstrap intervals."""
     depth = max(ks)
     if encoder is None:
         rankings, timing = bm25_rankings(eval_set, depth)
     else:
         rankings, timing = dense_rankings(encoder, eval_set, depth, index_type, batch_size)
-    metrics = ranking_metrics(eval_set.qrels(), rankings, ks)
+    qids, per_query = per_query_ranking_metrics(eval_set.qrels(), rankings, ks)
     n = len(eval_set.queries)
     timing["queries_per_s"] = n / timing["queries_s"] if timing["queries_s"] > 0 else float("inf")
-    return {"metrics": metrics, "n_queries": n, "n_documents": len(eval_set.documents), "timing": timing}
+    return {
+        **summarize(qids, per_query, resamples, seed),
+        "n_queries": n,
+        "n_documents": len(eval_set.documents),
+        "timing": timing,
+    }
+
+
+def random_retrieval(eval_set: EvalSet, ks: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Expected scores of a uniformly random ordering of the whole corpus, per
+    judged query (R relevant of N documents: recall@k = min(k, N)/N)."""
+    n_docs = len(eval_set.documents)
+    qids, expected = [], []
+    for q in eval_set.queries:
+        n_relevant = sum(1 for r in q.relevant.values() if r > 0)
+        if n_relevant:  # the queries ranx scores: those with a positive judgement
+            qids.append(q.qid)
+            expected.append(random_ranking_expectation(n_docs, n_relevant, ks))
+    per_query = {name: [e[name] for e in expected] for name in metric_names(ks)}
+    return summarize(qids, per_query, resamples, seed)
