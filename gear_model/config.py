@@ -91,10 +91,27 @@ class TrainConfig:
     max_query_length: int = 512
     max_doc_length: int = 512
     max_unit_length: int = 512
+    # Learning rate of the newly initialised parts (fusion cross-attention,
+    # decoder, [DEC]) as a multiple of ``lr``; the paper uses one lr (1.0).
+    new_module_lr_mult: float = 1.0
+    # Fusion cross-attention init: "random" (BERT init, as BLIP/ALBEF) or
+    # "self_attention" (a copy of E_q's self-attention of the same layer).
+    cross_attention_init: str = "random"
+    # Keep E_d as initialised (no gradient, no dropout, no momentum copy).
+    # Off in the paper; a measured option for CPU-sized runs.
+    freeze_doc_encoder: bool = False
     # Speed options (measured; off = ALBEF/BLIP behaviour).
     momentum_eval_mode: bool = False  # momentum encoders forward in eval mode (no dropout)
     attention_dropout: float | None = None  # override attention_probs_dropout_prob
     hidden_dropout: float | None = None  # override hidden_dropout_prob
+    # Held-out evaluation during training (Fig. 4a/b): localisation on
+    # ``eval_file`` (a test.parquet) every ``eval_every`` steps (0: epoch ends
+    # only) and at the end; ROUGE on the first ``eval_generation_queries``.
+    eval_file: str = ""
+    eval_every: int = 0
+    eval_max_queries: int = 200
+    eval_generation_queries: int = 32
+    eval_pooling: str = "mean"
     # Checkpoints and logging.
     save_every: int = 1000  # optimizer steps; 0 = only at epoch ends
     keep_last: int = 2

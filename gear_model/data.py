@@ -23,8 +23,47 @@ def train_parquet(path: str | Path) -> Path:
     return path
 
 
+def unit_window(offsets: list[tuple[int, int]], unit_start: int, unit_end: int, budget: int) -> tuple[int, int] | None:
+    """Token range [a, b) of at most ``budget`` tokens that holds the unit's tokens.
+
+    ``offsets`` are the document's token character spans (no special tokens).
+    The whole document when it fits; else the unit is centred in the window,
+    which starts at a word start (not inside a word's WordPiece run). None
+    when the unit alone needs more than ``budget`` tokens.
+    """
+    n = len(offsets)
+    if n <= budget:
+        return 0, n
+    inside = [i for i, (s, e) in enumerate(offsets) if e > unit_start and s < unit_end]
+    if not inside:
+        return None
+    first, last = inside[0], inside[-1]
+    if last < budget:
+        return 0, budget
+    width = last - first + 1
+    if width > budget:
+        return None
+    a = max(0, min(first - (budget - width) // 2, n - budget))
+    while a > 0 and offsets[a][0] == offsets[a - 1][1]:  # a WordPiece continuation
+        a -= 1
+    return a, min(n, a + budget)
+
+
 class TriplesDataset(Dataset):
-    def __init__(self, path: str | Path):
+    """Training triples. With a tokenizer, every row is checked against the
+    training lengths so that the model always sees its target:
+
+    - a document longer than ``max_doc_length`` is cut to a window that holds
+      the unit (``windowed``), instead of being truncated at the end, which
+      would cut away a unit that starts late;
+    - a unit that cannot fit the document window, or whose tokens exceed
+      ``max_unit_length`` (the decoder target), is dropped and counted.
+
+    ``stats`` counts rows per outcome (``fits``, ``windowed``,
+    ``dropped_unit_too_long_for_doc_window``, ``dropped_unit_longer_than_max_unit_length``).
+    """
+
+    def __init__(self, path: str | Path, tokenizer=None, max_doc_length: int = 512, max_unit_length: int = 512):
         self.path = train_parquet(path)
         table = pq.read_table(self.path)
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
@@ -35,7 +74,50 @@ class TriplesDataset(Dataset):
             bad = [i for i, v in enumerate(values) if not v]
             if bad:
                 raise ValueError(f"{self.path}: row {bad[0]} has an empty {c!r} ({len(bad)} such rows)")
-        self.rows = list(zip(*(cols[c] for c in REQUIRED_COLUMNS), strict=True))
+        rows = list(zip(*(cols[c] for c in REQUIRED_COLUMNS), strict=True))
+        self.stats: dict[str, int] = {}
+        if tokenizer is not None:
+            spans = None
+            if {"unit_start", "unit_end"} <= set(table.column_names):
+                spans = list(zip(table.column("unit_start").to_pylist(), table.column("unit_end").to_pylist()))
+            rows = self._fit_lengths(rows, spans, tokenizer, max_doc_length, max_unit_length)
+        self.rows = rows
+
+    def _fit_lengths(self, rows, spans, tokenizer, max_doc_length, max_unit_length):
+        budget = max_doc_length - 2  # [CLS] and [SEP]
+        kept = []
+        counts = dict.fromkeys(
+            ("fits", "windowed", "dropped_unit_too_long_for_doc_window", "dropped_unit_longer_than_max_unit_length"), 0
+        )
+        docs = sorted({r[1] for r in rows})
+        doc_offsets = dict(zip(docs, tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]))
+        unit_lengths = [len(ids) for ids in tokenizer([r[2] for r in rows], add_special_tokens=False)["input_ids"]]
+        for i, row in enumerate(rows):
+            query, document, unit, doc_id = row
+            if unit_lengths[i] > max_unit_length - 2:
+                counts["dropped_unit_longer_than_max_unit_length"] += 1
+                continue
+            if spans is not None:
+                start, end = spans[i]
+            else:
+                start = document.find(unit)
+                end = start + len(unit) if start >= 0 else 0
+            if start < 0 or document[start:end] != unit:
+                raise ValueError(f"{self.path}: row {i}: the unit is not found at its span in the document")
+            offsets = doc_offsets[document]
+            window = unit_window(offsets, start, end, budget)
+            if window is None:
+                counts["dropped_unit_too_long_for_doc_window"] += 1
+                continue
+            a, b = window
+            if a == 0:  # the unit lies within the first max_doc_length tokens
+                counts["fits"] += 1
+                kept.append(row)
+            else:
+                counts["windowed"] += 1
+                kept.append((query, document[offsets[a][0] : offsets[b - 1][1]], unit, doc_id))
+        self.stats = counts
+        return kept
 
     def __len__(self) -> int:
         return len(self.rows)

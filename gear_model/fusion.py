@@ -50,21 +50,26 @@ class FusionEncoder(nn.Module):
         return_layer: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fused query states (B, Lq, H), and the cross-attention weights
-        (B, heads, Lq, Ld) of ``return_layer`` (1-based) when asked; they are
-        only available under eager attention (see ``eager_attention``)."""
+        (B, heads, Lq, Ld) of ``return_layer`` (1-based) when asked, or of
+        every layer stacked (layers, B, heads, Lq, Ld) for ``return_layer=0``;
+        they are only available under eager attention (see ``eager_attention``)."""
         cfg = query_encoder.config
         hidden = query_encoder.embeddings(input_ids=input_ids)
         self_mask = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=attention_mask)
         cross_mask = create_bidirectional_mask(
             config=cfg, inputs_embeds=hidden, attention_mask=doc_mask, encoder_hidden_states=doc_states
         )
-        weights = None
+        weights, every = None, []
         for i, (layer, cross) in enumerate(zip(query_encoder.encoder.layer, self.cross, strict=True)):
             h, _ = layer.attention(hidden, self_mask)
             h, w = cross(h, encoder_hidden_states=doc_states, encoder_attention_mask=cross_mask)
             hidden = layer.feed_forward_chunk(h)
             if return_layer == i + 1:
                 weights = w
+            elif return_layer == 0:
+                every.append(w)
+        if return_layer == 0:
+            weights = torch.stack(every) if all(w is not None for w in every) else None
         return hidden, weights
 
 

@@ -79,15 +79,24 @@ class LossOutput:
 
 
 class GearPretrainer(nn.Module):
-    def __init__(self, model: GearModel, momentum_eval_mode: bool = False):
+    def __init__(self, model: GearModel, momentum_eval_mode: bool = False, freeze_doc_encoder: bool = False):
         super().__init__()
         cfg = model.gear_config
         self.model = model
         self.momentum = cfg.momentum
         self.momentum_eval_mode = momentum_eval_mode
         self.lm_weight = cfg.lm_weight
+        self.freeze_doc_encoder = freeze_doc_encoder
+        # A frozen E_d in eval mode maps a document to the same states every
+        # epoch, so they are computed once per distinct document (token ids).
+        self._doc_state_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.query_encoder_m = copy.deepcopy(model.query_encoder).requires_grad_(False)
-        self.doc_encoder_m = copy.deepcopy(model.doc_encoder).requires_grad_(False)
+        if freeze_doc_encoder:
+            # A frozen E_d is its own momentum copy: no second copy, no second forward.
+            model.doc_encoder.requires_grad_(False)
+            self.doc_encoder_m = None
+        else:
+            self.doc_encoder_m = copy.deepcopy(model.doc_encoder).requires_grad_(False)
         if self.lm_weight == 0:
             # Contrastive-only baseline: the fusion and decoder stay as
             # initialised and are not trained (nor seen by DDP).
@@ -102,11 +111,27 @@ class GearPretrainer(nn.Module):
         self.register_buffer("id_queue", torch.full((size,), NO_DOC, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
+    def frozen_doc_states(self, d_ids: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
+        """E_d states of a batch from the per-document cache (padding is masked
+        everywhere downstream, so padded positions are left zero)."""
+        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(d_ids, d_mask)]
+        missing = [i for i, k in enumerate(keys) if k not in self._doc_state_cache]
+        if missing:
+            states = self.model.doc_states(d_ids[missing], d_mask[missing])
+            for j, i in enumerate(missing):
+                self._doc_state_cache[keys[i]] = states[j, : len(keys[i])].clone()
+        first = self._doc_state_cache[keys[0]]
+        out = torch.zeros(*d_ids.shape, first.shape[-1], dtype=first.dtype, device=d_ids.device)
+        for i, k in enumerate(keys):
+            out[i, : len(k)] = self._doc_state_cache[k]
+        return out
+
     def momentum_pairs(self):
-        return [
-            (self.model.query_encoder, self.query_encoder_m),
-            (self.model.doc_encoder, self.doc_encoder_m),
-        ]
+        pairs = [(self.model.query_encoder, self.query_encoder_m)]
+        if self.doc_encoder_m is not None:
+            pairs.append((self.model.doc_encoder, self.doc_encoder_m))
+        return pairs
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -132,8 +157,10 @@ class GearPretrainer(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.momentum_eval_mode:
-            self.query_encoder_m.eval()
-            self.doc_encoder_m.eval()
+            for _, target in self.momentum_pairs():
+                target.eval()
+        if self.freeze_doc_encoder:
+            self.model.doc_encoder.eval()
         return self
 
     def forward(self, batch: dict[str, torch.Tensor], alpha: float) -> LossOutput:
@@ -144,7 +171,7 @@ class GearPretrainer(nn.Module):
             m.temp.clamp_(m.gear_config.temp_min, m.gear_config.temp_max)
 
         q_feat = m.embed_queries(q_ids, q_mask)
-        d_states = m.doc_states(d_ids, d_mask)
+        d_states = self.frozen_doc_states(d_ids, d_mask) if self.freeze_doc_encoder else m.doc_states(d_ids, d_mask)
         d_feat = F.normalize(mean_pool(d_states, d_mask).float(), dim=-1)
 
         ids = gather_no_grad(batch["doc_key"])
@@ -153,7 +180,10 @@ class GearPretrainer(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             q_feat_m = m.embed_queries(q_ids, q_mask, encoder=self.query_encoder_m)
-            d_feat_m = F.normalize(mean_pool(m.doc_states(d_ids, d_mask, self.doc_encoder_m), d_mask).float(), dim=-1)
+            if self.doc_encoder_m is None:
+                d_feat_m = d_feat.detach()
+            else:
+                d_feat_m = F.normalize(mean_pool(m.doc_states(d_ids, d_mask, self.doc_encoder_m), d_mask).float(), dim=-1)
             q_m_global, d_m_global = gather_no_grad(q_feat_m), gather_no_grad(d_feat_m)
             q_keys_m = torch.cat([q_m_global, self.query_queue.T.float()])
             d_keys_m = torch.cat([d_m_global, self.doc_queue.T.float()])

@@ -51,6 +51,27 @@ class CrossAttention(NamedTuple):
     query_mask: np.ndarray
 
 
+def sentence_scores_from_attention(
+    att: CrossAttention, sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]], pooling: str = "sum"
+) -> np.ndarray:
+    """One score per sentence from one layer's cross-attention (see ``GearModel.localize``)."""
+    if pooling not in ("sum", "mean"):
+        raise ValueError(f"pooling must be 'sum' or 'mean', not {pooling!r}")
+    per_query_token = att.weights.mean(0)  # (Lq, Ld)
+    rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
+    per_doc_token = rows.mean(0)  # (Ld,)
+    starts, ends = att.offsets[:, 0], att.offsets[:, 1]
+    real = ends > starts  # special tokens have (0, 0)
+    scores = np.zeros(len(sentence_spans), dtype=np.float32)
+    for i, span in enumerate(sentence_spans):
+        start, end = (span["start"], span["end"]) if isinstance(span, dict) else span
+        inside = real & (starts >= start) & (starts < end)
+        if inside.any():
+            mass = float(per_doc_token[inside].sum())
+            scores[i] = mass / int(inside.sum()) if pooling == "mean" else mass
+    return scores
+
+
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.unsqueeze(-1).to(states.dtype)
     return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -97,14 +118,22 @@ class GearModel(nn.Module):
     # Construction, saving, loading.
 
     @classmethod
-    def from_encoder(cls, bert_dir: str | Path, gear_config: GearConfig | None = None) -> GearModel:
+    def from_encoder(
+        cls, bert_dir: str | Path, gear_config: GearConfig | None = None, cross_attention_init: str = "random"
+    ) -> GearModel:
         """Initialise every part from a BERT checkpoint directory.
 
         E_q and E_d load the encoder weights; the decoder loads them too (its
         cross-attention and LM-head transform start fresh, the LM head is tied
         to its word embeddings, and ``[DEC]`` is added to its vocabulary); the
-        fusion cross-attention blocks start fresh.
+        fusion cross-attention blocks start fresh (``"random"``, BERT's init
+        as in BLIP) or as copies of E_q's self-attention of the same layer
+        (``"self_attention"``: E_d starts as a copy of E_q, so a query token
+        then attends to document tokens the way it attends to its own
+        context, instead of uniformly).
         """
+        if cross_attention_init not in ("random", "self_attention"):
+            raise ValueError(f"cross_attention_init must be 'random' or 'self_attention', not {cross_attention_init!r}")
         gear_config = gear_config or GearConfig()
         tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
         tokenizer.add_special_tokens({"additional_special_tokens": [gear_config.dec_token]})
@@ -118,6 +147,9 @@ class GearModel(nn.Module):
             dec.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model.decoder.load_state_dict(dec.state_dict())
             model.decoder.tie_weights()
+        if cross_attention_init == "self_attention":
+            for cross, layer in zip(model.fusion.cross, model.query_encoder.encoder.layer, strict=True):
+                cross.load_state_dict(layer.attention.state_dict())
         return model
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -266,6 +298,67 @@ class GearModel(nn.Module):
         )
 
     @torch.no_grad()
+    def localize_many(
+        self,
+        queries: Sequence[str],
+        document: str,
+        sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]],
+        layer: int | None = None,
+        pooling: str = "sum",
+        all_layers: bool = False,
+    ) -> np.ndarray:
+        """``localize`` for several queries of one document, which is encoded
+        once: (n_queries, n_sentences), or (n_queries, n_layers, n_sentences)
+        with ``all_layers`` (layer index 0 = layer 1)."""
+        self.eval()
+        n = len(queries)
+        q = self._tokenize(queries, self.gear_config.max_query_length).to(self.device)
+        d = self._tokenize([document], self.gear_config.inference_max_doc_length, return_offsets_mapping=True).to(self.device)
+        d_states = self.doc_states(d["input_ids"], d["attention_mask"])
+        return_layer = 0 if all_layers else self.resolve_layer(layer)
+        with eager_attention(self.query_encoder.config):
+            _, weights = self.fuse(
+                q["input_ids"], q["attention_mask"], d_states.expand(n, -1, -1), d["attention_mask"].expand(n, -1),
+                return_layer,
+            )
+        weights = weights.float().cpu().numpy()
+        if not all_layers:
+            weights = weights[None]  # (layers, n, heads, Lq, Ld)
+        special = set(self.tokenizer.all_special_ids)  # [PAD] included: padded query slots drop out
+        offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
+        out = np.zeros((n, len(weights), len(sentence_spans)), dtype=np.float32)
+        for i, ids in enumerate(q["input_ids"].tolist()):
+            query_mask = np.array([t not in special for t in ids], dtype=bool)
+            for l in range(len(weights)):
+                att = CrossAttention(weights[l, i], offsets, query_mask)
+                out[i, l] = sentence_scores_from_attention(att, sentence_spans, pooling)
+        return out if all_layers else out[:, 0]
+
+    @torch.no_grad()
+    def cross_attention_all_layers(self, query: str, document: str) -> list[CrossAttention]:
+        """``cross_attention`` for every fusion layer (index 0 = layer 1) from one forward pass."""
+        with eager_attention(self.query_encoder.config):
+            q, d, _, weights = self._fuse_one(query, document, return_layer=0)
+        special = set(self.tokenizer.all_special_ids)
+        query_mask = np.array([t not in special for t in q["input_ids"][0].tolist()], dtype=bool)
+        offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
+        return [CrossAttention(w[0].float().cpu().numpy(), offsets, query_mask) for w in weights]
+
+    @torch.no_grad()
+    def localize_all_layers(
+        self,
+        query: str,
+        document: str,
+        sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]],
+        pooling: str = "sum",
+    ) -> np.ndarray:
+        """``localize`` at every fusion layer from one forward pass: (n_layers, n_sentences)."""
+        return np.stack([
+            sentence_scores_from_attention(att, sentence_spans, pooling)
+            for att in self.cross_attention_all_layers(query, document)
+        ])
+
+    @torch.no_grad()
     def localize(
         self,
         query: str,
@@ -289,20 +382,7 @@ class GearModel(nn.Module):
         """
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', not {pooling!r}")
-        att = self.cross_attention(query, document, layer)
-        per_query_token = att.weights.mean(0)  # (Lq, Ld)
-        rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
-        per_doc_token = rows.mean(0)  # (Ld,)
-        starts, ends = att.offsets[:, 0], att.offsets[:, 1]
-        real = ends > starts  # special tokens have (0, 0)
-        scores = np.zeros(len(sentence_spans), dtype=np.float32)
-        for i, span in enumerate(sentence_spans):
-            start, end = (span["start"], span["end"]) if isinstance(span, dict) else span
-            inside = real & (starts >= start) & (starts < end)
-            if inside.any():
-                mass = float(per_doc_token[inside].sum())
-                scores[i] = mass / int(inside.sum()) if pooling == "mean" else mass
-        return scores
+        return sentence_scores_from_attention(self.cross_attention(query, document, layer), sentence_spans, pooling)
 
     @torch.no_grad()
     def generate(self, query: str, document: str, max_new_tokens: int = 48) -> str:

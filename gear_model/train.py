@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from gear_model.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gear_model.config import GearConfig, TrainConfig
 from gear_model.data import Collate, ResumableSampler, TriplesDataset
+from gear_model.heldout import HeldOut
 from gear_model.losses import GearPretrainer
 from gear_model.model import GearModel
 
@@ -60,7 +61,33 @@ def build_model(cfg: TrainConfig) -> GearModel:
         model = GearModel.from_pretrained(init)
         model.gear_config = GearConfig.from_dict({**model.gear_config.to_dict(), **_gear_fields(cfg)})
         return model.train()
-    return GearModel.from_encoder(init, cfg.gear_config())
+    return GearModel.from_encoder(init, cfg.gear_config(), cross_attention_init=cfg.cross_attention_init)
+
+
+def new_module_names(model: GearModel) -> tuple[str, ...]:
+    """Prefixes of the parts that the encoder checkpoint does not initialise:
+    the fusion cross-attention blocks and the decoder (its [DEC] row included)."""
+    del model
+    return ("model.fusion.", "model.decoder.")
+
+
+def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not biases, LayerNorm or
+    the temperature), and ``new_module_lr_mult`` x lr for the new parts."""
+    new_prefixes = new_module_names(trainer.model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in trainer.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith(new_prefixes), p.dim() >= 2), []).append(p)
+    out = []
+    for (is_new, decays), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+            "lr": cfg.lr * (cfg.new_module_lr_mult if is_new else 1.0),
+            "new_modules": is_new,
+        })
+    return out
 
 
 def _gear_fields(cfg: TrainConfig) -> dict:
@@ -117,12 +144,17 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     override_dropout(model, cfg)
-    trainer = GearPretrainer(model, momentum_eval_mode=cfg.momentum_eval_mode).to(device).train()
+    trainer = GearPretrainer(
+        model, momentum_eval_mode=cfg.momentum_eval_mode, freeze_doc_encoder=cfg.freeze_doc_encoder
+    ).to(device).train()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
     # ---------------------------------------------------------------- data
-    dataset = TriplesDataset(cfg.dataset)
+    dataset = TriplesDataset(cfg.dataset, model.tokenizer, cfg.max_doc_length, cfg.max_unit_length)
+    if len(dataset) == 0:
+        raise ValueError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
+    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file) else None
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
     collate = Collate(model.tokenizer, cfg.max_query_length, cfg.max_doc_length, cfg.max_unit_length)
     # drop_last: every step must enqueue a full global batch. Its own generator,
@@ -143,17 +175,10 @@ def train(cfg: TrainConfig) -> Path:
         total_steps = min(total_steps, cfg.max_steps)
 
     # ---------------------------------------------------------------- optimizer
-    # Weight decay on matrices only (not biases, LayerNorm or the temperature).
-    params = [p for p in trainer.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=use_cuda,
-    )
+    groups = parameter_groups(trainer, cfg)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=use_cuda)
+    # One schedule shape for every group, scaled by the group's own peak lr.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
 
     # ---------------------------------------------------------------- resume
@@ -209,20 +234,46 @@ def train(cfg: TrainConfig) -> Path:
         if distributed:
             dist.barrier()
 
+    def evaluate(reason: str) -> None:
+        """Rank 0 scores the held-out split; the others wait."""
+        if heldout is not None:
+            t0 = time.time()
+            record = {
+                "event": "eval", "step": step, "epoch": epoch, "reason": reason, "n_queries": len(heldout),
+                "layer": model.resolve_layer(None), "pooling": cfg.eval_pooling,
+                "localization": heldout.localization(model, None, cfg.eval_pooling),
+                "generation": heldout.generation(model, cfg.eval_generation_queries, cfg.max_unit_length),
+            }
+            record["eval_s"] = time.time() - t0
+            log(record)
+            loc = record["localization"]
+            print(
+                f"eval step {step}: localisation R@1 {loc['recall@1']:.3f} R@3 {loc['recall@3']:.3f} "
+                f"(random {loc['random_recall@3']:.3f}) on {len(heldout)} held-out queries", flush=True,
+            )
+            trainer.train()
+        if distributed:
+            dist.barrier()
+
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in params)
     log({
         "event": "start", "step": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "world_size": world, "global_batch": global_batch * cfg.grad_accum, "n_train": len(dataset),
-        "parameters": n_params, "device": str(device),
+        "parameters": n_params, "trainable_parameters": n_trainable, "device": str(device),
+        "length_fit": dataset.stats,
     })
     if master:
         print(
-            f"training {n_params / 1e6:.1f}M parameters on {len(dataset)} triples: {total_steps} steps "
-            f"({steps_per_epoch}/epoch), global batch {global_batch * cfg.grad_accum}, {world} x {device}",
+            f"training {n_params / 1e6:.1f}M parameters ({n_trainable / 1e6:.1f}M trainable) on {len(dataset)} "
+            f"triples: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch * cfg.grad_accum}, "
+            f"{world} x {device}; lengths: {dataset.stats}",
             flush=True,
         )
 
     # ---------------------------------------------------------------- loop
+    if cfg.eval_every and step == 0:
+        evaluate("start")  # the untrained point of the curve
     stopped = False
     t_start = time.time()
     steps_this_run = 0
@@ -263,7 +314,7 @@ def train(cfg: TrainConfig) -> Path:
                 loss, itc, lm = sums.tolist()
                 record = {
                     "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm,
-                    "lr": lr, "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
+                    "lr": lr, "lr_new_modules": lr * cfg.new_module_lr_mult, "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
                     "samples_per_s": global_batch * cfg.grad_accum / dt, "steps_per_s": 1 / dt, "elapsed_s": elapsed,
                     "eta_s": per_step * (total_steps - step), "total_steps": total_steps,
                 }
@@ -280,9 +331,12 @@ def train(cfg: TrainConfig) -> Path:
                 break
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint("every")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                evaluate("every")
         if not stopped:
             epoch += 1
             micro_in_epoch = 0
+            evaluate("epoch_end")
             checkpoint("epoch_end")
 
     # ---------------------------------------------------------------- final model

@@ -86,6 +86,20 @@ class TrainParams(BaseModel):
     save_every: int | None = Field(None, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only).")
     momentum_eval_mode: bool | None = Field(
         None, description="Momentum encoders run without dropout (faster on CPU; off = BLIP). Embedded: on.")
+    new_module_lr_mult: float | None = Field(
+        None, gt=0, le=1000,
+        description="Learning rate of the newly initialised parts (fusion cross-attention, decoder, [DEC]) as a "
+        "multiple of lr (paper 1; embedded: see TrainConfig.embedded, chosen with benchmarks/learning_curve.py).")
+    freeze_doc_encoder: bool | None = Field(
+        None, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off.")
+    cross_attention_init: Literal["random", "self_attention"] | None = Field(
+        None, description="Fusion cross-attention init: random (BERT init, as BLIP) or a copy of the query "
+        "encoder's self-attention of the same layer.")
+    eval_every: int | None = Field(
+        None, ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
+    eval_heldout: bool = Field(
+        True, description="Score localisation (and ROUGE on a few queries) on the dataset's test split at every "
+        "epoch end, for the per-epoch curves of the report (paper Fig. 4a/b).")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
     nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per node (one per GPU; CPU: gloo processes).")
     nnodes: int = Field(1, ge=1, le=1024, description="Number of nodes (torchrun --nnodes).")
@@ -101,11 +115,14 @@ class TrainParams(BaseModel):
         base = TrainConfig.embedded() if self.profile == "embedded" else TrainConfig()
         fields = base.to_dict()
         for name in ("epochs", "batch_size", "grad_accum", "lr", "warmup_steps", "lm_weight", "queue_size",
-                     "max_query_length", "max_doc_length", "max_unit_length", "save_every", "momentum_eval_mode"):
+                     "max_query_length", "max_doc_length", "max_unit_length", "save_every", "momentum_eval_mode",
+                     "new_module_lr_mult", "freeze_doc_encoder", "cross_attention_init", "eval_every"):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value
+        heldout = dataset_file.with_name("test.parquet")
         fields.update(
+            eval_file=str(heldout) if self.eval_heldout and heldout.is_file() else "",
             dataset=str(dataset_file),
             init_checkpoint=str(self.init_checkpoint or _embedded_encoder()),
             output_dir=str(run_dir),
@@ -148,10 +165,23 @@ def _resolve_latest(path: Path) -> Path:
     raise PipelineInputError(path, "not a dataset: no train.parquet, LATEST or datasets/LATEST here")
 
 
+def dataset_doc_tokens(train_file: Path) -> int | None:
+    """The document length (``units.max_doc_tokens``) the dataset was built with, from its card."""
+    card = train_file.with_name("dataset_card.json")
+    if not card.is_file():
+        return None
+    try:
+        return int(json.loads(card.read_text())["lineage"]["params"]["units"]["max_doc_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def run_dir_for(params: TrainParams) -> Path:
     train_file = resolve_train_file(params.dataset, params.output_dir)
     config = params.train_config(train_file, Path("."))
     key_config = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
+    # The held-out file is the train file's sibling (its content is in the dataset's); whether the run scores it is what counts.
+    key_config["eval_file"] = bool(config.eval_file)
     key_config["world_size"] = params.world_size
     inputs = [train_file, Path(config.init_checkpoint)]
     return Path(params.output_dir) / MODELS_DIR / stage_key(STAGE, key_config, inputs, CODE_VERSION)
@@ -212,6 +242,12 @@ def run_training(
     if config.queue_size % global_batch:
         raise ValueError(f"queue_size {config.queue_size} is not divisible by the global batch {global_batch}")
 
+    built = dataset_doc_tokens(train_file)
+    if built is not None and config.max_doc_length < built + 2:
+        on_log(
+            f"documents were built up to {built} tokens but training reads {config.max_doc_length}: "
+            "documents are windowed around their unit (counted as length_fit in the summary)"
+        )
     cmd = torchrun_command(params, config_file)
     on_log("launching: " + " ".join(cmd))
     tail = MetricsTail(run_dir / "metrics.jsonl")
@@ -257,24 +293,30 @@ def run_training(
     if not (model_dir / "config.json").is_file() or not done:
         raise RuntimeError(f"training exited without writing {model_dir}; last lines:\n" + "\n".join(last_lines))
     steps = [r for r in records if r.get("event") == "step"]
-    write_json(summarise(steps, done[-1]), run_dir / "summary.json")
+    start = next((r for r in records if r.get("event") == "start"), None)
+    evals = [r for r in records if r.get("event") == "eval"]
+    write_json(summarise(steps, done[-1], start, evals), run_dir / "summary.json")
     mark_complete(run_dir, {"model_dir": str(model_dir), "steps": done[-1]["step"]})
     write_text(f"{run_dir.name}/model\n", Path(params.output_dir) / MODELS_DIR / LATEST)
     return model_dir
 
 
-def summarise(steps: list[dict[str, Any]], done: dict[str, Any]) -> dict[str, Any]:
+def summarise(steps: list[dict[str, Any]], done: dict[str, Any], start: dict[str, Any] | None = None,
+              evals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if not steps:
-        return {"steps": done.get("step", 0)}
+        return {"steps": done.get("step", 0), "length_fit": (start or {}).get("length_fit")}
     rates = [s["samples_per_s"] for s in steps[1:]] or [steps[0]["samples_per_s"]]
     return {
         "steps": done["step"],
+        "length_fit": (start or {}).get("length_fit"),
         "first_loss": steps[0]["loss"],
         "final_loss": steps[-1]["loss"],
         "final_itc": steps[-1]["itc"],
         "final_lm": steps[-1]["lm"],
         "mean_samples_per_s": sum(rates) / len(rates),
         "elapsed_s": done.get("elapsed_s"),
+        **({"final_heldout_recall@3": evals[-1]["localization"]["recall@3"],
+            "heldout_random_recall@3": evals[-1]["localization"]["random_recall@3"]} if evals else {}),
     }
 
 

@@ -100,7 +100,8 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
         bm25_scorer,
         embedding_scorer,
         evaluate_localization,
-        gear_scorer,
+        gear_layer_scores,
+        precomputed_scorer,
         random_localization,
     )
     from tasks.evaluate.retrieval import evaluate_retrieval, random_retrieval
@@ -130,8 +131,10 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
         entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
         if s.has_units and fusion_trained:
             if system.kind == "gear":
+                by_layer = gear_layer_scores(model, s, params.localization_pooling)
+
                 def at(l: int) -> dict:
-                    return evaluate_localization(s, gear_scorer(model, l, params.localization_pooling), params.ks, **boot)
+                    return evaluate_localization(s, precomputed_scorer(by_layer, l), params.ks, **boot)
 
                 if params.all_layers:
                     entry["localization_by_layer"] = {str(l): at(l) for l in range(1, model.n_layers + 1)}

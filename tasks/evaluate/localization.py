@@ -118,6 +118,31 @@ def random_localization(
 # Scorers.
 
 
+def gear_layer_scores(model, eval_set: EvalSet, pooling: str = "sum") -> dict[str, np.ndarray]:
+    """Every fusion layer's sentence scores per query, (n_layers, n_sentences):
+    one forward pass per document for all its queries and layers."""
+    by_doc: dict[str, list[EvalQuery]] = {}
+    for q in eval_set.unit_queries():
+        by_doc.setdefault(q.doc_id, []).append(q)
+    out: dict[str, np.ndarray] = {}
+    for doc_id, queries in by_doc.items():
+        scores = model.localize_many(
+            [q.query for q in queries], eval_set.documents[doc_id], eval_set.sentence_spans[doc_id],
+            pooling=pooling, all_layers=True,
+        )
+        out.update({q.qid: s for q, s in zip(queries, scores)})
+    return out
+
+
+def precomputed_scorer(scores: dict[str, np.ndarray], layer: int) -> Scorer:
+    """Scores of ``gear_layer_scores`` at one 1-based layer, as a scorer."""
+
+    def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
+        return scores[q.qid][layer - 1]
+
+    return score
+
+
 def gear_scorer(model, layer: int | None, pooling: str = "sum") -> Scorer:
     def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
         return model.localize(q.query, document, spans, layer, pooling=pooling)
