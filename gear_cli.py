@@ -21,6 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
 
+from flows.demo import DEMO_DOCS_PER_ARTICLE, DEMO_TEST_FRACTION, DEMO_UNITS_PER_DOC
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 DumpOpt = Annotated[Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml, .xml.bz2, multistream .bz2). Default: the enwiki excerpt shipped in gensim.")]
@@ -104,24 +106,28 @@ def pipeline(
         int,
         typer.Option(
             help="Cut each article into up to N consecutive <=500-token documents. The paper makes one per "
-            "article; 3 gives the 106-article embedded dump ~180 documents instead of ~70, enough to train on."
+            "article; the demo makes up to 3, so the 106-article embedded dump gives ~180 documents."
         ),
-    ] = 3,
+    ] = DEMO_DOCS_PER_ARTICLE,
+    units_per_doc: Annotated[
+        int, typer.Option(help="Candidate units rewritten per document (paper: 3; the demo samples 5).")
+    ] = DEMO_UNITS_PER_DOC,
     test_fraction: Annotated[
         float,
         typer.Option(
             help="Share of documents held out for the test split. The paper holds out 5% of 2.3M documents; "
-            "on the embedded dump 5% is a handful of queries, so the demo holds out 20%."
+            "the demo holds out 40% so that the test split has 100+ queries."
         ),
-    ] = 0.2,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (embedded profile: 3).")] = 6,
+    ] = DEMO_TEST_FRACTION,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: the embedded training profile's).")] = None,
 ) -> None:
     """build-rir-dataset -> train-gear -> evaluate-gear on the embedded defaults; prints the tables."""
     try:
         from flows.rir_pipeline import PipelineParams, rir_pipeline
 
         params = PipelineParams.for_cli(
-            dump=dump, output_dir=output_dir, docs_per_article=docs_per_article, test_fraction=test_fraction, epochs=epochs
+            dump=dump, output_dir=output_dir, docs_per_article=docs_per_article, test_fraction=test_fraction,
+            epochs=epochs, units_per_doc=units_per_doc,
         )
         report_dir = rir_pipeline(params)
     except Exception as exc:  # noqa: BLE001

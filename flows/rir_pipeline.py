@@ -11,6 +11,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.build_rir_dataset import BuildDatasetParams, build_rir_dataset
+from flows.demo import DEMO_DOCS_PER_ARTICLE, DEMO_TEST_FRACTION, DEMO_UNITS_PER_DOC
 from flows.evaluate_gear import EvalParams, evaluate_gear
 from flows.train_gear import TrainParams, train_gear
 
@@ -33,11 +34,19 @@ class PipelineParams(BaseModel):
 
     @classmethod
     def for_cli(
-        cls, dump: Path | None, output_dir: Path, docs_per_article: int = 1, test_fraction: float = 0.05, epochs: int | None = None
+        cls,
+        dump: Path | None,
+        output_dir: Path,
+        docs_per_article: int = DEMO_DOCS_PER_ARTICLE,
+        test_fraction: float = DEMO_TEST_FRACTION,
+        epochs: int | None = None,
+        units_per_doc: int = DEMO_UNITS_PER_DOC,
     ) -> PipelineParams:
+        """``gear pipeline``: the embedded demo (see the DEMO_* constants)."""
         out = str(output_dir)
         build = BuildDatasetParams.for_cli(dump=dump, output_dir=output_dir, docs_per_article=docs_per_article)
         build.triples = build.triples.model_copy(update={"test_fraction": test_fraction})
+        build.rewrite = build.rewrite.model_copy(update={"units_per_doc": units_per_doc})
         return cls(
             build=build,
             train=TrainParams(output_dir=out, epochs=epochs),

@@ -94,8 +94,12 @@ class TrainConfig:
     # Learning rate of the newly initialised parts (fusion cross-attention,
     # decoder, [DEC]) as a multiple of ``lr``; the paper uses one lr (1.0).
     new_module_lr_mult: float = 1.0
-    # Fusion cross-attention init: "random" (BERT init, as BLIP/ALBEF) or
-    # "self_attention" (a copy of E_q's self-attention of the same layer).
+    # The decoder's own multiplier, when it should differ from the fusion
+    # cross-attention's (None: new_module_lr_mult for both).
+    decoder_lr_mult: float | None = None
+    # Fusion cross-attention init: "random" (BERT init, as BLIP/ALBEF),
+    # "self_attention" (a copy of E_q's self-attention of the same layer) or
+    # "identity" (identity query/key projections: a token-similarity prior).
     cross_attention_init: str = "random"
     # Keep E_d as initialised (no gradient, no dropout, no momentum copy).
     # Off in the paper; a measured option for CPU-sized runs.
@@ -124,20 +128,31 @@ class TrainConfig:
 
     @classmethod
     def embedded(cls, **overrides: Any) -> TrainConfig:
-        """Sized for the embedded dataset (~200-250 triples) on 2 CPU cores in a few minutes."""
+        """Sized for the embedded demo dataset (~300 triples) on 2 CPU cores in a few minutes.
+
+        Chosen with ``benchmarks/learning_curve.py`` (README, "What the embedded
+        run gives"): documents at their built length (512: every unit visible),
+        a frozen E_d whose states are computed once, identity query/key
+        projections in the fusion cross-attention, and 10x the lr for the new parts.
+        """
         base = dict(
-            epochs=3,
-            batch_size=16,
-            lr=5e-5,
+            epochs=4,
+            batch_size=8,
+            lr=1e-4,
             lr_start=1e-6,
             lr_end=1e-6,
             warmup_steps=1000,
+            new_module_lr_mult=10.0,
+            cross_attention_init="identity",
+            freeze_doc_encoder=True,
             queue_size=64,
             max_query_length=32,
-            max_doc_length=128,
+            max_doc_length=512,
             max_unit_length=48,
             momentum_eval_mode=True,
             attention_dropout=0.0,
+            eval_max_queries=200,
+            eval_generation_queries=16,
             save_every=0,
             keep_last=1,
         )

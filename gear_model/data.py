@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,13 +24,17 @@ def train_parquet(path: str | Path) -> Path:
     return path
 
 
-def unit_window(offsets: list[tuple[int, int]], unit_start: int, unit_end: int, budget: int) -> tuple[int, int] | None:
+def unit_window(
+    offsets: list[tuple[int, int]], unit_start: int, unit_end: int, budget: int, seed: int = 0
+) -> tuple[int, int] | None:
     """Token range [a, b) of at most ``budget`` tokens that holds the unit's tokens.
 
     ``offsets`` are the document's token character spans (no special tokens).
-    The whole document when it fits; else the unit is centred in the window,
-    which starts at a word start (not inside a word's WordPiece run). None
-    when the unit alone needs more than ``budget`` tokens.
+    The whole document when it fits, or its first ``budget`` tokens when they
+    hold the unit; else a window placed at a seeded random offset among those
+    that hold the unit (a centred unit would teach the model where units
+    sit), moved back to a word start (not inside a WordPiece run). None when
+    the unit alone needs more than ``budget`` tokens.
     """
     n = len(offsets)
     if n <= budget:
@@ -43,9 +48,17 @@ def unit_window(offsets: list[tuple[int, int]], unit_start: int, unit_end: int, 
     width = last - first + 1
     if width > budget:
         return None
-    a = max(0, min(first - (budget - width) // 2, n - budget))
-    while a > 0 and offsets[a][0] == offsets[a - 1][1]:  # a WordPiece continuation
+    lowest, highest = max(0, last - budget + 1), min(first, n - budget)
+    a = lowest + int(hashlib.blake2b(f"{seed}:{unit_start}:{unit_end}".encode(), digest_size=8).hexdigest(), 16) % (
+        highest - lowest + 1
+    )
+    def continues_a_word(i: int) -> bool:
+        return i > 0 and offsets[i][0] == offsets[i - 1][1]
+
+    while a > lowest and continues_a_word(a):
         a -= 1
+    while a < first and continues_a_word(a):  # still inside a word at the lowest start: go forward
+        a += 1
     return a, min(n, a + budget)
 
 
@@ -105,7 +118,7 @@ class TriplesDataset(Dataset):
             if start < 0 or document[start:end] != unit:
                 raise ValueError(f"{self.path}: row {i}: the unit is not found at its span in the document")
             offsets = doc_offsets[document]
-            window = unit_window(offsets, start, end, budget)
+            window = unit_window(offsets, start, end, budget, seed=i)
             if window is None:
                 counts["dropped_unit_too_long_for_doc_window"] += 1
                 continue

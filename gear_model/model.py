@@ -33,6 +33,7 @@ from gear_model.config import GearConfig
 from gear_model.fusion import FusionEncoder, eager_attention
 
 CONFIG_NAME = "config.json"
+CROSS_ATTENTION_INITS = ("random", "self_attention", "identity")
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -127,13 +128,14 @@ class GearModel(nn.Module):
         cross-attention and LM-head transform start fresh, the LM head is tied
         to its word embeddings, and ``[DEC]`` is added to its vocabulary); the
         fusion cross-attention blocks start fresh (``"random"``, BERT's init
-        as in BLIP) or as copies of E_q's self-attention of the same layer
-        (``"self_attention"``: E_d starts as a copy of E_q, so a query token
-        then attends to document tokens the way it attends to its own
-        context, instead of uniformly).
+        as in BLIP), as copies of E_q's self-attention of the same layer
+        (``"self_attention"``), or with identity query and key projections
+        (``"identity"``: each head's attention logits start as the scaled dot
+        product of the query token's and the document token's states, a
+        similarity prior; values and output stay BERT-initialised).
         """
-        if cross_attention_init not in ("random", "self_attention"):
-            raise ValueError(f"cross_attention_init must be 'random' or 'self_attention', not {cross_attention_init!r}")
+        if cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, not {cross_attention_init!r}")
         gear_config = gear_config or GearConfig()
         tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
         tokenizer.add_special_tokens({"additional_special_tokens": [gear_config.dec_token]})
@@ -150,6 +152,12 @@ class GearModel(nn.Module):
         if cross_attention_init == "self_attention":
             for cross, layer in zip(model.fusion.cross, model.query_encoder.encoder.layer, strict=True):
                 cross.load_state_dict(layer.attention.state_dict())
+        elif cross_attention_init == "identity":
+            with torch.no_grad():
+                for cross in model.fusion.cross:
+                    for projection in (cross.self.query, cross.self.key):
+                        nn.init.eye_(projection.weight)
+                        nn.init.zeros_(projection.bias)
         return model
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

@@ -64,30 +64,28 @@ def build_model(cfg: TrainConfig) -> GearModel:
     return GearModel.from_encoder(init, cfg.gear_config(), cross_attention_init=cfg.cross_attention_init)
 
 
-def new_module_names(model: GearModel) -> tuple[str, ...]:
-    """Prefixes of the parts that the encoder checkpoint does not initialise:
-    the fusion cross-attention blocks and the decoder (its [DEC] row included)."""
-    del model
-    return ("model.fusion.", "model.decoder.")
+# Parts that the encoder checkpoint does not initialise: the fusion
+# cross-attention blocks and the decoder (its [DEC] row included).
+FUSION_PREFIX, DECODER_PREFIX = "model.fusion.", "model.decoder."
 
 
 def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: weight decay on matrices only (not biases, LayerNorm or
-    the temperature), and ``new_module_lr_mult`` x lr for the new parts."""
-    new_prefixes = new_module_names(trainer.model)
-    groups: dict[tuple[bool, bool], list] = {}
+    the temperature), and a multiple of lr for the new parts:
+    ``new_module_lr_mult`` for the fusion cross-attention, ``decoder_lr_mult``
+    (default the same) for the decoder. Group 0 is the pre-trained encoders'."""
+    decoder_mult = cfg.new_module_lr_mult if cfg.decoder_lr_mult is None else cfg.decoder_lr_mult
+    part_mult = {"encoders": 1.0, "fusion": cfg.new_module_lr_mult, "decoder": decoder_mult}
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in trainer.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith(new_prefixes), p.dim() >= 2), []).append(p)
-    out = []
-    for (is_new, decays), params in sorted(groups.items()):
-        out.append({
-            "params": params,
-            "weight_decay": cfg.weight_decay if decays else 0.0,
-            "lr": cfg.lr * (cfg.new_module_lr_mult if is_new else 1.0),
-            "new_modules": is_new,
-        })
-    return out
+            part = "fusion" if name.startswith(FUSION_PREFIX) else "decoder" if name.startswith(DECODER_PREFIX) else "encoders"
+            groups.setdefault((part, p.dim() >= 2), []).append(p)
+    order = list(part_mult)
+    return [
+        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * part_mult[part], "part": part}
+        for (part, decays), params in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1]))
+    ]
 
 
 def _gear_fields(cfg: TrainConfig) -> dict:
@@ -314,7 +312,9 @@ def train(cfg: TrainConfig) -> Path:
                 loss, itc, lm = sums.tolist()
                 record = {
                     "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm,
-                    "lr": lr, "lr_new_modules": lr * cfg.new_module_lr_mult, "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
+                    "lr": lr, "lr_fusion": lr * cfg.new_module_lr_mult,
+                    "lr_decoder": lr * (cfg.new_module_lr_mult if cfg.decoder_lr_mult is None else cfg.decoder_lr_mult),
+                    "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
                     "samples_per_s": global_batch * cfg.grad_accum / dt, "steps_per_s": 1 / dt, "elapsed_s": elapsed,
                     "eta_s": per_step * (total_steps - step), "total_steps": total_steps,
                 }

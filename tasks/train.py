@@ -54,8 +54,8 @@ _NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every
 class TrainParams(BaseModel):
     """Parameters of a GeAR training run (the train-gear form).
 
-    ``profile`` picks the defaults: ``embedded`` (laptop: MiniLM, short
-    lengths, 3 epochs, a few minutes on 2 CPU cores) or ``paper`` (Table 4:
+    ``profile`` picks the defaults: ``embedded`` (laptop: MiniLM, 4 epochs at
+    batch 8 and length 512, a frozen E_d, a few minutes on 2 CPU cores) or ``paper`` (Table 4:
     10 epochs, batch 16 per device, length 512, lr 1e-5, queue 57,600). Any
     field left empty takes the profile's value.
     """
@@ -72,15 +72,15 @@ class TrainParams(BaseModel):
         "or a GeAR model folder to continue from. Empty: the embedded all-MiniLM-L6-v2.",
     )
     profile: Literal["embedded", "paper"] = Field("embedded", description="Default values: embedded (laptop) or paper (Table 4).")
-    epochs: int | None = Field(None, ge=1, le=1000, description="Epochs (paper 10, embedded 3).")
-    batch_size: int | None = Field(None, ge=1, le=4096, description="Triples per device per micro-step (paper 16).")
+    epochs: int | None = Field(None, ge=1, le=1000, description="Epochs (paper 10, embedded 4).")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Triples per device per micro-step (paper 16, embedded 8).")
     grad_accum: int | None = Field(None, ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
-    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, embedded 5e-5).")
+    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, embedded 1e-4).")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
     lm_weight: float | None = Field(None, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
     queue_size: int | None = Field(None, ge=0, description="Momentum feature queue (paper 57,600); must divide by batch_size x processes.")
     max_query_length: int | None = Field(None, ge=8, le=512, description="Query tokens (paper 512, embedded 32).")
-    max_doc_length: int | None = Field(None, ge=8, le=512, description="Document tokens (paper 512, embedded 128).")
+    max_doc_length: int | None = Field(None, ge=8, le=512, description="Document tokens (paper and embedded 512: the documents are built up to 500; a unit beyond it is windowed in).")
     max_unit_length: int | None = Field(None, ge=8, le=512, description="Unit (generation target) tokens (paper 512, embedded 48).")
     max_steps: int = Field(0, ge=0, description="If > 0, train at most this many optimizer steps (the lr schedule follows).")
     save_every: int | None = Field(None, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only).")
@@ -90,11 +90,14 @@ class TrainParams(BaseModel):
         None, gt=0, le=1000,
         description="Learning rate of the newly initialised parts (fusion cross-attention, decoder, [DEC]) as a "
         "multiple of lr (paper 1; embedded: see TrainConfig.embedded, chosen with benchmarks/learning_curve.py).")
+    decoder_lr_mult: float | None = Field(
+        None, gt=0, le=1000, description="The decoder's own lr multiplier (empty: new_module_lr_mult).")
     freeze_doc_encoder: bool | None = Field(
         None, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off.")
-    cross_attention_init: Literal["random", "self_attention"] | None = Field(
-        None, description="Fusion cross-attention init: random (BERT init, as BLIP) or a copy of the query "
-        "encoder's self-attention of the same layer.")
+    cross_attention_init: Literal["random", "self_attention", "identity"] | None = Field(
+        None, description="Fusion cross-attention init: random (BERT init, as BLIP; paper profile), a copy of the "
+        "query encoder's self-attention of the same layer, or identity query/key projections (attention starts as "
+        "token-state similarity; embedded profile).")
     eval_every: int | None = Field(
         None, ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
     eval_heldout: bool = Field(
@@ -116,7 +119,7 @@ class TrainParams(BaseModel):
         fields = base.to_dict()
         for name in ("epochs", "batch_size", "grad_accum", "lr", "warmup_steps", "lm_weight", "queue_size",
                      "max_query_length", "max_doc_length", "max_unit_length", "save_every", "momentum_eval_mode",
-                     "new_module_lr_mult", "freeze_doc_encoder", "cross_attention_init", "eval_every"):
+                     "new_module_lr_mult", "decoder_lr_mult", "freeze_doc_encoder", "cross_attention_init", "eval_every"):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value

@@ -55,6 +55,12 @@ def test_unit_window_keeps_a_late_unit_inside(tokenizer):
     assert offsets[a][0] <= start and offsets[b - 1][1] >= end
     # The window starts at a word, not inside a WordPiece run.
     assert a == 0 or offsets[a][0] > offsets[a - 1][1]
+    # Its place is seeded, not centred: the unit sits at different offsets for different seeds.
+    starts = {unit_window(offsets, start, end, budget=62, seed=s)[0] for s in range(20)}
+    assert len(starts) > 3
+    for s_ in range(20):
+        a, b = unit_window(offsets, start, end, budget=62, seed=s_)
+        assert offsets[a][0] <= start and offsets[b - 1][1] >= end and b - a <= 62
     # A unit inside the first tokens needs no window; an over-long one cannot fit.
     assert unit_window(offsets, *spans[0], budget=62) == (0, 62)
     assert unit_window(offsets, spans[0][0], spans[10][1], budget=62) is None
@@ -97,6 +103,12 @@ def test_new_modules_get_their_own_learning_rate(tiny_dir):
     assert by_id[id(model.query_encoder.encoder.layer[0].attention.self.query.weight)]["lr"] == pytest.approx(1e-4)
     assert by_id[id(model.doc_encoder.embeddings.word_embeddings.weight)]["lr"] == pytest.approx(1e-4)
     assert by_id[id(model.temp)]["weight_decay"] == 0.0 and by_id[id(model.temp)]["lr"] == pytest.approx(1e-4)
+    # The decoder can have its own multiplier.
+    split = parameter_groups(GearPretrainer(model), TrainConfig(lr=1e-4, new_module_lr_mult=2.0, decoder_lr_mult=30.0))
+    by_id = {id(p): g for g in split for p in g["params"]}
+    assert by_id[id(model.fusion.cross[0].self.query.weight)]["lr"] == pytest.approx(2e-4)
+    assert by_id[id(model.decoder.cls.predictions.transform.dense.weight)]["lr"] == pytest.approx(3e-3)
+    assert split[0]["part"] == "encoders"
     # Every trainable parameter is in exactly one group.
     n = sum(len(g["params"]) for g in groups)
     assert n == len({id(p) for p in GearPretrainer(model).parameters() if p.requires_grad})
@@ -133,6 +145,22 @@ def test_cross_attention_can_start_as_a_copy_of_self_attention(tiny_dir):
     assert not torch.equal(fresh.fusion.cross[0].self.key.weight, fresh.query_encoder.encoder.layer[0].attention.self.key.weight)
     with pytest.raises(ValueError, match="cross_attention_init"):
         GearModel.from_encoder(tiny_dir, GearConfig(), cross_attention_init="zeros")
+
+
+def test_identity_cross_attention_starts_as_token_similarity(tiny_dir):
+    model = GearModel.from_encoder(tiny_dir, GearConfig(), cross_attention_init="identity")
+    hidden = model.query_encoder.config.hidden_size
+    for cross in model.fusion.cross:
+        assert torch.equal(cross.self.query.weight, torch.eye(hidden)) and not cross.self.key.bias.any()
+        assert not torch.equal(cross.self.value.weight, torch.eye(hidden))  # values keep BERT's init
+    # A query token attends most to the document token whose state is most like its own.
+    cross = model.fusion.cross[0]
+    doc = torch.randn(1, 6, hidden)
+    query = doc[:, [4]] * 3  # the same direction as document token 4
+    from gear_model.fusion import eager_attention
+    with eager_attention(model.query_encoder.config):
+        _, weights = cross(query, encoder_hidden_states=doc)
+    assert int(weights[0].mean(0)[0].argmax()) == 4
 
 
 def test_heldout_scores_against_the_random_ranking(tiny_dir, tmp_path):
@@ -172,7 +200,7 @@ def test_training_records_heldout_evaluations(tiny_dir, tmp_path):
     start = next(r for r in records if r["event"] == "start")
     assert start["length_fit"]["fits"] + start["length_fit"]["windowed"] == start["n_train"] == 12
     steps = [r for r in records if r["event"] == "step"]
-    assert steps[-1]["lr_new_modules"] == pytest.approx(5 * steps[-1]["lr"])
+    assert steps[-1]["lr_fusion"] == pytest.approx(5 * steps[-1]["lr"]) == steps[-1]["lr_decoder"]
 
 
 def test_all_layers_in_one_pass_match_one_layer_at_a_time(tiny_dir):
