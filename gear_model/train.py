@@ -152,7 +152,8 @@ def train(cfg: TrainConfig) -> Path:
     dataset = TriplesDataset(cfg.dataset, model.tokenizer, cfg.max_doc_length, cfg.max_unit_length)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
-    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file) else None
+    # A contrastive-only run never trains its fusion, so it has no localisation to follow.
+    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file and cfg.lm_weight > 0) else None
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
     collate = Collate(model.tokenizer, cfg.max_query_length, cfg.max_doc_length, cfg.max_unit_length)
     # drop_last: every step must enqueue a full global batch. Its own generator,

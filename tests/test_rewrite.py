@@ -51,14 +51,20 @@ def test_paper_prompt_is_verbatim_as_the_system_message():
 
 def test_worked_examples_are_earlier_turns_that_keep_capitals():
     msgs = build_messages(S, use_worked_examples=True)
-    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert len(WORKED_EXAMPLES) == 6
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 6 + ["user"]
     assert msgs[0]["content"] == PAPER_TEXT and msgs[-1]["content"] == S
+    # A number takes the first N (2 = the earlier prompt); 0 is the paper's prompt alone.
+    assert build_messages(S, 2) == msgs[:5] + [msgs[-1]]
+    assert build_messages(S, 0) == build_messages(S, False) == [msgs[0], msgs[-1]]
     assert msgs[1]["content"] == WORKED_EXAMPLES[0][0]
     first_answer = msgs[2]["content"]
     assert first_answer == WORKED_EXAMPLES[0][1] and "Gustave Eiffel" in first_answer
     # The examples' answers pass our own gate.
     for sentence, answer in WORKED_EXAMPLES:
         assert judge(answer, sentence).kept, answer
+        # ... and what the local constraint allows: at most 0.6 of the sentence's words.
+        assert len(answer.split()) <= 0.6 * len(sentence.split()), answer
 
 
 def test_prompt_text_is_part_of_the_cache_key():
@@ -73,6 +79,23 @@ def test_prompt_text_is_part_of_the_cache_key():
     base = cache_config(RewriteConfig(backend="openai"))
     assert cache_config(RewriteConfig(backend="openai", concurrency=3, timeout_s=5)) == base
     assert cache_config(RewriteConfig(backend="openai", temperature=0.7)) != base
+    local_ops = cache_config(RewriteConfig(batch_size=3, decode_loop="generate", gqa_attention=False, torch_threads=1))
+    assert local_ops == local
+    assert cache_config(RewriteConfig(constraint_max_word_fraction=0.5)) != local
+    assert cache_config(RewriteConfig(use_worked_examples=2))["prompt_fingerprint"] != local["prompt_fingerprint"]
+
+
+def test_constraint_is_local_only_and_on_by_default():
+    assert RewriteConfig().constraint_on() and RewriteConfig().batch_size == 32
+    assert not RewriteConfig(constrain_to_sentence=False).constraint_on()
+    # openai/vllm keep the paper's setup: its prompt alone, nothing constrained.
+    for backend in ("openai", "vllm"):
+        cfg = RewriteConfig(backend=backend)
+        assert not cfg.constraint_on() and not cfg.worked_examples_on()
+        assert not RewriteConfig(backend=backend, constrain_to_sentence=True).constraint_on()
+        assert build_messages(S, cfg.worked_examples_on()) == [
+            {"role": "system", "content": PAPER_TEXT}, {"role": "user", "content": S}
+        ]
 
 
 # --------------------------------------------------------------------------- quality gate
@@ -115,6 +138,42 @@ def test_clean_output(raw, expected):
 )
 def test_gate_reasons(raw, reason):
     assert judge(raw, S).reason == reason
+
+
+# Real candidate units of the embedded dump with outputs of the kinds SmolLM2
+# writes for them (most verbatim from old- and new-settings runs); the
+# decisions are pinned so that the gate can only be changed on purpose.
+PINNED = [
+    # (sentence, raw output, reason)
+    ("The first known use of this word was in 1539.", "The first known use of this word was in 1539.", "echo"),
+    ("Algeria is a regional and middle power.", "Algeria is a regional and middle power", "echo"),
+    ("At 1300 mi, Alabama has one of the longest navigable inland waterways in the nation.",
+     "At 1300 miles, Alabama has one of the longest navigable inland waterways in the nation.", "echo"),
+    ("His combined works constitute a virtual encyclopedia of Greek knowledge.",
+     "His combined works constitute a virtual encyclopedia.", "fragment"),
+    ("His combined works constitute a virtual encyclopedia of Greek knowledge.",
+     "His combined works constitute a virtualencyclopedia.", "fragment"),  # glued words
+    ("Much debate exists as to whether \"true\" altruism is possible in human psychology.",
+     "much debate exists as to whether true.", "fragment"),
+    ("In art, Rand promoted romantic realism.",
+     "Rand, art, romantic realism, Ayn Rand, promoted, realism, romantic, art", "too_long"),
+    ("The farm is preserved as part of the Lincoln Boyhood National Memorial.",
+     "Lincoln farm, boyhood home, Indiana, national memorial, preserved", "adds_information"),
+    ("The farm is preserved as part of the Lincoln Boyhood National Memorial.",
+     "Sure, here are some keywords: farm, Lincoln", "preamble"),
+    ("The farm is preserved as part of the Lincoln Boyhood National Memorial.",
+     "The farm, Lincoln Boyhood National Memorial", None),
+    ("His father Nicomachus was the personal physician to King Amyntas of Macedon.",
+     "Nicomachus, King Amyntas of Macedon, his father", None),
+    ("In art, Rand promoted romantic realism.", "In art, Rand.", None),  # 3 of 6 words: short, not a fragment
+    ("Flying A was one of the first motion pictures studios in California history.",
+     "Flying A, first motion pictures, California, history", None),
+]
+
+
+@pytest.mark.parametrize("sentence, raw, reason", PINNED)
+def test_gate_decisions_are_pinned(sentence, raw, reason):
+    assert judge(raw, sentence).reason == reason
 
 
 def test_gate_tolerance_and_caps_are_configurable():

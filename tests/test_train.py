@@ -92,7 +92,8 @@ def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp
                          epochs=1, nproc_per_node=2)
     assert resolve_train_file(params.dataset, params.output_dir) == dataset_dir / "train.parquet"
     cfg = params.train_config(dataset_dir / "train.parquet", tmp_path / "run")
-    assert (cfg.epochs, cfg.batch_size, cfg.max_doc_length, cfg.queue_size) == (1, 16, 128, 64)
+    assert (cfg.epochs, cfg.batch_size, cfg.max_doc_length, cfg.queue_size) == (1, 8, 512, 64)
+    assert (cfg.cross_attention_init, cfg.freeze_doc_encoder, cfg.decoder_lr_mult) == ("identity", True, 30.0)
     assert TrainParams(profile="paper").train_config(dataset_dir, tmp_path).max_doc_length == 512
     run_dir = run_dir_for(params)
     assert run_dir.parent == tmp_path / MODELS_DIR

@@ -12,6 +12,14 @@ Rules (checked in this order, first hit wins):
   it — or nearly so: character similarity (difflib ratio of the normalised
   strings) >= ``echo_similarity`` (0.9; catches "1300 mi" -> "1300 miles" or
   one inserted comma, which SmolLM2 does often);
+- ``fragment``: the cleaned query is a verbatim run of the sentence's words
+  (after normalisation, at word boundaries), at least ``fragment_min_words``
+  words long and at least ``fragment_min_share`` of the sentence's words
+  (4 and one half): a cut-off copy such as "His combined works constitute a
+  virtual encyclopedia" is no keyword query; also when words are glued
+  ("virtualencyclopedia"): then the query without spaces is part of the
+  sentence without spaces and has half its characters. (Added with constrained local
+  decoding, which cannot echo a whole sentence but can stop part way.)
 - ``too_long``: more words than the sentence, or more than ``max_query_words``;
 - ``adds_information``: the paper's prompt says "do not add other information".
   A content word (not a stop word) of the query is *new* when its stem is not a
@@ -28,7 +36,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-REASONS = ("empty", "refusal", "preamble", "echo", "too_long", "adds_information", "backend_error")
+REASONS = ("empty", "refusal", "preamble", "echo", "fragment", "too_long", "adds_information", "backend_error")
 
 _QUOTES = "\"'`“”‘’«»"
 # Labels a model puts before the answer; stripped, the rest is kept.
@@ -67,6 +75,8 @@ class GateConfig:
     max_query_words: int = 32
     max_new_words: int = 1
     echo_similarity: float = 0.9
+    fragment_min_words: int = 4
+    fragment_min_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,18 @@ def is_echo(query: str, sentence: str, similarity: float = 0.9) -> bool:
     return q == s or difflib.SequenceMatcher(None, q, s, autojunk=False).ratio() >= similarity
 
 
+def is_fragment(query: str, sentence: str, min_words: int = 4, min_share: float = 0.5) -> bool:
+    """A verbatim run of the sentence's words covering a large share of it,
+    also when the query glued words together (compared without spaces, by
+    characters)."""
+    q, s = normalise(query), normalise(sentence)
+    n = len(q.split())
+    if n >= min_words and n >= min_share * len(s.split()) and f" {q} " in f" {s} ":
+        return True
+    qs, ss = q.replace(" ", ""), s.replace(" ", "")
+    return bool(qs) and len(qs) >= min_share * len(ss) and qs in ss
+
+
 def judge(raw: str, sentence: str, config: GateConfig = GateConfig()) -> Verdict:
     """Clean one raw output and keep it or name the reason it is dropped."""
     query = clean_output(raw)
@@ -142,6 +164,8 @@ def judge(raw: str, sentence: str, config: GateConfig = GateConfig()) -> Verdict
         return Verdict(query, "preamble")
     if is_echo(query, sentence, config.echo_similarity):
         return Verdict(query, "echo")
+    if is_fragment(query, sentence, config.fragment_min_words, config.fragment_min_share):
+        return Verdict(query, "fragment")
     n_words = len(query.split())
     if n_words > min(len(sentence.split()), config.max_query_words):
         return Verdict(query, "too_long")
