@@ -162,6 +162,10 @@ class TrainConfig:
         base.update(overrides)
         return cls(**base)
 
+    def decoder_lr_multiplier(self) -> float:
+        """The decoder's lr multiple: ``decoder_lr_mult``, or ``new_module_lr_mult`` when unset."""
+        return self.new_module_lr_mult if self.decoder_lr_mult is None else self.decoder_lr_mult
+
     def gear_config(self) -> GearConfig:
         return GearConfig(
             temp_init=self.temp_init,

@@ -274,6 +274,11 @@ class GearModel(nn.Module):
             out.append(emb.cpu().numpy().astype(np.float32))
         return np.concatenate(out)
 
+    def _word_token_mask(self, ids: list[int]) -> np.ndarray:
+        """False for special tokens ([CLS], [SEP], [PAD], [DEC]), True for the query's words."""
+        special = set(self.tokenizer.all_special_ids)
+        return np.array([t not in special for t in ids], dtype=bool)
+
     @torch.no_grad()
     def _fuse_one(self, query: str, document: str, return_layer: int | None = None):
         self.eval()
@@ -297,8 +302,7 @@ class GearModel(nn.Module):
         layer = self.resolve_layer(layer)
         with eager_attention(self.query_encoder.config):
             q, d, _, weights = self._fuse_one(query, document, return_layer=layer)
-        special = set(self.tokenizer.all_special_ids)
-        query_mask = np.array([t not in special for t in q["input_ids"][0].tolist()], dtype=bool)
+        query_mask = self._word_token_mask(q["input_ids"][0].tolist())
         return CrossAttention(
             weights=weights[0].float().cpu().numpy(),
             offsets=d["offset_mapping"][0].cpu().numpy().astype(np.int64),
@@ -332,39 +336,14 @@ class GearModel(nn.Module):
         weights = weights.float().cpu().numpy()
         if not all_layers:
             weights = weights[None]  # (layers, n, heads, Lq, Ld)
-        special = set(self.tokenizer.all_special_ids)  # [PAD] included: padded query slots drop out
         offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
         out = np.zeros((n, len(weights), len(sentence_spans)), dtype=np.float32)
         for i, ids in enumerate(q["input_ids"].tolist()):
-            query_mask = np.array([t not in special for t in ids], dtype=bool)
+            query_mask = self._word_token_mask(ids)  # padded query slots drop out too
             for l in range(len(weights)):
                 att = CrossAttention(weights[l, i], offsets, query_mask)
                 out[i, l] = sentence_scores_from_attention(att, sentence_spans, pooling)
         return out if all_layers else out[:, 0]
-
-    @torch.no_grad()
-    def cross_attention_all_layers(self, query: str, document: str) -> list[CrossAttention]:
-        """``cross_attention`` for every fusion layer (index 0 = layer 1) from one forward pass."""
-        with eager_attention(self.query_encoder.config):
-            q, d, _, weights = self._fuse_one(query, document, return_layer=0)
-        special = set(self.tokenizer.all_special_ids)
-        query_mask = np.array([t not in special for t in q["input_ids"][0].tolist()], dtype=bool)
-        offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
-        return [CrossAttention(w[0].float().cpu().numpy(), offsets, query_mask) for w in weights]
-
-    @torch.no_grad()
-    def localize_all_layers(
-        self,
-        query: str,
-        document: str,
-        sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]],
-        pooling: str = "sum",
-    ) -> np.ndarray:
-        """``localize`` at every fusion layer from one forward pass: (n_layers, n_sentences)."""
-        return np.stack([
-            sentence_scores_from_attention(att, sentence_spans, pooling)
-            for att in self.cross_attention_all_layers(query, document)
-        ])
 
     @torch.no_grad()
     def localize(

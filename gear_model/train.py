@@ -74,8 +74,7 @@ def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     the temperature), and a multiple of lr for the new parts:
     ``new_module_lr_mult`` for the fusion cross-attention, ``decoder_lr_mult``
     (default the same) for the decoder. Group 0 is the pre-trained encoders'."""
-    decoder_mult = cfg.new_module_lr_mult if cfg.decoder_lr_mult is None else cfg.decoder_lr_mult
-    part_mult = {"encoders": 1.0, "fusion": cfg.new_module_lr_mult, "decoder": decoder_mult}
+    part_mult = {"encoders": 1.0, "fusion": cfg.new_module_lr_mult, "decoder": cfg.decoder_lr_multiplier()}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in trainer.named_parameters():
         if p.requires_grad:
@@ -314,7 +313,7 @@ def train(cfg: TrainConfig) -> Path:
                 record = {
                     "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm,
                     "lr": lr, "lr_fusion": lr * cfg.new_module_lr_mult,
-                    "lr_decoder": lr * (cfg.new_module_lr_mult if cfg.decoder_lr_mult is None else cfg.decoder_lr_mult),
+                    "lr_decoder": lr * cfg.decoder_lr_multiplier(),
                     "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
                     "samples_per_s": global_batch * cfg.grad_accum / dt, "steps_per_s": 1 / dt, "elapsed_s": elapsed,
                     "eta_s": per_step * (total_steps - step), "total_steps": total_steps,

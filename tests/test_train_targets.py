@@ -206,7 +206,7 @@ def test_training_records_heldout_evaluations(tiny_dir, tmp_path):
 def test_all_layers_in_one_pass_match_one_layer_at_a_time(tiny_dir):
     document, spans = long_document(5)
     model = GearModel.from_encoder(tiny_dir, GearConfig())
-    every = model.localize_all_layers("harbour town 3", document, spans, pooling="mean")
+    every = model.localize_many(["harbour town 3"], document, spans, pooling="mean", all_layers=True)[0]
     assert every.shape == (model.n_layers, 5)
     for layer in range(1, model.n_layers + 1):
         one = model.localize("harbour town 3", document, spans, layer, pooling="mean")
@@ -222,4 +222,5 @@ def test_many_queries_of_one_document_match_one_at_a_time(tiny_dir):
     assert many.shape == (3, 5) and every.shape == (3, model.n_layers, 5)
     for i, q in enumerate(queries):
         assert abs(many[i] - model.localize(q, document, spans, pooling="mean")).max() < 1e-5
-        assert abs(every[i] - model.localize_all_layers(q, document, spans, pooling="sum")).max() < 1e-5
+        for layer in range(1, model.n_layers + 1):
+            assert abs(every[i, layer - 1] - model.localize(q, document, spans, layer, pooling="sum")).max() < 1e-5
