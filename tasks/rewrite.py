@@ -43,8 +43,10 @@ from tasks.rewriters import (
     make_rewriter,
     prompt_fingerprint,
 )
-from tasks.rewriters.config import OPERATIONAL_FIELDS
-from tasks.rewriters.quality import REASONS, GateConfig, is_keyword_form, judge
+from tasks.rewriters.base import error_kind
+from tasks.rewriters.config import OPERATIONAL_FIELDS, redact_url
+from tasks.rewriters.failures import FAILED, OK, check_failures, count_kinds
+from tasks.rewriters.quality import REASONS, clean_output, is_keyword_form, judge
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,21 @@ QUERIES_SCHEMA = pa.schema(
 REJECTED_SCHEMA = pa.schema(
     list(QUERIES_SCHEMA) + [pa.field("raw_output", pa.string()), pa.field("reason", pa.string())]
 )
+# One row per sampled unit of a shard. status "ok": the backend answered (the
+# gate keeps or drops it; final); "failed": no usable answer (error_kind from
+# tasks.rewriters.base.ERROR_KINDS, error the detail): never final, a later run
+# sends it again and rewrites the shard's file. finish_reason: the backend's
+# ("stop", "length" = cut at max_new_tokens, dropped as truncated), or null.
 RAW_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
         ("sentence_index", pa.int32()),
         ("unit", pa.string()),
         ("raw_output", pa.string()),
+        ("status", pa.string()),
+        ("error_kind", pa.string()),
         ("error", pa.string()),
+        ("finish_reason", pa.string()),
     ]
 )
 UNIT_COLUMNS = ("doc_id", "sentence_index", "text")
@@ -170,30 +180,53 @@ def shard_seed(seed: int, doc_ids: list[str]) -> int:
     return _stable_int(seed, *sorted(set(doc_ids))) % (2**31)
 
 
-def _rewrite_shard(rewriter: Rewriter, sampled: pl.DataFrame, seed: int) -> pl.DataFrame:
-    sentences = sampled["text"].to_list()
-    outputs = rewriter.rewrite(sentences, seed)
+def _rewrite_shard(
+    rewriter: Rewriter, sampled: pl.DataFrame, seed: int, cached: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, int]:
+    """The shard's raw rows (RAW_SCHEMA, sampled's order) and how many were sent.
+
+    ``cached``: the shard's rows from an earlier attempt; its ``ok`` rows are
+    final and kept, only the other sampled units (failed or missing) are sent.
+    """
+    key = ["doc_id", "sentence_index"]
+    done = None
+    todo = sampled
+    if cached is not None:
+        done = cached.filter(pl.col("status") == OK).join(sampled.select(key), on=key, how="semi")
+        todo = sampled.join(done.select(key), on=key, how="anti")
+    sentences = todo["text"].to_list()
+    outputs = rewriter.rewrite(sentences, seed) if sentences else []
     if len(outputs) != len(sentences):
         raise RuntimeError(f"{rewriter.model_name}: {len(outputs)} outputs for {len(sentences)} sentences")
     errors = list(getattr(rewriter, "last_errors", None) or [None] * len(outputs))
-    return pl.DataFrame(
+    finishes = list(getattr(rewriter, "last_finish_reasons", None) or [None] * len(outputs))
+    if len(errors) != len(outputs) or len(finishes) != len(outputs):
+        raise RuntimeError(f"{rewriter.model_name}: per-item reports do not match its {len(outputs)} outputs")
+    new = pl.DataFrame(
         {
-            "doc_id": sampled["doc_id"],
-            "sentence_index": sampled["sentence_index"],
-            "unit": sampled["text"],
+            "doc_id": todo["doc_id"],
+            "sentence_index": todo["sentence_index"],
+            "unit": todo["text"],
             "raw_output": pl.Series(outputs, dtype=pl.String),
+            "status": pl.Series([FAILED if e else OK for e in errors], dtype=pl.String),
+            "error_kind": pl.Series([error_kind(e) for e in errors], dtype=pl.String),
             "error": pl.Series(errors, dtype=pl.String),
-        }
+            "finish_reason": pl.Series(finishes, dtype=pl.String),
+        },
+        schema=pl.Schema(RAW_SCHEMA),
     )
+    raw = pl.concat([done.select(new.columns).cast(new.schema), new]) if done is not None else new
+    order = sampled.select(key).with_row_index("_order")
+    return raw.join(order, on=key).sort("_order").drop("_order"), len(sentences)
 
 
 def gate(raw: pl.DataFrame, config: RewriteConfig, model: str, funnel: Funnel) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Split raw outputs into accepted queries and rejected ones, counting every reason."""
-    gate_cfg = GateConfig(
-        max_query_words=config.max_query_words,
-        max_new_words=config.max_new_words,
-        echo_similarity=config.echo_similarity,
-    )
+    """Split raw outputs into accepted queries and rejected ones, counting every reason.
+
+    Failed rows (no usable answer) are ``backend_error``; an answer the backend
+    cut at max_new_tokens (finish_reason "length") is ``truncated``; the rest
+    is judged by the gate (``config.gate``)."""
+    gate_cfg = config.gate
     kept, rejected = [], []
     keyword_form = 0
     for row in raw.iter_rows(named=True):
@@ -204,8 +237,10 @@ def gate(raw: pl.DataFrame, config: RewriteConfig, model: str, funnel: Funnel) -
             "rewriter_model": model,
             "prompt_version": PROMPT_VERSION,
         }
-        if row["error"]:
+        if row["status"] != OK:
             reason, query = "backend_error", ""
+        elif row["finish_reason"] == "length":
+            reason, query = "truncated", clean_output(row["raw_output"] or "")
         else:
             verdict = judge(row["raw_output"] or "", row["unit"], gate_cfg)
             reason, query = verdict.reason, verdict.query
@@ -259,11 +294,15 @@ def rewrite_queries(
         funnel.drop(SAMPLE_STAGE, "not_sampled", units.height - sampled.height)
         shards.append((units_dir, sampled))
     progress = _Progress(sum(s.height for _, s in shards), on_progress)
+    not_attempted = 0
     try:
-        for units_dir, sampled in shards:
+        for n_shard, (units_dir, sampled) in enumerate(shards):
             raw_path = out / "raw" / f"{fingerprint(_units_file(units_dir))[:16]}.parquet"
-            if raw_path.is_file():  # finished by an earlier attempt of this task
-                raws.append(pl.read_parquet(raw_path))
+            cached = pl.read_parquet(raw_path) if raw_path.is_file() else None
+            if cached is not None and set(cached.columns) != set(RAW_SCHEMA.names):
+                cached = None  # written by an older layout: nothing in it is known final
+            if cached is not None and cached.height == sampled.height and (cached["status"] == OK).all():
+                raws.append(cached)  # finished by an earlier attempt of this task
                 progress.shard_done(sampled.height)
                 continue
             if sampled.is_empty():
@@ -275,18 +314,26 @@ def rewrite_queries(
                 timing["load_seconds"] = time.perf_counter() - started
             rewriter.on_progress = progress.items_done
             started = time.perf_counter()
-            raw = _rewrite_shard(rewriter, sampled, shard_seed(config.seed, sampled["doc_id"].to_list()))
+            raw, sent = _rewrite_shard(rewriter, sampled, shard_seed(config.seed, sampled["doc_id"].to_list()), cached)
             timing["rewrite_seconds"] += time.perf_counter() - started
-            timing["rewrites"] += raw.height
+            timing["rewrites"] += sent
             progress.shard_done(sampled.height)
+            # Failed rows are written too (the finished ones must survive), but
+            # as failed: the next attempt sends them again and rewrites this file.
             write_parquet(raw.to_arrow(), raw_path, RAW_SCHEMA)
             raws.append(raw)
+            if (raw["error_kind"] == "aborted").any():  # the endpoint is down: later shards would fail too
+                not_attempted = sum(s.height for _, s in shards[n_shard + 1 :])
+                break
     finally:
         if owned and rewriter is not None:
             rewriter.close()
     raw_all = pl.concat(raws) if raws else pl.DataFrame(schema=pl.Schema(RAW_SCHEMA))
     raw_all = raw_all.sort(["doc_id", "sentence_index"])
     queries, rejected, rates = gate(raw_all, config, model, funnel)
+    failed_kinds = count_kinds(raw_all.filter(pl.col("status") != OK)["error_kind"].to_list())
+    check_failures(failed_kinds, raw_all.height, queries.height, config, model, str(out / "raw"),
+                   not_attempted=not_attempted)
     write_parquet(queries.to_arrow(), out / "queries.parquet", QUERIES_SCHEMA)
     write_parquet(rejected.to_arrow(), out / "rejected.parquet", REJECTED_SCHEMA)
     funnel.save(out / "funnel.json")
@@ -298,9 +345,11 @@ def rewrite_queries(
         **timing,
         "seconds_per_rewrite": timing["rewrite_seconds"] / timing["rewrites"] if timing["rewrites"] else None,
         **rates,
+        "backend_errors_by_kind": failed_kinds,  # tolerated: at most max_error_rate of the rewrites
     }
     write_json(stats, out / "stats.json")
-    write_json({"config": config, "cache_config": cache_config(config), "inputs": units_dirs}, out / "params.json")
+    shown = config.model_copy(update={"base_url": redact_url(config.base_url)})  # no credentials in lineage
+    write_json({"config": shown, "cache_config": cache_config(config), "inputs": units_dirs}, out / "params.json")
     mark_complete(out, {"queries": queries.height, "rejected": rejected.height, **rates})
     log.info("rewrite_queries: %d kept, %d rejected -> %s", queries.height, rejected.height, out)
     return out

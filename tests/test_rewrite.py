@@ -83,6 +83,26 @@ def test_prompt_text_is_part_of_the_cache_key():
     assert local_ops == local
     assert cache_config(RewriteConfig(constraint_max_word_fraction=0.5)) != local
     assert cache_config(RewriteConfig(use_worked_examples=2))["prompt_fingerprint"] != local["prompt_fingerprint"]
+    # The failure tolerance is operational; the nested gate decides outputs and is in the key.
+    assert cache_config(RewriteConfig(backend="openai", max_error_rate=0.5)) == base
+    assert base["gate"] == GateConfig().model_dump() and "max_error_rate" not in base
+    assert cache_config(RewriteConfig(backend="openai", gate=GateConfig(max_new_words=2))) != base
+    assert cache_config(RewriteConfig(backend="openai", gate={"fragment_min_share": 0.6})) != base
+
+
+def test_gate_config_nests_once_and_old_flat_fields_still_load():
+    cfg = RewriteConfig(gate={"max_query_words": 10})
+    assert cfg.gate == GateConfig(max_query_words=10) and cfg.gate.max_new_words == 1
+    with pytest.warns(DeprecationWarning, match="gate"):
+        old = RewriteConfig.model_validate({"max_query_words": 10, "echo_similarity": 0.95, "max_new_words": 0})
+    assert old.gate == GateConfig(max_query_words=10, echo_similarity=0.95, max_new_words=0)
+    assert "max_query_words" not in old.model_dump()
+    with pytest.raises(ValueError, match="both"):
+        RewriteConfig.model_validate({"max_query_words": 10, "gate": {"max_query_words": 11}})
+    with pytest.raises(ValueError):
+        GateConfig(max_query_words=0)  # bounds are checked
+    with pytest.raises(ValueError):
+        RewriteConfig(gate={"max_querry_words": 3})  # a typo is an error, not a silent default
 
 
 def test_constraint_is_local_only_and_on_by_default():
@@ -304,7 +324,11 @@ def shards(tmp_path):
 def test_rewrite_queries_end_to_end(shards, tmp_path):
     work = tmp_path / "work"
     with FakeChatServer() as srv:
-        cfg = RewriteConfig(backend="openai", base_url=srv.base_url, units_per_doc=3, backoff_base_s=0.01)
+        # 2 of the 9 answers are junk (B1); tolerated here, the default 2% would fail the stage
+        # (tests/test_rewrite_failures.py).
+        cfg = RewriteConfig(
+            backend="openai", base_url=srv.base_url, units_per_doc=3, backoff_base_s=0.01, max_error_rate=0.25
+        )
         progress = []
         out = rewrite_queries(shards, cfg, work, on_progress=lambda done, total: progress.append((done, total)))
         requests = sum(srv.attempts.values())
@@ -332,6 +356,7 @@ def test_rewrite_queries_end_to_end(shards, tmp_path):
     assert funnel["dropped:backend_error"] == 2 and "malformed JSON" in " ".join(r["raw_output"])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rewrites"] == 9 and stats["backend_error_rate"] == pytest.approx(2 / 9)
+    assert stats["backend_errors_by_kind"] == {"empty": 1, "non_json": 1}
     sample = json.loads((out / "funnel.json").read_text())["sample_units"]
     assert sample == {"input": 10, "kept": 9, "dropped:not_sampled": 1}
     assert reasons["echo"] == "[echo] Fresh snow has an albedo close to nine tenths."
@@ -341,27 +366,29 @@ def test_rewrite_queries_end_to_end(shards, tmp_path):
 def test_task_cache_key_trusts_only_a_finished_folder(shards, tmp_path):
     key_fn = completed_output_cache_key(rewrite_output_dir)
     with FakeChatServer() as srv:
-        cfg = RewriteConfig(backend="openai", base_url=srv.base_url)
+        cfg = RewriteConfig(backend="openai", base_url=srv.base_url, max_error_rate=0.25)
         params = {"units_dirs": shards, "config": cfg, "work_dir": tmp_path / "w"}
         assert key_fn(None, params) is None
         out = rewrite_queries_task.fn(**params)
     assert key_fn(None, params) is not None
     (out / "_SUCCESS.json").unlink()
     assert key_fn(None, params) is None
-    other = RewriteConfig(backend="openai", base_url=srv.base_url, seed=1)
+    other = RewriteConfig(backend="openai", base_url=srv.base_url, seed=1, max_error_rate=0.25)
     assert rewrite_output_dir(shards, other, tmp_path / "w") != out
 
 
 def test_finished_shards_are_not_rewritten_on_retry(shards, tmp_path):
     work = tmp_path / "w"
     with FakeChatServer() as srv:
-        cfg = RewriteConfig(backend="openai", base_url=srv.base_url)
+        cfg = RewriteConfig(backend="openai", base_url=srv.base_url, max_error_rate=0.25)
         out = rewrite_queries(shards, cfg, work)
         (out / "_SUCCESS.json").unlink()  # as if the task died after the shards
         (out / "queries.parquet").unlink()
         before = sum(srv.attempts.values())
         assert rewrite_queries(shards, cfg, work) == out
-        assert sum(srv.attempts.values()) == before
+        # Shard A is finished; of shard B only its 2 failed items (never final) are sent again.
+        assert sum(srv.attempts.values()) == before + 2
+        assert srv.attempts["[empty] The Alps stretch across eight countries in Europe."] == 2
     assert (out / "queries.parquet").is_file()
 
 
@@ -385,7 +412,7 @@ def test_prefect_task_caches_and_does_not_retry_bad_input(prefect_harness, shard
         return states[-1] if states[-1].is_completed() else None  # a failed task must not fail the test flow
 
     with FakeChatServer() as srv:
-        cfg = RewriteConfig(backend="openai", base_url=srv.base_url)
+        cfg = RewriteConfig(backend="openai", base_url=srv.base_url, max_error_rate=0.25)
         first = run(shards, cfg, tmp_path / "w")
         # The key exists once the folder is complete: the 2nd run finds the folder
         # (no work) and records the key, the 3rd is a Prefect cache hit.

@@ -84,12 +84,16 @@ def test_unusable_answers_are_per_item_errors(marker, message):
     assert srv.attempts[f"{marker} Bad one here."] == 1  # not retried: the server answered
 
 
-def test_exhausted_retries_fail_the_shard_clearly():
+def test_exhausted_retries_fail_the_item_clearly():
+    """A transport failure past its retries fails that item (the stage sends it
+    again next run and fails past max_error_rate), not the other items."""
     with FakeChatServer() as srv:
         rw = OpenAIRewriter(_cfg(srv, max_retries=2))
-        with pytest.raises(RewriteBackendError, match=r"failed after 3 attempts, last: HTTP 503"):
-            rw.rewrite(["Fine sentence.", "[503-always] Never answered."], seed=0)
+        out = rw.rewrite(["Fine sentence.", "[503-always] Never answered."], seed=0)
+    assert out == ["Fine, sentence", ""] and rw.last_errors[0] is None
+    assert rw.last_errors[1] == "http_5xx: failed after 3 attempts, last: HTTP 503"
     assert srv.attempts["[503-always] Never answered."] == 3
+    assert rw.last_finish_reasons == ["stop", None]
 
 
 def test_connection_refused_is_retried_then_fails():
@@ -97,9 +101,48 @@ def test_connection_refused_is_retried_then_fails():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rw = OpenAIRewriter(RewriteConfig(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base_s=0))
-    with pytest.raises(RewriteBackendError, match="connection error"):
-        rw.rewrite(["Anything."], seed=0)
+    assert rw.rewrite(["Anything."], seed=0) == [""]
+    assert rw.last_errors[0].startswith("connection: failed after 2 attempts, last: connection error")
     assert rw.stats["requests"] == 2
+
+
+def test_a_dead_endpoint_is_not_retried_item_by_item():
+    """After max(8, concurrency) items in a row exhaust their retries, the rest is not sent."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = RewriteConfig(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base_s=0,
+                        concurrency=2)
+    rw = OpenAIRewriter(cfg)
+    assert rw.rewrite([f"Item {i}." for i in range(40)], seed=0) == [""] * 40
+    kinds = [e.split(":")[0] for e in rw.last_errors]
+    assert kinds.count("connection") >= 8 and kinds.count("aborted") >= 20
+    # Without the breaker every item would be tried twice (80 requests).
+    assert rw.stats["requests"] <= 80 - 20 and rw.stats["aborted"] == kinds.count("aborted")
+
+
+def test_finish_reason_and_junk_kinds_are_reported():
+    with FakeChatServer(slow_s=1.0) as srv:
+        rw = OpenAIRewriter(_cfg(srv, timeout_s=0.2, max_retries=1))
+        out = rw.rewrite(["[length] Mont Blanc is high.", "[html] Alps.", "[slow] Slow one.", "Fine one."], seed=0)
+    assert out == ["Mont, Blanc, Al", "", "", "Fine, one"]
+    assert rw.last_finish_reasons == ["length", None, None, "stop"]
+    assert [e and e.split(":")[0] for e in rw.last_errors] == [None, "non_json", "timeout", None]
+    assert srv.attempts["[slow] Slow one."] == 2 and srv.attempts["[html] Alps."] == 1
+
+
+def test_url_credentials_are_used_but_never_shown(caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeChatServer() as srv:
+        url = srv.base_url.replace("http://", "http://alice:sk-in-url-777@") + "?api-key=qs-secret-888"
+        rw = OpenAIRewriter(_cfg(srv, base_url=url))
+        assert rw.url.endswith("/v1/chat/completions?api-key=qs-secret-888")  # the query string stays after the path
+        assert rw.rewrite(["[400] Refused one.", "Fine one."], seed=0) == ["", "Fine, one"]
+    assert srv.auth_headers[0].startswith("Basic ")  # httpx sends the user info as basic auth
+    shown = repr(rw) + caplog.text + str(rw.last_errors)
+    assert rw.endpoint == srv.base_url + "/chat/completions" and rw.endpoint in repr(rw)
+    for secret in ("alice", "sk-in-url-777", "qs-secret-888"):
+        assert secret not in shown
 
 
 def test_concurrency_is_bounded():

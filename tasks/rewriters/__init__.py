@@ -3,7 +3,13 @@ and the quality gate. ``make_rewriter(config)`` builds the configured backend.""
 
 from __future__ import annotations
 
-from tasks.rewriters.base import BackendUnavailableError, RewriteBackendError, RewriteConfigError, Rewriter
+from tasks.rewriters.base import (
+    BackendUnavailableError,
+    RewriteBackendError,
+    RewriteConfigError,
+    RewriteFailuresError,
+    Rewriter,
+)
 from tasks.rewriters.config import PRODUCTION_MODEL, RewriteConfig
 from tasks.rewriters.prompts import PAPER_PROMPT, PROMPT_VERSION, build_messages, prompt_fingerprint
 
@@ -31,6 +37,7 @@ __all__ = [
     "RewriteBackendError",
     "RewriteConfig",
     "RewriteConfigError",
+    "RewriteFailuresError",
     "Rewriter",
     "build_messages",
     "make_rewriter",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from tasks.rewriters.quality import GateConfig
 
 PRODUCTION_MODEL = "meta-llama/Llama-3.1-70B-Instruct"
 
@@ -28,8 +32,26 @@ OPERATIONAL_FIELDS = frozenset(
         "max_retries",
         "backoff_base_s",
         "backoff_max_s",
+        "max_error_rate",
     }
 )
+# Gate thresholds that were RewriteConfig fields before RewriteConfig.gate.
+LEGACY_GATE_FIELDS = ("max_query_words", "echo_similarity", "max_new_words")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info (``user:key@``), query string and fragment:
+    what may be shown of an endpoint."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class RewriteConfig(BaseModel):
@@ -120,14 +142,50 @@ class RewriteConfig(BaseModel):
     max_retries: int = Field(5, ge=0, le=50, description="openai: retries of one request on 429/5xx/connection errors/timeouts.")
     backoff_base_s: float = Field(1.0, ge=0.0, le=600.0, description="openai: first back-off delay; doubles per retry, plus jitter.")
     backoff_max_s: float = Field(60.0, ge=0.0, le=3600.0, description="openai: cap of one back-off delay (and of Retry-After).")
+    # Failures: how many rewrites may get no usable answer before the stage fails.
+    max_error_rate: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Fail the stage when more than this share of the sampled units got no usable answer "
+        "(HTTP 4xx/5xx, timeouts, non-JSON or empty answers, after the client's retries). Failed items are "
+        "never cached as final: a re-run (or the task's retry) sends only those again. At or below the "
+        "share they are counted as backend_error drops.",
+    )
     # Quality gate.
-    max_query_words: int = Field(32, ge=1, le=256, description="Gate: drop queries longer than this many words (or than the sentence).")
-    echo_similarity: float = Field(
-        0.9, ge=0.5, le=1.0, description="Gate: drop near-copies of the sentence (difflib ratio of normalised text >= this)."
+    gate: GateConfig = Field(
+        GateConfig(), title="Quality gate", description="Thresholds of the gate that keeps or drops each rewrite."
     )
-    max_new_words: int = Field(
-        1, ge=0, le=20, description="Gate: content words not found in the sentence (after stemming) that a query may add."
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_fields_moved(cls, data: Any) -> Any:
+        """Configs saved before the gate nested (flat max_query_words, echo_similarity,
+        max_new_words) still load: the values move into ``gate``, with a warning."""
+        if not isinstance(data, dict) or not any(k in data for k in LEGACY_GATE_FIELDS):
+            return data
+        data = dict(data)
+        moved = {k: data.pop(k) for k in LEGACY_GATE_FIELDS if k in data}
+        gate = data.get("gate")
+        gate = gate.model_dump() if isinstance(gate, GateConfig) else dict(gate or {})
+        clash = sorted(k for k in moved if k in gate and gate[k] != moved[k])
+        if clash:
+            raise ValueError(f"{clash} given both at the top level and in gate; set them in gate only")
+        warnings.warn(
+            f"RewriteConfig: {sorted(moved)} moved into RewriteConfig.gate; set gate.<field> instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data["gate"] = {**gate, **moved}
+        return data
+
+    def endpoint_label(self) -> str:
+        """Where rewrites come from, fit for an error message or a log line: for
+        openai the base URL without user info, query string or fragment (no
+        credentials); for vllm/local the engine and model."""
+        if self.backend == "openai":
+            return redact_url(self.base_url)
+        if self.backend == "vllm":
+            return f"in-process vLLM engine ({self.resolved_model()})"
+        return "local transformers model" + (f" ({self.model})" if self.model else " (embedded GGUF)")
 
     def worked_examples_on(self) -> bool | int:
         """What build_messages takes: True (all), False, or a number of examples."""

@@ -36,7 +36,14 @@ import difflib
 import re
 from dataclasses import dataclass
 
-REASONS = ("empty", "refusal", "preamble", "echo", "fragment", "too_long", "adds_information", "backend_error")
+from pydantic import BaseModel, ConfigDict, Field
+
+# ``truncated`` (the backend stopped at max_new_tokens: finish_reason "length")
+# and ``backend_error`` (no usable answer) are decided by the stage from the
+# backend's report, before ``judge`` sees the text.
+REASONS = (
+    "empty", "refusal", "preamble", "echo", "fragment", "too_long", "adds_information", "truncated", "backend_error"
+)
 
 _QUOTES = "\"'`“”‘’«»"
 # Labels a model puts before the answer; stripped, the rest is kept.
@@ -70,13 +77,27 @@ STOP_WORDS = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    max_query_words: int = 32
-    max_new_words: int = 1
-    echo_similarity: float = 0.9
-    fragment_min_words: int = 4
-    fragment_min_share: float = 0.5
+class GateConfig(BaseModel):
+    """The gate's thresholds; nested in the rewrite config as ``RewriteConfig.gate``
+    (so it is part of the stage's cache key and of the Prefect UI form)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_query_words: int = Field(
+        32, ge=1, le=256, description="Drop queries longer than this many words (or than the sentence)."
+    )
+    max_new_words: int = Field(
+        1, ge=0, le=20, description="Content words not found in the sentence (after stemming) that a query may add."
+    )
+    echo_similarity: float = Field(
+        0.9, ge=0.5, le=1.0, description="Drop near-copies of the sentence (difflib ratio of normalised text >= this)."
+    )
+    fragment_min_words: int = Field(
+        4, ge=1, le=64, description="A verbatim run of the sentence this many words long (or more) may be a fragment."
+    )
+    fragment_min_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="... and a fragment when it also has at least this share of the sentence's words."
+    )
 
 
 @dataclass(frozen=True)

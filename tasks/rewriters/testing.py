@@ -7,6 +7,15 @@ only the first attempt:
 
     [timeout-once] [429-once] [500-once] [503-always] [malformed] [empty]
     [nochoices] [echo] [400]
+
+and junk a broken or overloaded endpoint gives:
+
+    [slow]   always answers after ``slow_s`` (past a shorter client timeout)
+    [html]   200 with an HTML page instead of JSON (a proxy's error page)
+    [length] keywords cut off, ``finish_reason: "length"`` (max_tokens reached)
+
+``healthy=True`` ignores every marker and answers all sentences well (the
+same endpoint after it was fixed); ``requests`` counts the requests received.
 """
 
 from __future__ import annotations
@@ -29,9 +38,15 @@ class FakeChatServer:
     """``with FakeChatServer() as srv: srv.base_url`` -> http://127.0.0.1:PORT/v1"""
 
     def __init__(
-        self, latency_s: float = 0.0, slow_s: float = 2.0, retry_after: str = "0.3", api_key: str | None = None
+        self,
+        latency_s: float = 0.0,
+        slow_s: float = 2.0,
+        retry_after: str = "0.3",
+        api_key: str | None = None,
+        healthy: bool = False,
     ):
         self.api_key = api_key  # when set, other keys get 401
+        self.healthy = healthy
         self.latency_s = latency_s
         self.slow_s = slow_s
         self.retry_after = retry_after
@@ -79,6 +94,11 @@ class FakeChatServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
+    def requests(self) -> int:
+        with self._lock:
+            return sum(self.attempts.values())
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
@@ -91,12 +111,14 @@ class FakeChatServer:
         self._httpd.server_close()
 
     @staticmethod
-    def completion(content: str | None) -> bytes:
+    def completion(content: str | None, finish_reason: str = "stop") -> bytes:
         return json.dumps(
             {
                 "id": "chatcmpl-test",
                 "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
+                ],
             }
         ).encode()
 
@@ -111,10 +133,10 @@ class FakeChatServer:
         if self.api_key and h.headers.get("Authorization") != f"Bearer {self.api_key}":
             return h._send(401, b'{"error": "invalid api key"}')
         m = _MARK.match(sentence)
-        mark = m.group(1) if m else ""
+        mark = "" if self.healthy else (m.group(1) if m else "")
         if self.latency_s:
             time.sleep(self.latency_s)
-        if mark == "timeout-once" and attempt == 1:
+        if (mark == "timeout-once" and attempt == 1) or mark == "slow":
             time.sleep(self.slow_s)
         elif mark == "429-once" and attempt == 1:
             return h._send(429, b'{"error": "rate limited"}', {"Retry-After": self.retry_after})
@@ -130,8 +152,12 @@ class FakeChatServer:
             return h._send(200, b'{"choices": []}')
         elif mark == "empty":
             return h._send(200, self.completion(""))
+        elif mark == "html":
+            return h._send(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>")
         if mark == "echo":  # the whole sentence back, as small models often do
             return h._send(200, self.completion(sentence))
         text = sentence[m.end():] if m else sentence
         words = [w.strip(".,;") for w in text.split()]
+        if mark == "length":  # cut off mid-query, as at max_tokens
+            return h._send(200, self.completion(", ".join(w for w in words[:2] if w) + ", Al", "length"))
         return h._send(200, self.completion(", ".join(w for w in words[:4] if w)))

@@ -2,7 +2,9 @@
 
 All prompts of a shard go to the engine in ONE ``LLM.chat`` call (a list of
 conversations), so vLLM's scheduler batches them continuously; sampling is
-explicit (``SamplingParams`` with the per-shard seed). vLLM is an optional
+explicit (``SamplingParams`` with the per-shard seed). Each output's
+``finish_reason`` ("stop", "length" ...) goes to ``last_finish_reasons``, so
+an output cut at max_tokens is dropped as ``truncated``. vLLM is an optional
 extra (``pip install 'gear-rir[vllm]'``, CUDA only) and is imported only here.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.rewriters.base import BackendUnavailableError, Rewriter
+from tasks.rewriters.base import BackendUnavailableError, Rewriter, item_error
 from tasks.rewriters.config import RewriteConfig
 from tasks.rewriters.prompts import build_messages
 
@@ -67,6 +69,7 @@ class VllmRewriter(Rewriter):
         self.model_name = config.resolved_model()
         self.use_examples = config.worked_examples_on()
         self.last_errors = []
+        self.last_finish_reasons = []
         self._vllm = _import_vllm()
         if engine is None:
             log.info("starting vLLM engine: %s", engine_kwargs(config))
@@ -75,18 +78,28 @@ class VllmRewriter(Rewriter):
 
     def rewrite(self, sentences: list[str], seed: int) -> list[str]:
         if not sentences:
-            self.last_errors = []
+            self.last_errors, self.last_finish_reasons = [], []
             return []
         params = self._vllm.SamplingParams(**sampling_kwargs(self.config, seed))
         results = self.engine.chat(
             conversations(sentences, self.use_examples), sampling_params=params, use_tqdm=False
         )
-        outputs, errors = [], []
-        for r in results:
-            text = r.outputs[0].text if getattr(r, "outputs", None) else ""
-            outputs.append(text)
-            errors.append(None if text.strip() else "engine returned no text")
+        outputs, errors, finishes = read_outputs(results)
         if len(outputs) != len(sentences):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(sentences)} prompts")
-        self.last_errors = errors
+        self.last_errors, self.last_finish_reasons = errors, finishes
         return outputs
+
+
+def read_outputs(results: list[Any]) -> tuple[list[str], list[str | None], list[str | None]]:
+    """Texts, per-item errors and finish reasons of ``LLM.chat``'s RequestOutputs
+    (``.outputs[0].text`` / ``.finish_reason`` of vLLM's CompletionOutput)."""
+    outputs, errors, finishes = [], [], []
+    for r in results:
+        first = r.outputs[0] if getattr(r, "outputs", None) else None
+        text = getattr(first, "text", None) or ""
+        finish = getattr(first, "finish_reason", None)
+        outputs.append(text)
+        finishes.append(finish if isinstance(finish, str) else None)
+        errors.append(None if text.strip() else item_error("empty", f"engine returned no text (finish_reason {finish})"))
+    return outputs, errors, finishes
