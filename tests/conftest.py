@@ -20,3 +20,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def embedded_plain_xml(tmp_path_factory):
+    """The embedded dump decompressed: an uncompressed UTF-8 .xml export."""
+    import bz2
+
+    from tasks.assets import embedded_dump_path
+
+    path = tmp_path_factory.mktemp("plain-dump") / "enwiki-excerpt.xml"
+    path.write_bytes(bz2.decompress(embedded_dump_path().read_bytes()))
+    return path
