@@ -1,17 +1,26 @@
 """`gear`: run the pipeline's flows locally, without a Prefect server.
 
-Each subcommand builds the flow's typed parameters and calls the flow, which
-starts a temporary Prefect API for the run; the same flows run unchanged
-from the deployments in prefect.yaml. On failure the command exits non-zero
-with a one-line reason.
+Each subcommand resolves the flow's typed parameters and calls the flow,
+which starts a temporary Prefect API for the run; the same flows run
+unchanged from the deployments in prefect.yaml. Parameters are resolved in
+layers, lowest first (flows/params.py: resolve_params):
+
+    model defaults (the paper's) < --profile < --config FILE.yaml < --set KEY=VALUE < dedicated flags
+
+--config takes a YAML file in the flow's parameter shape (the keys of its
+Prefect form); --set takes a dotted key and a YAML/JSON value and may be
+repeated; --dry-run prints the resolved parameters (a --config file) and
+stops. Bad parameters exit with status 2 and one line per field; any other
+failure exits with status 1 and a one-line reason.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 # Before Prefect is imported: prefect.toml is only read from the working
 # directory, so give the same settings to a `gear` started anywhere.
@@ -21,12 +30,51 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
 
-from flows.demo import DEMO_DOCS_PER_ARTICLE, DEMO_TEST_FRACTION, DEMO_UNITS_PER_DOC
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
+
+class Profile(str, Enum):
+    """flows/profiles.py: demo (the embedded run) or paper (the paper's figures, the model defaults)."""
+
+    demo = "demo"
+    paper = "paper"
+
+
+class RewriterBackend(str, Enum):
+    """RewriteConfig.backend (tests/test_cli_config.py keeps the two lists equal)."""
+
+    local = "local"
+    openai = "openai"
+    vllm = "vllm"
+
+
+class Device(str, Enum):
+    """TrainParams.device."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _profile_opt(why: str):
+    return typer.Option("--profile", help=f"Parameter preset: demo (the embedded run) or paper (the paper's figures). {why}")
+
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", dir_okay=False, metavar="FILE.yaml",
+                 help="YAML file of the flow's parameters (the keys of its Prefect form), over the profile."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override one parameter: a dotted key and a YAML/JSON value, e.g. relevance.threshold=0.35. "
+                 "Repeatable; over --config."),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved parameters as YAML (a --config file) and stop.")]
 DumpOpt = Annotated[Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml, .xml.bz2, multistream .bz2). Default: the enwiki excerpt shipped in gensim.")]
-OutputOpt = Annotated[Path, typer.Option("--output-dir", help="Folder for stage outputs, datasets, models and reports.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Folder for stage outputs, datasets, models and reports (default: data).")]
+BackendOpt = Annotated[Optional[RewriterBackend], typer.Option("--rewriter-backend", help="Query rewriter backend (rewrite.backend).")]
 
 
 def _fail(exc: BaseException) -> None:
@@ -35,20 +83,64 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=1)
 
 
+def _given(**flags: Any) -> dict[str, Any]:
+    """Dotted parameter key -> value of the flags that were given (``__`` in a name stands for ``.``)."""
+    out = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        out[name.replace("__", ".")] = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+    return out
+
+
+def resolve(command: str, profile: Profile | None, config: Path | None, sets: list[str] | None, flags: dict[str, Any]):
+    """The parameters a command runs with (what --dry-run prints); raises ParamsError."""
+    from flows.params import BuildDatasetParams, PipelineParams, resolve_params
+
+    if command == "build-dataset":
+        model_cls = BuildDatasetParams
+    elif command == "train":
+        from tasks.train import TrainParams as model_cls
+    elif command == "evaluate":
+        from tasks.evaluate import EvalParams as model_cls
+    else:
+        model_cls = PipelineParams
+    return resolve_params(model_cls, profile.value if profile else None, config, sets or (), flags)
+
+
+def _params_or_exit(command: str, profile, config, sets, flags, dry_run: bool):
+    from flows.params import ParamsError, dump_yaml
+
+    try:
+        params = resolve(command, profile, config, sets, flags)
+    except ParamsError as exc:
+        for line in exc.lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(code=2) from None
+    if dry_run:
+        typer.echo(dump_yaml(params), nl=False)
+        raise typer.Exit(code=0)
+    return params
+
+
 @app.command("build-dataset")
 def build_dataset(
+    profile: Annotated[Profile, _profile_opt("Default: paper (the paper's document, unit and split rules).")] = Profile.paper,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     dump: DumpOpt = None,
-    output_dir: OutputOpt = Path("data"),
-    docs_per_article: Annotated[int, typer.Option(help="Cut each article into up to N consecutive documents (paper: 1).")] = 1,
-    rewriter_backend: Annotated[str, typer.Option(help="Query rewriter backend: local, openai or vllm.")] = "local",
+    output_dir: OutputOpt = None,
+    docs_per_article: Annotated[Optional[int], typer.Option(help="Cut each article into up to N consecutive documents (units.docs_per_article; paper 1, demo 3).")] = None,
+    rewriter_backend: BackendOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Wikipedia dump -> RIR (query, document, unit) triples and a dataset card."""
+    flags = _given(dump=dump, output_dir=output_dir, units__docs_per_article=docs_per_article,
+                   rewrite__backend=rewriter_backend)
+    params = _params_or_exit("build-dataset", profile, config, set_, flags, dry_run)
     try:
-        from flows.build_rir_dataset import BuildDatasetParams, build_rir_dataset
+        from flows.build_rir_dataset import build_rir_dataset
 
-        params = BuildDatasetParams.for_cli(
-            dump=dump, output_dir=output_dir, docs_per_article=docs_per_article, rewriter_backend=rewriter_backend
-        )
         dataset_dir = build_rir_dataset(params)
     except Exception as exc:  # noqa: BLE001 - one-line reason for any failure
         _fail(exc)
@@ -60,20 +152,24 @@ def build_dataset(
 
 @app.command("train")
 def train(
-    dataset: Annotated[Optional[Path], typer.Option(help="An --output-dir of build-dataset (its latest dataset), a datasets/ folder or one version's folder. Default: latest under data/.")] = None,
-    output_dir: OutputOpt = Path("data"),
-    epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
+    profile: Annotated[Profile, _profile_opt("Default: demo (the embedded training run, minutes on a CPU).")] = Profile.demo,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="An --output-dir of build-dataset (its latest dataset), a datasets/ folder or one version's folder. Default: latest under the output dir.")] = None,
+    output_dir: OutputOpt = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (paper 10, demo 4).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
-    nproc_per_node: Annotated[int, typer.Option(help="Processes per node for torchrun.")] = 1,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per node for torchrun (one per GPU).")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="auto: CUDA when available, else CPU; cuda: CUDA or fail.")] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train GeAR on a dataset's train split; prints the model folder."""
+    flags = _given(dataset=dataset, output_dir=output_dir, epochs=epochs, max_steps=max_steps,
+                   nproc_per_node=nproc_per_node, device=device)
+    params = _params_or_exit("train", profile, config, set_, flags, dry_run)
     try:
-        from flows.train_gear import TrainParams, train_gear
+        from flows.train_gear import train_gear
 
-        overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
-        params = TrainParams(
-            dataset=str(dataset or output_dir), output_dir=str(output_dir), nproc_per_node=nproc_per_node, **overrides
-        )
         model_dir = train_gear(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
@@ -82,15 +178,40 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
-    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder. Default: the latest under OUTPUT_DIR/models.")] = None,
+    profile: Annotated[Profile, _profile_opt("Default: paper (10k test queries, 500 generated).")] = Profile.paper,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (model_dirs). Default: the latest under OUTPUT_DIR/models.")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset (as for `gear train`). Default: latest under OUTPUT_DIR.")] = None,
-    output_dir: OutputOpt = Path("data"),
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where the report goes and where the newest model and dataset are looked up. Default: models and dataset from data/, the report to the output_dir parameter (data/eval).")] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Evaluate a model on retrieval, localisation and generation; writes report.md/json."""
-    try:
-        from flows.evaluate_gear import EvalParams, evaluate_gear
+    flags = _given(model_dirs=[str(model)] if model else None, output_dir=output_dir)
+    params = _params_or_exit("evaluate", profile, config, set_, flags, dry_run=False)
+    # What `gear evaluate` finds by itself when neither flags nor --config/--set name it:
+    # train-gear's newest run and build-dataset's newest dataset under OUTPUT_DIR (default data).
+    root = Path(output_dir or "data")
+    fill = {}
+    if not params.model_dirs:
+        fill["model_dirs"] = [str(root / "models")]
+    if not params.dataset:
+        fill["dataset"] = str(root)
+    if fill:
+        params = params.model_copy(update=fill)
+    if dry_run:
+        from flows.params import dump_yaml
 
-        params = EvalParams.for_cli(model=model, dataset=dataset, output_dir=output_dir)
+        typer.echo(dump_yaml(params), nl=False)
+        raise typer.Exit(code=0)
+    try:
+        from tasks.common import PipelineInputError
+
+        latest = root / "models" / "LATEST"
+        if "model_dirs" in fill and not latest.is_file():
+            raise PipelineInputError(latest, "no --model given and no trained model recorded here")
+        from flows.evaluate_gear import evaluate_gear
+
         report_dir = evaluate_gear(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
@@ -100,35 +221,40 @@ def evaluate(
 
 @app.command("pipeline")
 def pipeline(
+    profile: Annotated[Profile, _profile_opt("Default: demo (the embedded run, ~12 min on 2 CPU cores).")] = Profile.demo,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     dump: DumpOpt = None,
-    output_dir: OutputOpt = Path("data"),
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Folder of every stage, dataset and model; the report goes to OUTPUT_DIR/eval (default: data).")] = None,
     docs_per_article: Annotated[
-        int,
-        typer.Option(
-            help="Cut each article into up to N consecutive <=500-token documents. The paper makes one per "
-            "article; the demo makes up to 3, so the 106-article embedded dump gives ~180 documents."
-        ),
-    ] = DEMO_DOCS_PER_ARTICLE,
+        Optional[int],
+        typer.Option(help="Cut each article into up to N consecutive <=500-token documents (build.units.docs_per_article). "
+                     "The paper makes one per article; the demo makes up to 3, so the 106-article embedded dump gives ~180 documents."),
+    ] = None,
     units_per_doc: Annotated[
-        int, typer.Option(help="Candidate units rewritten per document (paper: 3; the demo samples 5).")
-    ] = DEMO_UNITS_PER_DOC,
+        Optional[int], typer.Option(help="Candidate units rewritten per document (build.rewrite.units_per_doc; paper 3, demo 5).")
+    ] = None,
     test_fraction: Annotated[
-        float,
-        typer.Option(
-            help="Share of documents held out for the test split. The paper holds out 5% of 2.3M documents; "
-            "the demo holds out 40% so that the test split has 100+ queries."
-        ),
-    ] = DEMO_TEST_FRACTION,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: the embedded training profile's).")] = None,
+        Optional[float],
+        typer.Option(help="Share of documents held out for the test split (build.triples.test_fraction). The paper holds "
+                     "out 5% of 2.3M documents; the demo holds out 40% so that the test split has 100+ queries."),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs; paper 10, demo 4).")] = None,
+    rewriter_backend: BackendOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
-    """build-rir-dataset -> train-gear -> evaluate-gear on the embedded defaults; prints the tables."""
+    """build-rir-dataset -> train-gear -> evaluate-gear (demo profile by default); prints the tables."""
+    out = str(output_dir) if output_dir is not None else None
+    flags = _given(
+        build__dump=dump, build__output_dir=out, train__output_dir=out,
+        evaluate__output_dir=str(Path(out) / "eval") if out else None, evaluate__work_dir=out,
+        build__units__docs_per_article=docs_per_article, build__rewrite__units_per_doc=units_per_doc,
+        build__triples__test_fraction=test_fraction, build__rewrite__backend=rewriter_backend, train__epochs=epochs,
+    )
+    params = _params_or_exit("pipeline", profile, config, set_, flags, dry_run)
     try:
-        from flows.rir_pipeline import PipelineParams, rir_pipeline
+        from flows.rir_pipeline import rir_pipeline
 
-        params = PipelineParams.for_cli(
-            dump=dump, output_dir=output_dir, docs_per_article=docs_per_article, test_fraction=test_fraction,
-            epochs=epochs, units_per_doc=units_per_doc,
-        )
         report_dir = rir_pipeline(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)

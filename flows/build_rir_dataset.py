@@ -10,59 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
-from pydantic import BaseModel, Field, field_validator
 
-from tasks.assets import embedded_dump_path
+from flows.params import BuildDatasetParams
 from tasks.common import fingerprint, publish_funnel
-from tasks.dedup import DedupConfig, dedup_task
-from tasks.extract_docs import ExtractConfig, extract_docs
-from tasks.relevance import RelevanceConfig, relevance_filter_task
-from tasks.rewrite import RewriteConfig, rewrite_queries_task
-from tasks.select_units import UnitConfig, select_units_task
-from tasks.shard import ShardConfig, shard_dump
-from tasks.write_triples import TriplesConfig, write_triples_task
+from tasks.dedup import dedup_task
+from tasks.extract_docs import extract_docs
+from tasks.relevance import relevance_filter_task
+from tasks.rewrite import rewrite_queries_task
+from tasks.select_units import select_units_task
+from tasks.shard import shard_dump
+from tasks.write_triples import write_triples_task
 
-
-class BuildDatasetParams(BaseModel):
-    """Everything `build-rir-dataset` needs; the paper's figures are the defaults."""
-
-    dump: str | None = Field(
-        None,
-        title="Wikipedia dump",
-        description="Path of a MediaWiki XML dump (.xml, .xml.bz2, or a -multistream .bz2 with its index "
-        "beside it). Empty: the 106-article enwiki excerpt shipped in the gensim package.",
-    )
-    output_dir: str = Field(
-        "data",
-        title="Output folder",
-        description="Stage outputs go to <output_dir>/stages, the dataset to <output_dir>/datasets/<version>.",
-    )
-    shard: ShardConfig = Field(ShardConfig(), title="Sharding", description="How the dump is cut into shards (one Prefect task each).")
-    extract: ExtractConfig = Field(ExtractConfig(), title="Wikitext extraction", description="Which pages are kept and how wikitext becomes plain prose.")
-    units: UnitConfig = Field(UnitConfig(), title="Documents and candidate units (paper, Appendix A)", description="The paper's document and candidate-sentence rules (Appendix A) with its figures as defaults.")
-    rewrite: RewriteConfig = Field(RewriteConfig(), title="Query rewriting (LLM)", description="The LLM that rewrites sampled units into keyword queries, its prompt and the quality gate.")
-    dedup: DedupConfig = Field(DedupConfig(), title="De-duplication", description="Keyword de-duplication and reordering, duplicate queries, near-duplicate documents.")
-    relevance: RelevanceConfig = Field(RelevanceConfig(), title="Relevance filter (BGE similarity)", description="The embedding model and threshold of the query-document relevance filter.")
-    triples: TriplesConfig = Field(TriplesConfig(), title="Train/test split", description="The document-level train/test split and the dataset card.")
-
-    @field_validator("dump")
-    @classmethod
-    def _dump_exists(cls, value: str | None) -> str | None:
-        if value and not Path(value).is_file():
-            raise ValueError(f"dump file not found: {value}")
-        return value or None
-
-    def dump_path(self) -> str:
-        return self.dump or str(embedded_dump_path())
-
-    @classmethod
-    def for_cli(cls, dump: Path | None, output_dir: Path, docs_per_article: int = 1, rewriter_backend: str = "local"):
-        return cls(
-            dump=str(dump) if dump else None,
-            output_dir=str(output_dir),
-            units=UnitConfig(docs_per_article=docs_per_article),
-            rewrite=RewriteConfig(backend=rewriter_backend),
-        )
+__all__ = ["BuildDatasetParams", "build_rir_dataset"]
 
 
 def _lineage(params: BuildDatasetParams, dump: str) -> dict[str, Any]:

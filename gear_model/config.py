@@ -4,8 +4,10 @@
 config.json); ``TrainConfig`` is one training run and is written, resolved,
 next to every checkpoint and into the final model directory.
 
-Defaults are the paper's (Table 4, Appendix C). ``TrainConfig.embedded()``
-gives the laptop-sized run on the embedded MiniLM encoder.
+Defaults are the paper's (Table 4, Appendix C), written once: a
+``TrainConfig`` holds the ``GearConfig`` it trains (``model``).
+``TrainConfig.embedded()`` gives the laptop-sized run on the embedded MiniLM
+encoder.
 """
 
 from __future__ import annotations
@@ -57,14 +59,28 @@ class GearConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# The flat names a TrainConfig had before it held a GearConfig: still read
+# from old train_config.json files and ``--set`` items, and routed to ``model``.
+_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(GearConfig))
+
+
 @dataclass
 class TrainConfig:
-    """One training run. Paper defaults; see ``embedded()`` for the laptop run."""
+    """One training run: the model it trains (``model``, a ``GearConfig``) and
+    the schedule, data and checkpoint settings. Paper defaults; see
+    ``embedded()`` for the laptop run.
+
+    ``to_dict()`` nests the model settings under ``"model"``; ``from_dict``
+    also reads the flat shape of older train_config.json files (``lm_weight``,
+    ``queue_size``, ``max_doc_length``, ... at the top level)."""
 
     # Data and model.
     dataset: str = ""  # train.parquet, or a dataset version folder holding it
     init_checkpoint: str = ""  # any BERT checkpoint directory, or a GeAR model dir
     output_dir: str = "runs/gear"
+    # The model's own settings (loss weights, momentum, queue, lengths): saved
+    # with the model as the "gear" part of its config.json.
+    model: GearConfig = dataclasses.field(default_factory=GearConfig)
     # Schedule (Table 4).
     epochs: int = 10
     batch_size: int = 16  # per device (per process)
@@ -81,16 +97,6 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off (the paper reports none)
     max_steps: int = 0  # >0: train at most this many optimizer steps (schedule follows)
     stop_after_steps: int = 0  # >0: checkpoint and exit after this many steps (simulates a kill)
-    # Model / loss.
-    lm_weight: float = 1.0
-    momentum: float = 0.995
-    queue_size: int = 57_600
-    alpha: float = 0.4
-    alpha_ramp_epochs: float = 2.0
-    temp_init: float = 0.07
-    max_query_length: int = 512
-    max_doc_length: int = 512
-    max_unit_length: int = 512
     # Learning rate of the newly initialised parts (fusion cross-attention,
     # decoder, [DEC]) as a multiple of ``lr``; the paper uses one lr (1.0).
     new_module_lr_mult: float = 1.0
@@ -122,7 +128,7 @@ class TrainConfig:
     resume: bool = True  # resume from the latest checkpoint in output_dir if there is one
     log_every: int = 1
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (cuda without CUDA is an error)
     bf16: bool = True  # bf16 autocast when on CUDA
     num_threads: int = 0  # CPU threads per process; 0 = torch's default
 
@@ -135,7 +141,10 @@ class TrainConfig:
         a frozen E_d whose states are computed once, identity query/key
         projections in the fusion cross-attention (a random init stayed near
         chance in this budget), the fusion at the base lr (3x and 30x eroded
-        what the init gives) and 30x the lr for the decoder.
+        what the init gives) and 30x the lr for the decoder. ``overrides`` are
+        ``from_dict`` items (flat model names such as ``queue_size`` included).
+        The demo profile of train-gear (flows/profiles.py) is this run's
+        difference from the paper's.
         """
         base = dict(
             epochs=4,
@@ -148,47 +157,47 @@ class TrainConfig:
             decoder_lr_mult=30.0,
             cross_attention_init="identity",
             freeze_doc_encoder=True,
-            queue_size=64,
-            max_query_length=32,
-            max_doc_length=512,
-            max_unit_length=48,
             momentum_eval_mode=True,
             attention_dropout=0.0,
             eval_max_queries=200,
             eval_generation_queries=16,
             save_every=0,
             keep_last=1,
+            model={"queue_size": 64, "max_query_length": 32, "max_doc_length": 512, "max_unit_length": 48},
         )
-        base.update(overrides)
-        return cls(**base)
+        return cls.from_dict(_merge(base, overrides))
 
     def decoder_lr_multiplier(self) -> float:
         """The decoder's lr multiple: ``decoder_lr_mult``, or ``new_module_lr_mult`` when unset."""
         return self.new_module_lr_mult if self.decoder_lr_mult is None else self.decoder_lr_mult
 
     def gear_config(self) -> GearConfig:
-        return GearConfig(
-            temp_init=self.temp_init,
-            momentum=self.momentum,
-            queue_size=self.queue_size,
-            alpha=self.alpha,
-            alpha_ramp_epochs=self.alpha_ramp_epochs,
-            lm_weight=self.lm_weight,
-            max_query_length=self.max_query_length,
-            max_doc_length=self.max_doc_length,
-            max_unit_length=self.max_unit_length,
-        )
+        """A copy of the model settings (what a model built for this run carries)."""
+        return dataclasses.replace(self.model)
+
+    # Read-only views of ``model``'s training-relevant settings, for callers
+    # written against the flat shape (``config.queue_size``).
+    lm_weight = property(lambda self: self.model.lm_weight)
+    queue_size = property(lambda self: self.model.queue_size)
+    max_query_length = property(lambda self: self.model.max_query_length)
+    max_doc_length = property(lambda self: self.model.max_doc_length)
+    max_unit_length = property(lambda self: self.model.max_unit_length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From ``to_dict()``'s shape, or the older flat one (model names at the top level)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        top = {k: v for k, v in d.items() if k in names and k != "model"}
+        model = d.get("model") or {}
+        model = model.to_dict() if isinstance(model, GearConfig) else dict(model)
+        model.update({k: v for k, v in d.items() if k in _MODEL_KEYS and k not in names})
+        unknown = sorted(set(d) - names - _MODEL_KEYS) + sorted(f"model.{k}" for k in set(model) - _MODEL_KEYS)
         if unknown:
             raise ValueError(f"unknown training config keys: {unknown}")
-        return cls(**d)
+        return cls(**top, model=GearConfig(**model))
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -199,6 +208,19 @@ class TrainConfig:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``base``; a flat model name (``queue_size``) lands in ``base["model"]``."""
+    out = {**base, "model": dict(base.get("model") or {})}
+    for key, value in overrides.items():
+        if key == "model":
+            out["model"].update(value.to_dict() if isinstance(value, GearConfig) else value)
+        elif key in _MODEL_KEYS:
+            out["model"][key] = value
+        else:
+            out[key] = value
+    return out
 
 
 __all__ = ["DEC_TOKEN", "GearConfig", "TrainConfig"]

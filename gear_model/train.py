@@ -5,7 +5,8 @@ optimizer, resume, loop, checkpoints, final model.
     torchrun --nproc_per_node 8 -m gear_model.train --config cfg.json
     torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500 ... (multi-node)
 
-The config is a JSON ``TrainConfig`` (``--set key=value`` overrides a field).
+The config is a JSON ``TrainConfig`` (``--set key=value`` overrides a field;
+``--set model.queue_size=8`` or ``--set queue_size=8`` one of its GearConfig).
 Rank 0 writes one JSON object per line to ``<output_dir>/metrics.jsonl``
 (``event`` = start | step | checkpoint | done) and the final model to
 ``<output_dir>/model`` (``GearModel.save_pretrained`` + train_config.json).
@@ -88,7 +89,8 @@ def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def _gear_fields(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.gear_config().to_dict().items() if k not in ("localize_layer", "dec_token")}
+    """The run's model settings that replace a continued model's (not its localisation layer or [DEC] token)."""
+    return {k: v for k, v in cfg.model.to_dict().items() if k not in ("localize_layer", "dec_token")}
 
 
 def override_dropout(model: GearModel, cfg: TrainConfig) -> None:
@@ -103,17 +105,29 @@ def override_dropout(model: GearModel, cfg: TrainConfig) -> None:
             module.p = cfg.hidden_dropout
 
 
+def use_cuda_for(device: str) -> bool:
+    """Whether a run on ``device`` (auto | cpu | cuda) uses CUDA; ``cuda`` without CUDA is an error, not CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device is 'cuda' but CUDA is not available here (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use device 'auto' or 'cpu'"
+        )
+    return device != "cpu" and torch.cuda.is_available()
+
+
 def train(cfg: TrainConfig) -> Path:
     # ---------------------------------------------------------------- set-up
+    use_cuda = use_cuda_for(cfg.device)  # before any process group, folder or model
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     else:
         rank, world, local_rank = 0, 1, 0
     master = rank == 0
-    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -129,9 +143,9 @@ def train(cfg: TrainConfig) -> Path:
         cfg.save(out_dir / "train_config.json")
 
     global_batch = cfg.batch_size * world
-    if cfg.queue_size % global_batch:
+    if cfg.model.queue_size % global_batch:
         raise ValueError(
-            f"queue_size {cfg.queue_size} must be divisible by the global batch "
+            f"queue_size {cfg.model.queue_size} must be divisible by the global batch "
             f"{global_batch} (batch_size {cfg.batch_size} x {world} processes)"
         )
 
@@ -148,13 +162,13 @@ def train(cfg: TrainConfig) -> Path:
     random.seed(cfg.seed + rank)
 
     # ---------------------------------------------------------------- data
-    dataset = TriplesDataset(cfg.dataset, model.tokenizer, cfg.max_doc_length, cfg.max_unit_length)
+    dataset = TriplesDataset(cfg.dataset, model.tokenizer, cfg.model.max_doc_length, cfg.model.max_unit_length)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
     # A contrastive-only run never trains its fusion, so it has no localisation to follow.
-    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file and cfg.lm_weight > 0) else None
+    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file and cfg.model.lm_weight > 0) else None
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
-    collate = Collate(model.tokenizer, cfg.max_query_length, cfg.max_doc_length, cfg.max_unit_length)
+    collate = Collate(model.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length, cfg.model.max_unit_length)
     # drop_last: every step must enqueue a full global batch. Its own generator,
     # so starting an epoch draws nothing from the global RNG (resume stays exact).
     loader = DataLoader(
@@ -240,7 +254,7 @@ def train(cfg: TrainConfig) -> Path:
                 "event": "eval", "step": step, "epoch": epoch, "reason": reason, "n_queries": len(heldout),
                 "layer": model.resolve_layer(None), "pooling": cfg.eval_pooling,
                 "localization": heldout.localization(model, None, cfg.eval_pooling),
-                "generation": heldout.generation(model, cfg.eval_generation_queries, cfg.max_unit_length),
+                "generation": heldout.generation(model, cfg.eval_generation_queries, cfg.model.max_unit_length),
             }
             record["eval_s"] = time.time() - t0
             log(record)
@@ -281,7 +295,7 @@ def train(cfg: TrainConfig) -> Path:
         batches = iter(loader)
         while micro_in_epoch + cfg.grad_accum <= micro_per_epoch and step < total_steps:
             t0 = time.time()
-            alpha = cfg.alpha * min(1.0, step / max(1.0, cfg.alpha_ramp_epochs * steps_per_epoch))
+            alpha = cfg.model.alpha * min(1.0, step / max(1.0, cfg.model.alpha_ramp_epochs * steps_per_epoch))
             sums = torch.zeros(3, device=device)
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -363,14 +377,19 @@ def train(cfg: TrainConfig) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gear_model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (JSON value)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field (JSON value); model settings as model.NAME or NAME")
     args = parser.parse_args(argv)
     fields = json.loads(Path(args.config).read_text())
     for item in args.set:
-        key, _, value = item.partition("=")
+        key, _, text = item.partition("=")
         try:
-            fields[key] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
+            value = text
+        if key.startswith("model."):
+            fields.setdefault("model", {})[key.removeprefix("model.")] = value
+        else:
             fields[key] = value
     train(TrainConfig.from_dict(fields))
 

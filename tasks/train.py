@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tasks.common import (
     PipelineInputError,
@@ -49,15 +49,21 @@ LATEST = "LATEST"
 # Fields that do not change the trained weights, so they stay out of the run key.
 _NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "keep_last",
                "log_every", "num_threads", "stop_after_steps", "device"}
+# TrainParams fields that only the launcher reads (torchrun's layout, whether
+# to score the test split); every other field is a TrainConfig or GearConfig
+# field of the same name and is passed on as it is.
+_LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout"})
 
 
 class TrainParams(BaseModel):
     """Parameters of a GeAR training run (the train-gear form).
 
-    ``profile`` picks the defaults: ``embedded`` (laptop: MiniLM, 4 epochs at
-    batch 8 and length 512, a frozen E_d, a few minutes on 2 CPU cores) or ``paper`` (Table 4:
-    10 epochs, batch 16 per device, length 512, lr 1e-5, queue 57,600). Any
-    field left empty takes the profile's value.
+    The defaults are the paper's (Table 4: 10 epochs, batch 16 per device,
+    length 512, lr 1e-5, queue 57,600, random cross-attention init, every
+    encoder trained). The ``demo`` profile (flows/profiles.py: the embedded
+    run, ``TrainConfig.embedded()``) is a set of overrides of them; as input,
+    ``profile: demo`` (or its old name ``embedded``; ``paper``) fills in the
+    profile's values of every field not given.
     """
 
     dataset: str | None = Field(
@@ -71,68 +77,78 @@ class TrainParams(BaseModel):
         description="BERT checkpoint folder to initialise every part (production: a bert-base-uncased folder), "
         "or a GeAR model folder to continue from. Empty: the embedded all-MiniLM-L6-v2.",
     )
-    profile: Literal["embedded", "paper"] = Field("embedded", description="Default values: embedded (laptop) or paper (Table 4).")
-    epochs: int | None = Field(None, ge=1, le=1000, description="Epochs (paper 10, embedded 4).")
-    batch_size: int | None = Field(None, ge=1, le=4096, description="Triples per device per micro-step (paper 16, embedded 8).")
-    grad_accum: int | None = Field(None, ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
-    lr: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, embedded 1e-4).")
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
-    lm_weight: float | None = Field(None, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
-    queue_size: int | None = Field(None, ge=0, description="Momentum feature queue (paper 57,600); must divide by batch_size x processes.")
-    max_query_length: int | None = Field(None, ge=8, le=512, description="Query tokens (paper 512, embedded 32).")
-    max_doc_length: int | None = Field(None, ge=8, le=512, description="Document tokens (paper and embedded 512: the documents are built up to 500; a unit beyond it is windowed in).")
-    max_unit_length: int | None = Field(None, ge=8, le=512, description="Unit (generation target) tokens (paper 512, embedded 48).")
+    epochs: int = Field(10, ge=1, le=1000, description="Epochs (paper 10, demo 4).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Triples per device per micro-step (paper 16, demo 8).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
+    lr: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, demo 1e-4).")
+    warmup_steps: int = Field(1000, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
+    lm_weight: float = Field(1.0, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
+    queue_size: int = Field(57_600, ge=0, description="Momentum feature queue (paper 57,600, demo 64); must divide by batch_size x processes.")
+    max_query_length: int = Field(512, ge=8, le=512, description="Query tokens (paper 512, demo 32).")
+    max_doc_length: int = Field(512, ge=8, le=512, description="Document tokens (paper and demo 512: the documents are built up to 500; a unit beyond it is windowed in).")
+    max_unit_length: int = Field(512, ge=8, le=512, description="Unit (generation target) tokens (paper 512, demo 48).")
     max_steps: int = Field(0, ge=0, description="If > 0, train at most this many optimizer steps (the lr schedule follows).")
-    save_every: int | None = Field(None, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only).")
-    momentum_eval_mode: bool | None = Field(
-        None, description="Momentum encoders run without dropout (faster on CPU; off = BLIP). Embedded: on.")
-    new_module_lr_mult: float | None = Field(
-        None, gt=0, le=1000,
-        description="Learning rate of the newly initialised parts (fusion cross-attention, decoder, [DEC]) as a "
-        "multiple of lr (paper 1; embedded: see TrainConfig.embedded, chosen with benchmarks/learning_curve.py).")
-    decoder_lr_mult: float | None = Field(
-        None, gt=0, le=1000, description="The decoder's own lr multiplier (empty: new_module_lr_mult).")
-    freeze_doc_encoder: bool | None = Field(
-        None, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off.")
-    cross_attention_init: Literal["random", "self_attention", "identity"] | None = Field(
-        None, description="Fusion cross-attention init: random (BERT init, as BLIP; paper profile), a copy of the "
+    save_every: int = Field(1000, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only; demo 0).")
+    keep_last: int = Field(2, ge=1, le=1000, description="Checkpoints kept in the run folder (demo 1).")
+    momentum_eval_mode: bool = Field(
+        False, description="Momentum encoders run without dropout (faster on CPU; off = BLIP, paper). Demo: on.")
+    attention_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Dropout on attention probabilities (BERT's and the paper's 0.1; demo 0, measured faster on CPU).")
+    new_module_lr_mult: float = Field(
+        1.0, gt=0, le=1000,
+        description="Learning rate of the newly initialised fusion cross-attention as a multiple of lr (paper 1; "
+        "demo 1, chosen with benchmarks/learning_curve.py).")
+    decoder_lr_mult: float = Field(
+        1.0, gt=0, le=1000,
+        description="Learning rate of the decoder and [DEC] as a multiple of lr (paper 1; demo 30, chosen with "
+        "benchmarks/learning_curve.py).")
+    freeze_doc_encoder: bool = Field(
+        False, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off; demo: on.")
+    cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
+        "random", description="Fusion cross-attention init: random (BERT init, as BLIP; paper), a copy of the "
         "query encoder's self-attention of the same layer, or identity query/key projections (attention starts as "
-        "token-state similarity; embedded profile).")
-    eval_every: int | None = Field(
-        None, ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
+        "token-state similarity; demo).")
+    eval_every: int = Field(
+        0, ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
     eval_heldout: bool = Field(
         True, description="Score localisation (and ROUGE on a few queries) on the dataset's test split at every "
         "epoch end, for the per-epoch curves of the report (paper Fig. 4a/b).")
+    eval_generation_queries: int = Field(
+        32, ge=0, le=10_000, description="Held-out queries whose unit is generated and scored by ROUGE at each evaluation (demo 16).")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
     nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per node (one per GPU; CPU: gloo processes).")
     nnodes: int = Field(1, ge=1, le=1024, description="Number of nodes (torchrun --nnodes).")
     node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node_rank).")
     rdzv_endpoint: str = Field("", description="host:port of the c10d rendezvous for multi-node runs (empty: single node).")
     resume: bool = Field(True, description="Resume from the run's latest checkpoint if there is one.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo); cuda: CUDA or fail; cpu: CPU.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        from flows.profiles import fill_profile
+
+        return fill_profile(data, "train-gear")
 
     def train_config(self, dataset_file: Path, run_dir: Path) -> Any:
-        """The resolved ``gear_model.config.TrainConfig`` of this run."""
-        from gear_model.config import TrainConfig
+        """The resolved ``gear_model.config.TrainConfig`` of this run: every field of the same name
+        (``TrainConfig``'s, or its ``model``'s ``GearConfig``), plus the resolved paths."""
+        import dataclasses
 
-        base = TrainConfig.embedded() if self.profile == "embedded" else TrainConfig()
-        fields = base.to_dict()
-        for name in ("epochs", "batch_size", "grad_accum", "lr", "warmup_steps", "lm_weight", "queue_size",
-                     "max_query_length", "max_doc_length", "max_unit_length", "save_every", "momentum_eval_mode",
-                     "new_module_lr_mult", "decoder_lr_mult", "freeze_doc_encoder", "cross_attention_init", "eval_every"):
-            value = getattr(self, name)
-            if value is not None:
-                fields[name] = value
+        from gear_model.config import GearConfig, TrainConfig
+
+        model_names = {f.name for f in dataclasses.fields(GearConfig)}
+        values = self.model_dump(exclude=_LAUNCH_ONLY)
+        fields: dict[str, Any] = {k: v for k, v in values.items() if k not in model_names}
+        fields["model"] = {k: v for k, v in values.items() if k in model_names}
         heldout = dataset_file.with_name("test.parquet")
         fields.update(
             eval_file=str(heldout) if self.eval_heldout and heldout.is_file() else "",
             dataset=str(dataset_file),
             init_checkpoint=str(self.init_checkpoint or _embedded_encoder()),
             output_dir=str(run_dir),
-            max_steps=self.max_steps,
-            seed=self.seed,
-            resume=self.resume,
-            device=self.device,
         )
         return TrainConfig.from_dict(fields)
 

@@ -33,7 +33,7 @@ def tiny_config(tiny_dir, dataset_dir, out, **kw) -> TrainConfig:
                 lr=1e-3, lr_start=1e-5, lr_end=1e-5, queue_size=8, max_query_length=16, max_doc_length=32,
                 max_unit_length=16, save_every=2, keep_last=2, num_threads=1)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def read_steps(out) -> list[dict]:
@@ -89,7 +89,7 @@ def test_queue_must_divide_by_the_global_batch(tiny_dir, dataset_dir, tmp_path):
 
 def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp_path):
     params = TrainParams(dataset=str(dataset_dir), output_dir=str(tmp_path), init_checkpoint=str(tiny_dir),
-                         epochs=1, nproc_per_node=2)
+                         epochs=1, nproc_per_node=2, profile="demo")
     assert resolve_train_file(params.dataset, params.output_dir) == dataset_dir / "train.parquet"
     cfg = params.train_config(dataset_dir / "train.parquet", tmp_path / "run")
     assert (cfg.epochs, cfg.batch_size, cfg.max_doc_length, cfg.queue_size) == (1, 8, 512, 64)
@@ -111,7 +111,7 @@ def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp
 
 def _tiny_params(tiny_dir, dataset_dir, out, **kw) -> TrainParams:
     base = dict(dataset=str(dataset_dir), output_dir=str(out), init_checkpoint=str(tiny_dir), epochs=1, batch_size=2,
-                queue_size=8, max_query_length=16, max_doc_length=32, max_unit_length=16)
+                queue_size=8, max_query_length=16, max_doc_length=32, max_unit_length=16, profile="demo")
     base.update(kw)
     return TrainParams(**base)
 
@@ -174,3 +174,49 @@ def test_dataset_reads_triples_and_names_what_is_missing(dataset_dir, tmp_path):
         TriplesDataset(tmp_path / "bad.parquet")
     with pytest.raises(FileNotFoundError, match="no training triples"):
         TriplesDataset(tmp_path / "nowhere")
+
+
+def test_train_config_round_trips_and_reads_the_flat_shape(tmp_path):
+    from gear_model import GearConfig
+
+    cfg = TrainConfig.embedded(dataset="t.parquet", max_doc_length=256, model={"lm_weight": 0.5})
+    assert cfg.model == GearConfig(queue_size=64, max_query_length=32, max_doc_length=256, max_unit_length=48,
+                                   lm_weight=0.5)
+    cfg.save(tmp_path / "train_config.json")
+    assert TrainConfig.load(tmp_path / "train_config.json") == cfg
+    assert json.loads((tmp_path / "train_config.json").read_text())["model"]["queue_size"] == 64
+    # A train_config.json written before TrainConfig held a GearConfig (model settings at the top level).
+    flat = {k: v for k, v in cfg.to_dict().items() if k != "model"} | cfg.model.to_dict()
+    assert TrainConfig.from_dict(flat) == cfg
+    with pytest.raises(ValueError, match=r"unknown training config keys: \['epoch', 'model.queue'\]"):
+        TrainConfig.from_dict({"epoch": 3, "model": {"queue": 1}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_an_error(tiny_dir, dataset_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from gear_model.train import use_cuda_for
+
+    assert use_cuda_for("auto") is False and use_cuda_for("cpu") is False
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="device is 'cuda' but CUDA is not available"):
+        train(tiny_config(tiny_dir, dataset_dir, out, device="cuda"))
+    assert not out.exists()  # refused before any folder, process group or model
+    # The same from `python -m gear_model.train --config` (flat keys and a --set of a model field).
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"dataset": str(dataset_dir), "init_checkpoint": str(tiny_dir),
+                                  "output_dir": str(out), "queue_size": 8}))
+    proc = subprocess.run([sys.executable, "-m", "gear_model.train", "--config", str(config), "--set", "device=cuda",
+                           "--set", "model.max_doc_length=32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "device is 'cuda' but CUDA is not available" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_use_cuda_for_cuda_on_a_gpu():
+    from gear_model.train import use_cuda_for
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    assert use_cuda_for("cuda") is True and use_cuda_for("auto") is True and use_cuda_for("cpu") is False

@@ -186,8 +186,8 @@ def test_training_records_heldout_evaluations(tiny_dir, tmp_path):
              "sentence_spans": [{"start": a, "end": b} for a, b in spans]} for i, (s, e) in enumerate(spans)]
     write_rows(tmp_path / "test.parquet", rows)
     cfg = TrainConfig(dataset=str(tmp_path / "train.parquet"), init_checkpoint=str(tiny_dir), output_dir=str(tmp_path / "run"),
-                      epochs=2, batch_size=4, lr=1e-3, queue_size=8, max_query_length=16, max_doc_length=32,
-                      max_unit_length=16, save_every=0, num_threads=1, new_module_lr_mult=5.0,
+                      epochs=2, batch_size=4, lr=1e-3, save_every=0, num_threads=1, new_module_lr_mult=5.0,
+                      model=GearConfig(queue_size=8, max_query_length=16, max_doc_length=32, max_unit_length=16),
                       eval_file=str(tmp_path / "test.parquet"), eval_every=2, eval_generation_queries=2)
     train(cfg)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -4,9 +4,9 @@ of systems (table rows) they describe."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.evaluate.metrics import DEFAULT_KS
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
@@ -52,7 +52,7 @@ class EvalParams(BaseModel):
     beir_dirs: list[str] = Field(
         [], description="BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval only."
     )
-    output_dir: str = Field("runs/eval", description="Where report.md, report.json and report.html are written.")
+    output_dir: str = Field("data/eval", description="Where report.md, report.json and report.html are written.")
     work_dir: str | None = Field(
         None, description="Folder for cached per-model results (stages/evaluate/<key>); default output_dir."
     )
@@ -93,6 +93,14 @@ class EvalParams(BaseModel):
         BOOTSTRAP_RESAMPLES, ge=100, le=100_000,
         description="Resamples of the test queries behind each 95% interval (percentile bootstrap).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        """Input may name a ``profile`` (flows/profiles.py): its values fill the fields not given."""
+        from flows.profiles import fill_profile
+
+        return fill_profile(data, "evaluate-gear")
 
     @field_validator("ks")
     @classmethod

@@ -1,0 +1,286 @@
+"""The flows' parameter models and how a run's parameters are resolved.
+
+``BuildDatasetParams`` (build-rir-dataset) and ``PipelineParams``
+(rir-pipeline) live here; train-gear's ``TrainParams`` and evaluate-gear's
+``EvalParams`` live beside their stages. Each is the Prefect form of its flow,
+with the paper's figures as defaults.
+
+``resolve_params`` is what the `gear` CLI does before it runs a flow, and
+what a test can call without running one. Layers, lowest first:
+
+    model defaults < profile < config file (YAML) < --set items < dedicated flags
+
+A config file and the ``--set`` keys use the form's shape: nested mappings,
+or dotted keys (``relevance.threshold``). An unknown key is an error naming
+it; a value the model refuses is one line per field
+(``relevance.threshold: must be ≤ 1 (got 1.5)``), raised as ``ParamsError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from flows.profiles import fill, fill_profile
+from tasks.assets import embedded_dump_path
+from tasks.dedup import DedupConfig
+from tasks.evaluate import EvalParams
+from tasks.extract_docs import ExtractConfig
+from tasks.relevance import RelevanceConfig
+from tasks.rewrite import RewriteConfig
+from tasks.select_units import UnitConfig
+from tasks.shard import ShardConfig
+from tasks.train import TrainParams
+from tasks.write_triples import TriplesConfig
+
+
+class BuildDatasetParams(BaseModel):
+    """Everything `build-rir-dataset` needs; the paper's figures are the defaults."""
+
+    dump: str | None = Field(
+        None,
+        title="Wikipedia dump",
+        description="Path of a MediaWiki XML dump (.xml, .xml.bz2, or a -multistream .bz2 with its index "
+        "beside it). Empty: the 106-article enwiki excerpt shipped in the gensim package.",
+    )
+    output_dir: str = Field(
+        "data",
+        title="Output folder",
+        description="Stage outputs go to <output_dir>/stages, the dataset to <output_dir>/datasets/<version>.",
+    )
+    shard: ShardConfig = Field(ShardConfig(), title="Sharding", description="How the dump is cut into shards (one Prefect task each).")
+    extract: ExtractConfig = Field(ExtractConfig(), title="Wikitext extraction", description="Which pages are kept and how wikitext becomes plain prose.")
+    units: UnitConfig = Field(UnitConfig(), title="Documents and candidate units (paper, Appendix A)", description="The paper's document and candidate-sentence rules (Appendix A) with its figures as defaults.")
+    rewrite: RewriteConfig = Field(RewriteConfig(), title="Query rewriting (LLM)", description="The LLM that rewrites sampled units into keyword queries, its prompt and the quality gate.")
+    dedup: DedupConfig = Field(DedupConfig(), title="De-duplication", description="Keyword de-duplication and reordering, duplicate queries, near-duplicate documents.")
+    relevance: RelevanceConfig = Field(RelevanceConfig(), title="Relevance filter (BGE similarity)", description="The embedding model and threshold of the query-document relevance filter.")
+    triples: TriplesConfig = Field(TriplesConfig(), title="Train/test split", description="The document-level train/test split and the dataset card.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        return fill_profile(data, "build-rir-dataset")
+
+    @field_validator("dump")
+    @classmethod
+    def _dump_exists(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError(f"dump file not found: {value}")
+        return value or None
+
+    def dump_path(self) -> str:
+        return self.dump or str(embedded_dump_path())
+
+
+# Where the pipeline's evaluation writes by default: the report under the
+# build's output folder, the per-model cache beside the other stages. Also
+# filled in when the input gives `evaluate` only in part (pydantic would take
+# EvalParams' own defaults for the rest, not this field's).
+_PIPELINE_EVALUATE = {"output_dir": "data/eval", "work_dir": "data"}
+
+
+class PipelineParams(BaseModel):
+    """The whole chain. Dataset, model and report paths are filled in from
+    the step before, so leave `train.dataset`, `evaluate.model_dirs` and
+    `evaluate.dataset` empty."""
+
+    build: BuildDatasetParams = Field(BuildDatasetParams(), title="Dataset", description="Parameters of build-rir-dataset.")
+    train: TrainParams = Field(TrainParams(), title="Training", description="Parameters of train-gear; the dataset is filled in from the build.")
+    train_contrastive_baseline: bool = Field(
+        True,
+        title="Train the contrastive-only baseline",
+        description="Also train the same model with LM weight 0 (the paper's 'GeAR w/o L_LM') for the tables.",
+    )
+    evaluate: EvalParams = Field(
+        EvalParams(**_PIPELINE_EVALUATE),
+        title="Evaluation",
+        description="Parameters of evaluate-gear; models and dataset are filled in. The report goes to "
+        "<output_dir>/eval, its per-model cache beside the other stages (work_dir: the build's output_dir).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        data = fill_profile(data, "rir-pipeline")
+        if isinstance(data, dict) and isinstance(data.get("evaluate"), dict):
+            data = {**data, "evaluate": fill(data["evaluate"], _PIPELINE_EVALUATE)}
+        return data
+
+
+# --------------------------------------------------------------------------
+# Resolution (the CLI's --profile, --config, --set and flags).
+
+
+class ParamsError(ValueError):
+    """Parameters that cannot make a run; ``lines`` is one reason per field or key."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+def resolve_params(
+    model_cls: type[BaseModel],
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+    sets: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> BaseModel:
+    """``model_cls`` from the layers: its defaults < ``profile`` < ``config_file`` (YAML
+    in the model's shape) < ``sets`` ("dotted.key=value", the value read as YAML)
+    < ``flags`` (dotted key -> value, only the flags that were given)."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((str(config_file), read_config(config_file)))
+    for item in sets:
+        layers.append((f"--set {item}", nest(*parse_set(item))))
+    for key, value in (flags or {}).items():
+        layers.append((f"option {key}", nest(key, value)))
+    problems = [f"{source}: {line}" for source, layer in layers for line in unknown_keys(model_cls, layer)]
+    if problems:
+        raise ParamsError(problems)
+    data: dict[str, Any] = {}
+    for _, layer in layers:
+        data = fill(layer, data)  # a later layer wins
+    if profile:
+        data["profile"] = profile  # the model's before-validator fills what is still missing
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(format_errors(exc, model_cls)) from None
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ParamsError([f"{path}: cannot read ({exc.strerror or exc})"]) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ParamsError([f"{path}: not valid YAML{at}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError([f"{path}: must be a mapping of parameter names to values, not {type(data).__name__}"])
+    return data
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)``; the value is a YAML scalar, list or mapping (JSON works)."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ParamsError([f"--set {item}: expected KEY=VALUE, e.g. relevance.threshold=0.35"])
+    try:
+        return key, yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ParamsError([f"--set {item}: the value is not a YAML/JSON value"]) from None
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    """``nest("a.b", 1) == {"a": {"b": 1}}``."""
+    *parents, last = dotted.split(".")
+    out: dict[str, Any] = {last: value}
+    for part in reversed(parents):
+        out = {part: out}
+    return out
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The parameter model a field holds (``Model`` or ``Model | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return found[0] if len(found) == 1 else None
+
+
+def unknown_keys(model_cls: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One line per key of ``data`` that is not a field of ``model_cls`` (nested models walked)."""
+    lines = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        field = model_cls.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            close = difflib.get_close_matches(str(key), list(model_cls.model_fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            where = f"{prefix[:-1]} has no such field" if prefix else f"not a parameter of {model_cls.__name__}"
+            lines.append(f"unknown parameter {path!r} ({where}{hint})")
+            continue
+        sub = _submodel(field.annotation)
+        if sub is not None and isinstance(value, Mapping):
+            lines += unknown_keys(sub, value, prefix=f"{path}.")
+    return lines
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    bounds = {"greater_than_equal": ("≥", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("≤", "le"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        sign, name = bounds[kind]
+        return f"must be {sign} {_number(ctx[name])}"
+    simple = {
+        "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
+        "float_parsing": "must be a number", "float_type": "must be a number",
+        "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+        "string_type": "must be a string", "list_type": "must be a list", "missing": "is required",
+        "model_type": "must be a mapping", "dict_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+        "extra_forbidden": "is not a parameter",
+    }
+    if kind in simple:
+        return simple[kind]
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected', 'one of the listed values')}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    msg = str(error.get("msg", kind))
+    return msg[:1].lower() + msg[1:]
+
+
+def _path(loc: tuple, model_cls: type[BaseModel]) -> str:
+    """The dotted field path of a pydantic error location, without union-member tags."""
+    parts, current = [], model_cls
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(str(item))
+        elif current is not None and item in current.model_fields:
+            parts.append(item)
+            current = _submodel(current.model_fields[item].annotation)
+        # anything else names a member of a union (``int``, ``bool``): not part of the path
+    return ".".join(parts) or "parameters"
+
+
+def format_errors(exc: ValidationError, model_cls: type[BaseModel]) -> list[str]:
+    """One line per field: ``path: reason (got value)``; several reasons of a field joined by ' or '."""
+    by_path: dict[str, list[str]] = {}
+    got: dict[str, Any] = {}
+    for error in exc.errors():
+        path = _path(tuple(error["loc"]), model_cls)
+        message = _message(error)
+        if message not in by_path.setdefault(path, []):
+            by_path[path].append(message)
+        if error["type"] != "missing" and not isinstance(error.get("input"), (dict, list)):
+            got.setdefault(path, error.get("input"))
+    return [f"{path}: {' or '.join(messages)}" + (f" (got {got[path]!r})" if path in got else "")
+            for path, messages in by_path.items()]
+
+
+def dump_yaml(params: BaseModel) -> str:
+    """The parameters as a --config file (every field, the form's shape)."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+__all__ = ["BuildDatasetParams", "ParamsError", "PipelineParams", "dump_yaml", "format_errors", "nest", "parse_set",
+           "read_config", "resolve_params", "unknown_keys"]

@@ -1,0 +1,151 @@
+"""Profiles (flows/profiles.py): one definition shared by the `gear` CLI and prefect.yaml.
+
+- every deployment that runs a profile holds that profile's overrides, written
+  out, and resolves to the same parameters as the CLI command it names;
+- the demo training is exactly ``TrainConfig.embedded()``, the paper profile
+  is the model defaults, and a profile fills only the fields not given;
+- TrainParams has a concrete default for every setting (no "type None" field
+  in the Prefect form) and passes every one on to TrainConfig by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from flows.params import BuildDatasetParams, PipelineParams
+from flows.profiles import PROFILES, overrides
+from gear_cli import app
+from gear_model.config import GearConfig, TrainConfig
+from tasks.evaluate import EvalParams
+from tasks.train import _LAUNCH_ONLY, TrainParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# deployment -> (its profile, its flow, the `gear` command line that is the same run)
+PROFILED_DEPLOYMENTS = {
+    "build-rir-dataset/weekly-refresh": ("paper", "build-rir-dataset", ["build-dataset"]),
+    "train-gear/train": ("demo", "train-gear", ["train"]),
+    "train-gear/train-gpu": ("paper", "train-gear",
+                             ["train", "--profile", "paper", "--device", "cuda", "--nproc-per-node", "8"]),
+    "rir-pipeline/scheduled-refresh": ("demo", "rir-pipeline", ["pipeline"]),
+}
+MODELS = {"build-rir-dataset": BuildDatasetParams, "train-gear": TrainParams, "evaluate-gear": EvalParams,
+          "rir-pipeline": PipelineParams}
+FLOW_NAMES = {"build_rir_dataset": "build-rir-dataset", "train_gear": "train-gear", "evaluate_gear": "evaluate-gear",
+              "rir_pipeline": "rir-pipeline"}
+
+
+def deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return {f"{FLOW_NAMES[d['entrypoint'].rsplit(':', 1)[1]]}/{d['name']}": d for d in spec["deployments"]}
+
+
+def is_within(part: dict, whole: dict, path: str = "") -> list[str]:
+    """Where ``part`` (nested) is not found in ``whole`` with the same values."""
+    missing = []
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(whole.get(key), dict):
+            missing += is_within(value, whole[key], f"{path}{key}.")
+        elif key not in whole or whole[key] != value:
+            missing.append(f"{path}{key}: profile {value!r}, deployment {whole.get(key, '<absent>')!r}")
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(PROFILED_DEPLOYMENTS))
+def test_deployment_holds_its_profile_and_is_the_cli_run(name):
+    profile, flow, command = PROFILED_DEPLOYMENTS[name]
+    deployment = deployments()[name]
+    params = (deployment.get("parameters") or {}).get("params", {})
+    assert not is_within(overrides(profile, flow), params), is_within(overrides(profile, flow), params)
+
+    result = CliRunner().invoke(app, [*command, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    from_cli = yaml.safe_load(result.stdout)
+    from_deployment = MODELS[flow].model_validate(params).model_dump(mode="json")
+    assert from_cli == from_deployment
+
+
+def test_every_deployment_entrypoint_is_known():
+    assert set(PROFILED_DEPLOYMENTS) <= set(deployments())
+    assert "profile" not in str(deployments()["train-gear/train"]["parameters"])  # written out, not named
+
+
+def flat(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {**d.pop("model"), **d}
+
+
+def test_demo_training_is_the_embedded_run(tmp_path):
+    train_file = tmp_path / "train.parquet"
+    demo = TrainParams(profile="demo", init_checkpoint="/ckpt").train_config(train_file, tmp_path / "run")
+    expected = TrainConfig.embedded(dataset=str(train_file), init_checkpoint="/ckpt", output_dir=str(tmp_path / "run"))
+    assert demo == expected
+    # The old name of the demo's training profile still works.
+    assert TrainParams(profile="embedded") == TrainParams(profile="demo")
+    assert overrides("demo", "train-gear")["decoder_lr_mult"] == 30.0
+
+
+def test_paper_profile_is_the_model_defaults(tmp_path):
+    for flow, model in MODELS.items():
+        assert overrides("paper", flow) == {}
+        assert model.model_validate({"profile": "paper"}) == model()
+    paper = flat(TrainParams().train_config(tmp_path / "train.parquet", tmp_path))
+    defaults = flat(TrainConfig(dataset=str(tmp_path / "train.parquet"), init_checkpoint=paper["init_checkpoint"],
+                                output_dir=str(tmp_path)))
+    # TrainParams writes out two settings that TrainConfig leaves to the checkpoint / to new_module_lr_mult.
+    assert {k: (defaults[k], v) for k, v in paper.items() if defaults[k] != v} == {
+        "attention_dropout": (None, 0.1), "decoder_lr_mult": (None, 1.0)}
+
+
+def test_a_profile_fills_only_the_fields_not_given():
+    params = TrainParams(profile="demo", epochs=2)
+    assert (params.epochs, params.batch_size, params.cross_attention_init) == (2, 8, "identity")
+    pipeline = PipelineParams.model_validate(
+        {"profile": "demo", "build": {"units": {"docs_per_article": 1}}, "evaluate": {"layer": 2}})
+    assert pipeline.build.units.docs_per_article == 1  # given
+    assert pipeline.build.units.max_doc_tokens == 500  # the model default
+    assert pipeline.build.rewrite.units_per_doc == 5 and pipeline.build.triples.test_fraction == 0.4  # the profile
+    assert (pipeline.evaluate.layer, pipeline.evaluate.max_generation_queries) == (2, 48)
+    assert (pipeline.evaluate.output_dir, pipeline.evaluate.work_dir) == ("data/eval", "data")
+    assert PipelineParams(profile="demo").train == TrainParams(profile="demo")
+    with pytest.raises(ValidationError, match="unknown profile 'laptop'"):
+        TrainParams(profile="laptop")
+    assert set(PROFILES) == {"demo", "paper"}
+
+
+def test_train_params_have_concrete_defaults_and_reach_the_train_config():
+    schema = TrainParams.model_json_schema()["properties"]
+    optional = {name for name, spec in schema.items() if any(s.get("type") == "null" for s in spec.get("anyOf", []))}
+    assert optional == {"dataset", "init_checkpoint"}  # empty = the latest dataset / the embedded encoder
+    assert all(spec.get("default") is not None for name, spec in schema.items() if name not in optional)
+    assert "profile" not in schema  # an input key, not a form field
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GearConfig)}
+    assert set(TrainParams.model_fields) - names == _LAUNCH_ONLY
+    cfg = TrainParams(epochs=3, queue_size=32, batch_size=4, attention_dropout=0.05).train_config(Path("t.parquet"), Path("r"))
+    assert (cfg.epochs, cfg.model.queue_size, cfg.batch_size, cfg.attention_dropout) == (3, 32, 4, 0.05)
+
+
+def test_deployment_parameters_pass_the_flows_prefect_schema():
+    """What the server checks with enforce_parameter_schema (a quoted or 1e-4 float would fail here)."""
+    import jsonschema
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.build_rir_dataset import build_rir_dataset
+    from flows.evaluate_gear import evaluate_gear
+    from flows.rir_pipeline import rir_pipeline
+    from flows.train_gear import train_gear
+
+    flows = {"build-rir-dataset": build_rir_dataset, "train-gear": train_gear, "evaluate-gear": evaluate_gear,
+             "rir-pipeline": rir_pipeline}
+    for name, deployment in deployments().items():
+        schema = parameter_schema(flows[name.split("/")[0]]).model_dump_for_openapi()
+        jsonschema.validate(deployment.get("parameters") or {}, schema)
+    schema = parameter_schema(train_gear).model_dump_for_openapi()
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"params": {"lr": "1e-4"}}, schema)
