@@ -30,13 +30,13 @@ def _peak_rss_mb() -> float:
 
 def stage_extract(dump: str, work: str) -> dict:
     from tasks.common import Funnel
-    from tasks.extract_docs import ExtractConfig, extract_shard
+    from tasks.extract_docs import ExtractConfig, extract_docs
     from tasks.shard import ShardConfig, plan_shards
 
     t0 = time.perf_counter()
     shards = plan_shards(dump, ShardConfig())
     t_plan = time.perf_counter() - t0
-    outs = [extract_shard(s, ExtractConfig(), work) for s in shards]
+    outs = [extract_docs(s, ExtractConfig(), work) for s in shards]
     seconds = time.perf_counter() - t0
     funnel = Funnel()
     for o in outs:

@@ -70,12 +70,12 @@ def build_candidates(work: str, n: int, seed: int, units: str | None) -> list[st
         units_dirs = [Path(units)]
     else:
         from tasks.assets import embedded_dump_path
-        from tasks.extract_docs import ExtractConfig, extract_shard
+        from tasks.extract_docs import ExtractConfig, extract_docs
         from tasks.select_units import UnitConfig, select_units
         from tasks.shard import ShardConfig, plan_shards
 
         shards = plan_shards(str(embedded_dump_path()), ShardConfig())
-        articles = [extract_shard(s, ExtractConfig(), work) for s in shards]
+        articles = [extract_docs(s, ExtractConfig(), work) for s in shards]
         units_dirs = [select_units([a], UnitConfig(), work) for a in articles]
     table = pl.concat([read_units(d) for d in units_dirs])
     return sample_units(table, 1, seed)["text"].to_list()[:n]

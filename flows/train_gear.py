@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.train import TrainParams, report_training_task, train_task
+from tasks.train import TrainParams, report_training_task, train_model_task
 
 __all__ = ["TrainParams", "train_gear"]
 
 
 @flow(name="train-gear", log_prints=True)
 def train_gear(params: TrainParams = TrainParams()) -> str:
-    model_dir = train_task(params)
+    model_dir = train_model_task(config=params) / "model"
     report_training_task(model_dir)
     return str(model_dir)
 

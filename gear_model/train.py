@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from gear_model.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gear_model.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gear_model.config import GearConfig, TrainConfig
 from gear_model.data import Collate, ResumableSampler, TriplesDataset
 from gear_model.heldout import HeldOut
@@ -195,9 +195,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---------------------------------------------------------------- resume
     step, epoch, micro_in_epoch = 0, 0, 0
-    ckpt_path = latest_checkpoint(out_dir) if cfg.resume else None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    # An unreadable latest checkpoint (a kill mid-write on a filesystem
+    # without atomic rename) falls back to the one before it, with a warning.
+    found = load_latest_checkpoint(
+        out_dir, map_location=device,
+        required=("trainer", "optimizer", "scheduler", "step", "epoch", "micro_in_epoch", "world_size", "rng"),
+    ) if cfg.resume else None
+    if found is not None:
+        ckpt_path, ckpt = found
         trainer.load_state_dict(ckpt["trainer"])
         model.decoder.tie_weights()
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -1,17 +1,7 @@
-"""Plumbing shared by every stage: atomic writes, content fingerprints,
-content-addressed stage directories with completion markers, the drop-reason
-funnel, and the Prefect cache key that trusts a cache hit only when the
-stage's output is still on disk.
-
-A stage core looks like this::
-
-    def run(inputs..., config, work_dir) -> Path:
-        out = stage_output_dir(work_dir, "stage", config, [input paths], CODE_VERSION)
-        if is_complete(out):
-            return out            # a re-run does no work
-        ... write files into out with the atomic helpers ...
-        mark_complete(out, funnel)
-        return out
+"""Helpers shared by every stage: atomic writes, content fingerprints and
+stable hashes, config identity (what a cache key hashes), completion
+markers and the drop-reason funnel. The stage runner (tasks/stage.py) puts
+them together; a stage body rarely needs more than ``Funnel``.
 """
 
 from __future__ import annotations
@@ -137,6 +127,39 @@ def fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def stable_digest(obj: Any, length: int = 16) -> str:
+    """A hex digest of a JSON-able value that is the same in every process
+    (Python's hash() is salted per process)."""
+    blob = obj.encode() if isinstance(obj, str) else json.dumps(to_jsonable(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def stable_int(*parts: Any) -> int:
+    """A 64-bit integer from parts (seeds, ids), the same in every process."""
+    blob = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
+def stable_unit_interval(*parts: Any) -> float:
+    """A number in [0, 1) from parts, the same in every process."""
+    return stable_int(*parts) / 2**64
+
+
+def config_identity(config: Any) -> Any:
+    """What a config contributes to a cache key: every field except the
+    operational ones (``operational_fields`` on the model class: threads,
+    batch sizes, endpoints, timeouts), which change how fast or how robustly
+    outputs are made, not what they are. Nested models are treated alike."""
+    if isinstance(config, BaseModel):
+        skip = getattr(type(config), "operational_fields", frozenset())
+        return {name: config_identity(getattr(config, name)) for name in type(config).model_fields if name not in skip}
+    if isinstance(config, Mapping):
+        return {str(k): config_identity(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_identity(v) for v in config]
+    return to_jsonable(config)
+
+
 def source_hash(*files: str | os.PathLike) -> str:
     """Code version of a stage: the hash of its source files."""
     digest = hashlib.sha256()
@@ -145,26 +168,24 @@ def source_hash(*files: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
-def stage_key(stage: str, config: Any, inputs: Iterable[str | os.PathLike], code_version: str) -> str:
-    payload = {
-        "stage": stage,
-        "config": to_jsonable(config),
-        "inputs": [fingerprint(p) for p in inputs],
-        "code": code_version,
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def stage_output_dir(
-    work_dir: str | os.PathLike,
-    stage: str,
-    config: Any,
-    inputs: Iterable[str | os.PathLike],
-    code_version: str,
-) -> Path:
-    """The content-addressed folder of one stage run: work_dir/stages/<stage>/<key>."""
-    return Path(work_dir) / "stages" / stage / stage_key(stage, config, inputs, code_version)
+def fsync_tree(folder: str | os.PathLike, files: bool = True) -> None:
+    """Flush a folder's files (and the folder entries) to disk, so the marker
+    written after it never describes data still in the page cache."""
+    folder = Path(folder)
+    if files:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())] if files else [folder]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
@@ -206,6 +227,15 @@ class Funnel:
     def get(self, stage: str, key: str) -> int:
         return self.counts.get(stage, {}).get(key, 0)
 
+    @classmethod
+    def from_folders(cls, folders: Iterable[str | os.PathLike]) -> Funnel:
+        """The merged funnel.json files of stage folders (a folder named twice counts once)."""
+        funnel = cls()
+        for d in dict.fromkeys(Path(f) for f in folders):
+            if (d / "funnel.json").is_file():
+                funnel.merge(cls.load(d / "funnel.json"))
+        return funnel
+
     def merge(self, other: Funnel) -> Funnel:
         for stage, reasons in other.counts.items():
             for key, n in reasons.items():
@@ -236,46 +266,32 @@ class Funnel:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------
-# Prefect cache keys.
-
-
-def completed_output_cache_key(output_dir_fn: Callable[..., Path]) -> Callable[[Any, dict], str | None]:
-    """A Prefect ``cache_key_fn`` for a stage whose output folder is content-addressed.
-
-    ``output_dir_fn`` takes the task's parameters and returns the folder the
-    stage would write. The key is that folder's path when the folder holds a
-    completion marker; otherwise None (no cache lookup), so a deleted or
-    half-written output is rebuilt instead of trusting a stale cache record.
-    The folder name already hashes the stage name, its config, its inputs'
-    content and its code version.
-    """
-
-    def key_fn(context: Any, parameters: dict[str, Any]) -> str | None:
-        try:
-            out = output_dir_fn(**parameters)
-        except PipelineInputError:
-            return None  # a missing input: let the task itself raise the clear error
-        if not is_complete(out):
-            return None
-        return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()
-
-    return key_fn
-
-
-
-def retry_unless_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: bad input fails the same way every time,
-    so it fails at once; anything else (I/O, memory) may pass on a retry."""
-    return not isinstance(state.result(raise_on_failure=False), PipelineInputError)
-
-
 @task(name="publish_funnel")
 def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, dict[str, int]]:
     """Merge the funnel.json files of stage folders into a Prefect table artifact."""
-    funnel = Funnel()
-    for d in stage_dirs:
-        if (Path(d) / "funnel.json").is_file():
-            funnel.merge(Funnel.load(Path(d) / "funnel.json"))
+    funnel = Funnel.from_folders(stage_dirs)
     create_table_artifact(funnel.rows(), key=key, description="Records kept and dropped per stage")
     return funnel.to_dict()
+
+
+class ProgressArtifact:
+    """A Prefect progress bar on the task run's page, updated at most once per
+    ``step`` percent (each update is an API call); a no-op outside a run."""
+
+    def __init__(self, description: str, step: float = 1.0):
+        from prefect.context import TaskRunContext
+
+        self.step, self.shown, self.id = step, 0.0, None
+        if TaskRunContext.get() is not None:
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(0.0, description=description)
+
+    def update(self, done: int, total: int, description: str | None = None) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        if self.id is None or (pct - self.shown < self.step and done < total):
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        self.shown = pct
+        update_progress_artifact(self.id, pct, description=description)

@@ -16,44 +16,21 @@ Every drop is counted in the funnel and written to ``dropped.parquet``.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.common import (
-    Funnel,
-    PipelineInputError,
-    completed_output_cache_key,
-    is_complete,
-    mark_complete,
-    source_hash,
-    stage_output_dir,
-    write_parquet,
-)
+from tasks.common import PipelineInputError, stable_int
+from tasks.contracts import QUERIES_SCHEMA, as_paths, read_documents, read_queries
+from tasks.stage import StageRun, stage
 
-CODE_VERSION = source_hash(__file__)
 STAGE = "dedup"
 
-QUERIES_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("sentence_index", pa.int32()),
-        ("unit", pa.string()),
-        ("query", pa.string()),
-        ("rewriter_model", pa.string()),
-        ("prompt_version", pa.string()),
-    ]
-)
 DROPPED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -132,18 +109,12 @@ def query_key(query: str, config: DedupConfig | None = None) -> str:
     return ", ".join(sorted({keyword_key(k, config) for k in split_keywords(query, config)}))
 
 
-def _rng_seed(seed: int, doc_id: str, sentence_index: int) -> int:
-    # A stable hash (Python's hash() is salted per process).
-    digest = hashlib.sha256(f"{seed}\x1f{doc_id}\x1f{sentence_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
 def normalise_query(query: str, doc_id: str, sentence_index: int, config: DedupConfig | None = None) -> str:
     """Split, de-duplicate and (seeded) reorder one query's keywords; '' if none left."""
     config = config or DedupConfig()
     keywords = split_keywords(query, config)
     if config.reorder_keywords:
-        random.Random(_rng_seed(config.seed, doc_id, sentence_index)).shuffle(keywords)
+        random.Random(stable_int(config.seed, doc_id, sentence_index)).shuffle(keywords)
     return ", ".join(keywords)
 
 
@@ -190,63 +161,18 @@ def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.Data
 # Stage.
 
 
-def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
-    return [Path(p) for p in paths]
-
-
-def read_documents(units_dirs: Sequence[Path], columns: Sequence[str]) -> pl.DataFrame:
-    frames = []
-    for d in units_dirs:
-        path = Path(d) / "documents.parquet"
-        if not path.is_file():
-            raise PipelineInputError(path, "missing documents.parquet (not a select_units folder?)")
-        frames.append(pl.read_parquet(path, columns=list(columns)))
-    docs = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.String for c in columns})
-    dup = docs.filter(pl.col("doc_id").is_duplicated())
-    if dup.height:
-        raise PipelineInputError(units_dirs[0], "doc_id appears in more than one document row", record=dup["doc_id"][0])
-    return docs
-
-
-def read_queries(rewrite_dirs: Sequence[Path]) -> pl.DataFrame:
-    frames = []
-    for d in rewrite_dirs:
-        path = Path(d) / "queries.parquet"
-        if not path.is_file():
-            raise PipelineInputError(path, "missing queries.parquet (not a rewrite folder?)")
-        df = pl.read_parquet(path)
-        missing = [c for c in QUERIES_SCHEMA.names if c not in df.columns]
-        if missing:
-            raise PipelineInputError(path, f"missing columns {missing}")
-        frames.append(df.select(QUERIES_SCHEMA.names).cast({"sentence_index": pl.Int32}))
-    return pl.concat(frames)
-
-
-def dedup_output_dir(rewrite_dir, units_dirs, config: DedupConfig | None = None, work_dir="work") -> Path:
-    config = config or DedupConfig()
-    inputs = [Path(p) / "queries.parquet" for p in _as_list(rewrite_dir)]
-    inputs += [Path(p) / "documents.parquet" for p in _as_list(units_dirs)]
-    return stage_output_dir(work_dir, STAGE, config, inputs, CODE_VERSION)
-
-
-def dedup(
-    rewrite_dir: str | os.PathLike | Sequence[str | os.PathLike],
-    units_dirs: str | os.PathLike | Sequence[str | os.PathLike],
-    config: DedupConfig | None = None,
-    work_dir: str | os.PathLike = "work",
-) -> Path:
+@stage(
+    STAGE,
+    DedupConfig,
+    reads={"rewrite_dir": ["queries.parquet"], "units_dirs": ["documents.parquet"]},
+    writes={"queries.parquet": QUERIES_SCHEMA, "dropped.parquet": DROPPED_SCHEMA, "near_duplicates.parquet": NEAR_DUP_SCHEMA},
+)
+def dedup(run: StageRun, rewrite_dir, units_dirs, config: DedupConfig) -> dict:
     """De-duplicate keywords, queries and documents; return the stage folder
     holding queries.parquet (contract 4), dropped.parquet,
     near_duplicates.parquet and funnel.json."""
-    config = config or DedupConfig()
-    out = dedup_output_dir(rewrite_dir, units_dirs, config, work_dir)
-    if is_complete(out):
-        return out
-    rewrite_dirs, units = _as_list(rewrite_dir), _as_list(units_dirs)
-    funnel = Funnel()
-    queries = read_queries(rewrite_dirs).sort("doc_id", "sentence_index", "query")
+    funnel = run.funnel
+    queries = read_queries(rewrite_dir).sort("doc_id", "sentence_index", "query")
     funnel.seen(STAGE, queries.height)
     dropped: list[pl.DataFrame] = []
 
@@ -280,10 +206,10 @@ def dedup(
     # 2. Near-duplicate documents (only documents that still have queries matter).
     near = pl.DataFrame(schema={"doc_id": pl.String, "duplicate_of": pl.String, "jaccard": pl.Float32})
     if config.near_duplicate_documents and queries.height:
-        docs = read_documents(units, ["doc_id", "text"])
+        docs = read_documents(units_dirs, ["doc_id", "text"])
         missing = queries.join(docs, on="doc_id", how="anti")
         if missing.height:
-            raise PipelineInputError(units[0], "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
+            raise PipelineInputError(as_paths(units_dirs)[0], "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
         near = near_duplicate_documents(docs.join(queries.select("doc_id").unique(), on="doc_id"), config)
         gone = queries.join(near, on="doc_id", how="inner")
         drop(gone, "near_duplicate_document", pl.col("duplicate_of"))
@@ -307,22 +233,12 @@ def dedup(
     queries = queries.filter(is_first)
 
     funnel.kept(STAGE, queries.height)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(queries.select(QUERIES_SCHEMA.names).to_arrow(), out / "queries.parquet", QUERIES_SCHEMA)
     dropped_df = pl.concat(dropped) if dropped else pl.DataFrame(schema={n: pl.String for n in DROPPED_SCHEMA.names})
-    write_parquet(dropped_df.cast({"sentence_index": pl.Int32}).to_arrow(), out / "dropped.parquet", DROPPED_SCHEMA)
-    write_parquet(near.to_arrow(), out / "near_duplicates.parquet", NEAR_DUP_SCHEMA)
-    funnel.save(out / "funnel.json")
-    mark_complete(out, {"stage": STAGE, "code_version": CODE_VERSION, "config": config, "funnel": funnel.to_dict()})
-    return out
+    return {
+        "queries.parquet": queries.select(QUERIES_SCHEMA.names),
+        "dropped.parquet": dropped_df.cast({"sentence_index": pl.Int32}),
+        "near_duplicates.parquet": near,
+    }
 
 
-@task(
-    name="dedup",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_key_fn=completed_output_cache_key(dedup_output_dir),
-    persist_result=True,
-)
-def dedup_task(rewrite_dir, units_dirs, config: DedupConfig | None = None, work_dir="work") -> Path:
-    return dedup(rewrite_dir, units_dirs, config, work_dir)
+dedup_task = dedup.task

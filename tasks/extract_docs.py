@@ -9,44 +9,23 @@ not become an article is counted under a drop reason.
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import mwxml
 import pyarrow as pa
-from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks import shard as shard_mod
 from tasks import wikitext
-from tasks.common import (
-    Funnel,
-    PipelineInputError,
-    completed_output_cache_key,
-    is_complete,
-    mark_complete,
-    retry_unless_bad_input,
-    source_hash,
-    stage_output_dir,
-    write_parquet,
-)
+from tasks.common import PipelineInputError
+from tasks.contracts import ARTICLES_SCHEMA
 from tasks.shard import Shard, open_shard
+from tasks.stage import StageRun, stage
 
 STAGE = "extract_docs"
 CLEAN_STAGE = "clean_wikitext"  # counts of removed lines/elements, not pages
-CODE_VERSION = source_hash(__file__, wikitext.__file__, shard_mod.__file__)
-
-ARTICLES_SCHEMA = pa.schema(
-    [
-        ("page_id", pa.int64()),
-        ("revision_id", pa.int64()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("source_dump", pa.string()),
-    ]
-)
 
 
 class ExtractConfig(BaseModel):
@@ -57,21 +36,6 @@ class ExtractConfig(BaseModel):
     skip_set_index: bool = Field(True, description="Drop set-index pages ({{set index article}}, {{surname}}, ...).")
     skip_list_pages: bool = Field(True, description="Drop pages titled 'List of ...' / 'Lists of ...'.")
     min_text_chars: int = Field(1, ge=1, le=1_000_000, description="Drop articles whose clean text is shorter than this (characters).")
-
-
-def extract_output_dir(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
-    """The content-addressed folder this shard's extraction writes."""
-    inputs = [shard.dump_path] + ([shard.index_path] if shard.index_path else [])
-    return stage_output_dir(work_dir, STAGE, {"config": config, "shard": shard}, inputs, CODE_VERSION)
-
-
-def _cache_dir(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
-    # For the Prefect cache key: a missing input is not a cache hit, and the
-    # task body (not the key function) reports it.
-    try:
-        return extract_output_dir(shard, config, work_dir)
-    except PipelineInputError:
-        return Path(work_dir) / "stages" / STAGE / "missing-input"
 
 
 def _page_label(title: str | None, page_id: int | None) -> str | None:
@@ -119,12 +83,21 @@ def _iter_shard_pages(shard: Shard):
         raise PipelineInputError(path, reason, record=where) from exc
 
 
-def extract_shard(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLike) -> Path:
-    """Write ``articles.parquet`` and ``funnel.json`` for one shard; return the folder."""
-    out = extract_output_dir(shard, config, work_dir)
-    if is_complete(out):
-        return out
-    funnel = Funnel()
+def _shard_files(shard: Shard) -> list[str]:
+    return [shard.dump_path] + ([shard.index_path] if shard.index_path else [])
+
+
+@stage(
+    STAGE,
+    ExtractConfig,
+    reads={"shard": _shard_files},
+    keyed_by_value=["shard"],
+    writes={"articles.parquet": ARTICLES_SCHEMA},
+    code=[wikitext.__file__, shard_mod.__file__],
+)
+def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
+    """One shard's pages -> ``articles.parquet`` (cached on the dump's content, the shard, config and code)."""
+    funnel = run.funnel
     cols: dict[str, list[Any]] = {name: [] for name in ARTICLES_SCHEMA.names}
     source = Path(shard.dump_path).name
     namespaces = set(config.namespaces)
@@ -169,21 +142,8 @@ def extract_shard(shard: Shard, config: ExtractConfig, work_dir: str | os.PathLi
         cols["source_dump"].append(source)
     if pages == 0:
         raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
-    table = pa.table(cols, schema=ARTICLES_SCHEMA)
-    write_parquet(table, out / "articles.parquet", ARTICLES_SCHEMA)
-    funnel.save(out / "funnel.json")
-    mark_complete(out, {"stage": STAGE, "shard": shard.name, "pages": pages, "articles": table.num_rows, "funnel": funnel.to_dict()})
-    return out
+    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]))
+    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA)}
 
 
-@task(
-    name="extract_docs",
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_bad_input,
-    cache_key_fn=completed_output_cache_key(_cache_dir),
-    persist_result=True,
-)
-def extract_docs(shard: Shard, config: ExtractConfig, work_dir: str) -> Path:
-    """Prefect task: extract one shard (cached on the dump's content, config and code)."""
-    return extract_shard(shard, config, work_dir)
+extract_docs_task = extract_docs.task

@@ -3,11 +3,11 @@ between its query and its document is >= 0.5).
 
 Two steps, so that a new threshold costs no embedding:
 
-- ``score_relevance``: embed every distinct document once and every distinct
+- ``relevance_score``: embed every distinct document once and every distinct
   query once, write ``scored.parquet`` with the cosine score of every pair.
   Its folder is keyed by the model settings only (no threshold).
-- ``filter_by_threshold``: mark each pair kept / dropped at a threshold and
-  write the funnel; cheap, keyed by the scored folder and the threshold.
+- ``relevance_filter``: mark each pair kept / dropped at the threshold and
+  write the funnel; cheap, keyed by the scores and the threshold.
 
 The threshold belongs to the model. 0.5 is the paper's figure for
 BAAI/bge-base-en-v1.5; the embedded all-MiniLM-L6-v2 (mean pooling) scores
@@ -17,33 +17,18 @@ against random (query, other document) pairs (benchmarks/relevance.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.common import (
-    Funnel,
-    PipelineInputError,
-    completed_output_cache_key,
-    is_complete,
-    mark_complete,
-    read_marker,
-    source_hash,
-    stage_output_dir,
-    write_json,
-    write_parquet,
-)
-from tasks.dedup import _as_list, read_documents
+from tasks.common import PipelineInputError, read_marker
+from tasks.contracts import FILTERED_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_queries, read_scored
+from tasks.stage import StageRun, stage
 
-CODE_VERSION = source_hash(__file__)
 SCORE_STAGE = "relevance_score"
 FILTER_STAGE = "relevance"
 
@@ -54,20 +39,6 @@ BGE_THRESHOLD = 0.5
 # all-MiniLM-L6-v2, mean pooling, no instruction. Calibrated by
 # benchmarks/relevance.py on the embedded dump (see RelevanceConfig.threshold).
 MINILM_THRESHOLD = 0.3
-
-SCORED_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("sentence_index", pa.int32()),
-        ("unit", pa.string()),
-        ("query", pa.string()),
-        ("rewriter_model", pa.string()),
-        ("prompt_version", pa.string()),
-        ("score", pa.float32()),
-    ]
-)
-FILTERED_SCHEMA = pa.schema(list(SCORED_SCHEMA) + [pa.field("kept", pa.bool_())])
-
 
 def default_model() -> str:
     from tasks.assets import embedded_encoder_path
@@ -85,6 +56,8 @@ def threshold_for(model: str, pooling: str = "mean") -> float:
 
 class RelevanceConfig(BaseModel):
     """The relevance scorer (FlagEmbedding) and its threshold."""
+
+    operational_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
 
     model: str | None = Field(
         None,
@@ -122,7 +95,7 @@ class RelevanceConfig(BaseModel):
 
     def scoring_identity(self) -> dict:
         """What the scores depend on (not the threshold, batch size or device)."""
-        d = self.model_dump(exclude={"threshold", "batch_size", "device"})
+        d = self.model_dump(exclude={"threshold", *self.operational_fields})
         d["model"] = self.model or "embedded:all-MiniLM-L6-v2"
         return d
 
@@ -195,31 +168,17 @@ class RelevanceScorer:
 # Stage 1: scores of every pair.
 
 
-def score_output_dir(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
-    config = config or RelevanceConfig()
-    inputs = [Path(dedup_dir) / "queries.parquet"] + [Path(p) / "documents.parquet" for p in _as_list(units_dirs)]
-    return stage_output_dir(work_dir, SCORE_STAGE, config.scoring_identity(), inputs, CODE_VERSION)
-
-
-def score_relevance(
-    dedup_dir: str | os.PathLike,
-    units_dirs: str | os.PathLike | Sequence[str | os.PathLike],
-    config: RelevanceConfig | None = None,
-    work_dir: str | os.PathLike = "work",
-) -> Path:
-    """Write scored.parquet (every query with its document's cosine score)."""
-    config = config or RelevanceConfig()
-    out = score_output_dir(dedup_dir, units_dirs, config, work_dir)
-    if is_complete(out):
-        return out
-    qpath = Path(dedup_dir) / "queries.parquet"
-    if not qpath.is_file():
-        raise PipelineInputError(qpath, "missing queries.parquet (not a dedup folder?)")
-    queries = pl.read_parquet(qpath).sort("doc_id", "sentence_index")
-    docs = read_documents(_as_list(units_dirs), ["doc_id", "text"])
+@stage(SCORE_STAGE, RelevanceConfig, key=RelevanceConfig.scoring_identity,
+       reads={"dedup_dir": ["queries.parquet"], "units_dirs": ["documents.parquet"]},
+       writes={"scored.parquet": SCORED_SCHEMA})
+def relevance_score(run: StageRun, dedup_dir, units_dirs, config: RelevanceConfig) -> dict:
+    """scored.parquet: every query with its document's cosine score."""
+    queries = read_queries(dedup_dir).sort("doc_id", "sentence_index")
+    docs = read_documents(units_dirs, ["doc_id", "text"])
     missing = queries.join(docs, on="doc_id", how="anti")
     if missing.height:
-        raise PipelineInputError(qpath, "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
+        raise PipelineInputError(as_paths(dedup_dir)[0] / "queries.parquet", "query refers to a document not in documents.parquet",
+                                 record=missing["doc_id"][0])
     docs = docs.join(queries.select("doc_id").unique(), on="doc_id").sort("doc_id")
     scorer = RelevanceScorer(config)
     q_emb = scorer.encode_queries(queries["query"].to_list())
@@ -227,69 +186,32 @@ def score_relevance(
     row = {d: i for i, d in enumerate(docs["doc_id"].to_list())}
     idx = np.fromiter((row[d] for d in queries["doc_id"].to_list()), dtype=np.int64, count=queries.height)
     scores = np.einsum("ij,ij->i", q_emb, d_emb[idx]).astype(np.float32) if queries.height else np.zeros(0, np.float32)
-    scored = queries.with_columns(pl.Series("score", scores, dtype=pl.Float32))
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(scored.to_arrow(), out / "scored.parquet", SCORED_SCHEMA)
-    info = {"stage": SCORE_STAGE, "code_version": CODE_VERSION, "config": config.scoring_identity(),
-            "model_path": config.model_path(), "pairs": queries.height, "documents_embedded": docs.height}
-    write_json(info, out / "params.json")
-    mark_complete(out, info)
-    return out
+    run.info.update(model_path=config.model_path(), pairs=queries.height, documents_embedded=docs.height)
+    return {"scored.parquet": queries.with_columns(pl.Series("score", scores, dtype=pl.Float32))}
 
 
-# --------------------------------------------------------------------------
-# Stage 2: the threshold.
+def _threshold_identity(config: RelevanceConfig) -> dict:
+    return {"threshold": float(config.resolved_threshold())}
 
 
-def filter_output_dir(scored_dir, threshold: float, work_dir="work") -> Path:
-    # The scored folder's name is already its content key, so the key needs
-    # no fingerprint of it (and can be computed before it exists).
-    key = {"scored": Path(scored_dir).name, "threshold": float(threshold)}
-    return stage_output_dir(work_dir, FILTER_STAGE, key, [], CODE_VERSION)
-
-
-def filter_by_threshold(scored_dir: str | os.PathLike, threshold: float, work_dir: str | os.PathLike = "work") -> Path:
-    """Write scored.parquet with a ``kept`` column (score >= threshold) and the funnel."""
-    out = filter_output_dir(scored_dir, threshold, work_dir)
-    if is_complete(out):
-        return out
-    path = Path(scored_dir) / "scored.parquet"
-    if not path.is_file():
-        raise PipelineInputError(path, "missing scored.parquet (not a relevance_score folder?)")
-    scored = pl.read_parquet(path).with_columns((pl.col("score") >= threshold).alias("kept"))
-    funnel = Funnel()
-    funnel.seen(FILTER_STAGE, scored.height)
+@stage(FILTER_STAGE, RelevanceConfig, key=_threshold_identity, reads={"scored_dir": ["scored.parquet"]},
+       writes={"scored.parquet": FILTERED_SCHEMA})
+def relevance_filter(run: StageRun, scored_dir, config: RelevanceConfig) -> dict:
+    """scored.parquet with a ``kept`` column (score >= the threshold) and the funnel."""
+    threshold = config.resolved_threshold()
+    scored = read_scored(scored_dir).with_columns((pl.col("score") >= threshold).alias("kept"))
     n_kept = int(scored["kept"].sum())
-    funnel.kept(FILTER_STAGE, n_kept)
-    funnel.drop(FILTER_STAGE, "below_threshold", scored.height - n_kept)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(scored.to_arrow(), out / "scored.parquet", FILTERED_SCHEMA)
-    funnel.save(out / "funnel.json")
-    info = {"stage": FILTER_STAGE, "code_version": CODE_VERSION, "threshold": float(threshold),
-            "scored_dir": str(scored_dir), "scoring": read_marker(scored_dir), "funnel": funnel.to_dict()}
-    write_json(info, out / "params.json")
-    mark_complete(out, info)
-    return out
+    run.funnel.seen(FILTER_STAGE, scored.height)
+    run.funnel.kept(FILTER_STAGE, n_kept)
+    run.funnel.drop(FILTER_STAGE, "below_threshold", scored.height - n_kept)
+    run.info.update(threshold=float(threshold), scoring=read_marker(scored_dir))
+    return {"scored.parquet": scored}
 
 
-def relevance_output_dir(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
-    config = config or RelevanceConfig()
-    return filter_output_dir(score_output_dir(dedup_dir, units_dirs, config, work_dir), config.resolved_threshold(), work_dir)
-
-
-def relevance_filter(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
+def relevance(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="data"):
     """Score (reused when only the threshold changed), then apply the threshold."""
-    config = config or RelevanceConfig()
-    scored = score_relevance(dedup_dir, units_dirs, config, work_dir)
-    return filter_by_threshold(scored, config.resolved_threshold(), work_dir)
+    return relevance_filter(relevance_score(dedup_dir, units_dirs, config, work_dir), config, work_dir)
 
 
-@task(
-    name="relevance-filter",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_key_fn=completed_output_cache_key(relevance_output_dir),
-    persist_result=True,
-)
-def relevance_filter_task(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="work") -> Path:
-    return relevance_filter(dedup_dir, units_dirs, config, work_dir)
+relevance_score_task = relevance_score.task
+relevance_filter_task = relevance_filter.task

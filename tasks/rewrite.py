@@ -4,68 +4,41 @@ into a keyword query with an LLM (GeAR Appendix A), and gate the outputs.
 Input: ``select_units`` output folders (documents.parquet + units.parquet).
 Output folder (content-addressed): queries.parquet (accepted rewrites),
 rejected.parquet (dropped rewrites with their raw output and reason),
-funnel.json, stats.json, and raw/ (one file per finished input shard, so a
-retried task does not redo shards it already rewrote).
+funnel.json, stats.json, and raw/ (one file per input shard with every
+answer; its ``ok`` rows are final, its ``failed`` rows are sent again by the
+next attempt). The stage is resumable: raw/ lives in the runner's partial
+folder, which a failed attempt leaves in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
-from prefect import task
 
-from tasks.common import (
-    Funnel,
-    PipelineInputError,
-    completed_output_cache_key,
-    fingerprint,
-    is_complete,
-    mark_complete,
-    source_hash,
-    stage_output_dir,
-    write_json,
-    write_parquet,
-)
-from tasks.rewriters import (
-    PROMPT_VERSION,
-    RewriteConfig,
-    RewriteConfigError,
-    Rewriter,
-    make_rewriter,
-    prompt_fingerprint,
-)
+from tasks.common import Funnel, ProgressArtifact, fingerprint, stable_int, write_parquet
+from tasks.contracts import QUERIES_SCHEMA, as_paths, read_units as read_unit_tables
+from tasks.rewriters import PROMPT_VERSION, RewriteConfig, Rewriter, make_rewriter, prompt_fingerprint
 from tasks.rewriters.base import error_kind
 from tasks.rewriters.config import OPERATIONAL_FIELDS, redact_url
 from tasks.rewriters.failures import FAILED, OK, check_failures, count_kinds
 from tasks.rewriters.quality import REASONS, clean_output, is_keyword_form, judge
+from tasks.stage import StageRun, stage
 
 log = logging.getLogger(__name__)
 
 STAGE = "rewrite_queries"
 SAMPLE_STAGE = "sample_units"
-_HERE = Path(__file__).parent
 # The backends, prompts and gate decide the outputs too.
-CODE_VERSION = source_hash(__file__, *sorted((_HERE / "rewriters").glob("*.py")))
-
-QUERIES_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("sentence_index", pa.int32()),
-        ("unit", pa.string()),
-        ("query", pa.string()),
-        ("rewriter_model", pa.string()),
-        ("prompt_version", pa.string()),
-    ]
-)
+_BACKEND_CODE = sorted((Path(__file__).parent / "rewriters").glob("*.py"))
 REJECTED_SCHEMA = pa.schema(
     list(QUERIES_SCHEMA) + [pa.field("raw_output", pa.string()), pa.field("reason", pa.string())]
 )
@@ -87,11 +60,6 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 UNIT_COLUMNS = ("doc_id", "sentence_index", "text")
-
-
-def _stable_int(*parts: Any) -> int:
-    blob = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
 
 
 @functools.lru_cache(maxsize=32)
@@ -134,21 +102,14 @@ def _units_file(units_dir: Path) -> Path:
     return Path(units_dir) / "units.parquet"
 
 
-def rewrite_output_dir(units_dirs: list[Path], config: RewriteConfig, work_dir: Path) -> Path:
-    """The folder this stage writes for these inputs and this config."""
-    inputs = sorted(_units_file(Path(d)) for d in units_dirs)
-    return stage_output_dir(work_dir, STAGE, cache_config(config), inputs, CODE_VERSION)
+def _units_files(units_dirs) -> list[Path]:
+    # Sorted: the shards' order does not change the outputs, so not the key either.
+    return sorted(_units_file(d) for d in as_paths(units_dirs))
 
 
 def read_units(units_dir: Path) -> pl.DataFrame:
-    path = _units_file(units_dir)
-    if not path.is_file():
-        raise PipelineInputError(path, "missing (expected a select_units output folder)")
-    table = pq.read_table(path)
-    missing = [c for c in UNIT_COLUMNS if c not in table.column_names]
-    if missing:
-        raise PipelineInputError(path, f"missing columns {missing}")
-    return pl.from_arrow(table.select(list(UNIT_COLUMNS))).with_columns(pl.col("sentence_index").cast(pl.Int32))
+    """The candidate units of one select_units folder (doc_id, sentence_index, text)."""
+    return read_unit_tables([units_dir], UNIT_COLUMNS)
 
 
 def sample_units(units: pl.DataFrame, units_per_doc: int, seed: int) -> pl.DataFrame:
@@ -162,7 +123,7 @@ def sample_units(units: pl.DataFrame, units_per_doc: int, seed: int) -> pl.DataF
     if units.is_empty():
         return units
     draw = [
-        _stable_int(seed, d, i)
+        stable_int(seed, d, i)
         for d, i in zip(units["doc_id"].to_list(), units["sentence_index"].to_list())
     ]
     return (
@@ -177,7 +138,7 @@ def sample_units(units: pl.DataFrame, units_per_doc: int, seed: int) -> pl.DataF
 
 def shard_seed(seed: int, doc_ids: list[str]) -> int:
     """Generation seed of one shard: from the config seed and its documents, not its position."""
-    return _stable_int(seed, *sorted(set(doc_ids))) % (2**31)
+    return stable_int(seed, *sorted(set(doc_ids))) % (2**31)
 
 
 def _rewrite_shard(
@@ -261,26 +222,36 @@ def gate(raw: pl.DataFrame, config: RewriteConfig, model: str, funnel: Funnel) -
     return queries, rej, rates
 
 
-def rewrite_queries(
-    units_dirs: list[Path],
-    config: RewriteConfig,
-    work_dir: Path,
-    rewriter: Rewriter | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Rewrite sampled units of every input shard; return the output folder.
+# A loaded backend and a progress callback for the next rewrite_queries call
+# in this context (tests, benchmarks): see ``using_rewriter``.
+_SUPPLIED: contextvars.ContextVar[tuple[Rewriter | None, Callable[[int, int], None] | None]] = \
+    contextvars.ContextVar("rewriter", default=(None, None))
 
-    ``rewriter``: an already loaded backend to reuse (tests, benchmarks);
-    by default the configured one is built once for the whole call.
-    ``on_progress(done, total)``: called as sampled units are rewritten (per
-    batch where the backend reports batches, else per shard).
-    """
-    units_dirs = [Path(d) for d in units_dirs]
-    out = rewrite_output_dir(units_dirs, config, work_dir)
-    if is_complete(out):
-        log.info("rewrite_queries: %s is complete, nothing to do", out)
-        return out
-    funnel = Funnel()
+
+@contextlib.contextmanager
+def using_rewriter(rewriter: Rewriter | None = None, on_progress: Callable[[int, int], None] | None = None) -> Iterator[None]:
+    """Within the block, rewrite_queries uses ``rewriter`` (already loaded; the
+    caller closes it) instead of building the configured one, and calls
+    ``on_progress(done, total)`` as sampled units are rewritten."""
+    token = _SUPPLIED.set((rewriter, on_progress))
+    try:
+        yield
+    finally:
+        _SUPPLIED.reset(token)
+
+
+@stage(STAGE, RewriteConfig, key=cache_config, reads={"units_dirs": _units_files},
+       writes={"queries.parquet": QUERIES_SCHEMA, "rejected.parquet": REJECTED_SCHEMA},
+       code=_BACKEND_CODE, resumable=True, retry_delay_seconds=[30, 120])
+def rewrite_queries(run: StageRun, units_dirs, config: RewriteConfig) -> dict:
+    """Rewrite sampled units of every input shard (the configured backend is built once)."""
+    units_dirs = as_paths(units_dirs)
+    out = run.out
+    funnel = run.funnel
+    rewriter, on_progress = _SUPPLIED.get()
+    if on_progress is None:
+        bar = ProgressArtifact("rewrite_queries: sampled units rewritten (%)")
+        on_progress = bar.update
     owned = rewriter is None
     model = model_label(config)
     timing = {"load_seconds": 0.0, "rewrite_seconds": 0.0, "rewrites": 0}
@@ -334,9 +305,6 @@ def rewrite_queries(
     failed_kinds = count_kinds(raw_all.filter(pl.col("status") != OK)["error_kind"].to_list())
     check_failures(failed_kinds, raw_all.height, queries.height, config, model, str(out / "raw"),
                    not_attempted=not_attempted)
-    write_parquet(queries.to_arrow(), out / "queries.parquet", QUERIES_SCHEMA)
-    write_parquet(rejected.to_arrow(), out / "rejected.parquet", REJECTED_SCHEMA)
-    funnel.save(out / "funnel.json")
     stats = {
         "rewriter_model": model,
         "backend": config.backend,
@@ -347,12 +315,11 @@ def rewrite_queries(
         **rates,
         "backend_errors_by_kind": failed_kinds,  # tolerated: at most max_error_rate of the rewrites
     }
-    write_json(stats, out / "stats.json")
+    run.info.update(queries=queries.height, rejected=rejected.height, **rates)
+    log.info("rewrite_queries: %d kept, %d rejected -> %s", queries.height, rejected.height, run.final)
     shown = config.model_copy(update={"base_url": redact_url(config.base_url)})  # no credentials in lineage
-    write_json({"config": shown, "cache_config": cache_config(config), "inputs": units_dirs}, out / "params.json")
-    mark_complete(out, {"queries": queries.height, "rejected": rejected.height, **rates})
-    log.info("rewrite_queries: %d kept, %d rejected -> %s", queries.height, rejected.height, out)
-    return out
+    return {"queries.parquet": queries, "rejected.parquet": rejected, "stats.json": stats,
+            "params.json": {"config": shown, "cache_config": cache_config(config)}}
 
 
 class _Progress:
@@ -376,41 +343,4 @@ class _Progress:
                 self.callback(self.done, self.total)
 
 
-def _retry_unless_config_error(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry transport trouble (an endpoint down past the client's own retries),
-    not bad input or a misconfiguration that would fail the same way again."""
-    try:
-        state.result()
-    except (PipelineInputError, RewriteConfigError):
-        return False
-    except Exception:
-        return True
-    return True
-
-
-@task(
-    name="rewrite_queries",
-    retries=2,
-    retry_condition_fn=_retry_unless_config_error,
-    retry_delay_seconds=[30, 120],
-    cache_key_fn=completed_output_cache_key(rewrite_output_dir),
-    persist_result=True,
-)
-def rewrite_queries_task(units_dirs: list[Path], config: RewriteConfig, work_dir: Path) -> Path:
-    """Prefect wrapper: retries re-run only unfinished shards (finished ones are in raw/).
-    Shows a progress artifact on the run's page (rewriting is the build's longest stage)."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.context import TaskRunContext
-
-    if TaskRunContext.get() is None:  # called as a plain function (.fn): no run page to show it on
-        return rewrite_queries(units_dirs, config, work_dir)
-    artifact = create_progress_artifact(0.0, description="rewrite_queries: sampled units rewritten (%)")
-    shown = [0.0]
-
-    def report(done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 100.0
-        if pct - shown[0] >= 1.0 or done == total:  # at most ~100 API calls
-            shown[0] = pct
-            update_progress_artifact(artifact, pct)
-
-    return rewrite_queries(units_dirs, config, work_dir, on_progress=report)
+rewrite_queries_task = rewrite_queries.task

@@ -38,53 +38,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
-from tasks.common import (
-    Funnel,
-    PipelineInputError,
-    completed_output_cache_key,
-    is_complete,
-    mark_complete,
-    retry_unless_bad_input,
-    source_hash,
-    stage_output_dir,
-    write_parquet,
-)
+from tasks.common import Funnel, PipelineInputError
+from tasks.contracts import DOCUMENTS_SCHEMA, SPAN, UNITS_SCHEMA  # noqa: F401 - SPAN re-exported for tests
+from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"
 ARTICLE_STAGE = "select_units.articles"
 SENTENCE_STAGE = "select_units.sentences"
 DOC_STAGE = "select_units.documents"
 CANDIDATE_STAGE = "select_units.candidates"
-CODE_VERSION = source_hash(__file__)
-
-SPAN = pa.struct([("start", pa.int32()), ("end", pa.int32())])
-DOCUMENTS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("page_id", pa.int64()),
-        ("revision_id", pa.int64()),
-        ("part", pa.int32()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("sentence_spans", pa.list_(SPAN)),
-        ("token_count", pa.int32()),
-        ("source_dump", pa.string()),
-    ]
-)
-UNITS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("sentence_index", pa.int32()),
-        ("text", pa.string()),
-        ("char_start", pa.int32()),
-        ("char_end", pa.int32()),
-        ("token_count", pa.int32()),
-    ]
-)
 
 PAPER_PRONOUNS = ["this", "these", "it", "that", "those", "they", "he", "she", "we", "you", "i"]
 # Components the candidate rules do not use (the parser alone sets sentences and dependencies).
@@ -124,18 +89,6 @@ class UnitConfig(BaseModel):
     spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
     chars_per_token_budget: int = Field(6, ge=2, le=100, description="Parse only the first max_doc_tokens*docs_per_article*this characters of an article first (more if needed).")
-
-
-def select_output_dir(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
-    return stage_output_dir(work_dir, STAGE, config, article_files(article_dirs_or_files), CODE_VERSION)
-
-
-def _cache_dir(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
-    # For the Prefect cache key: a missing input is not a cache hit; the task body reports it.
-    try:
-        return select_output_dir(article_dirs_or_files, config, work_dir)
-    except PipelineInputError:
-        return Path(work_dir) / "stages" / STAGE / "missing-input"
 
 
 def article_files(article_dirs_or_files: Any) -> list[Path]:
@@ -338,25 +291,21 @@ def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel
     return parts, True
 
 
-def select_units(article_dirs_or_files: Any, config: UnitConfig, work_dir: str | os.PathLike) -> Path:
-    """Write documents.parquet, units.parquet and funnel.json for one shard's articles."""
-    files = article_files(article_dirs_or_files)
-    out = stage_output_dir(work_dir, STAGE, config, files, CODE_VERSION)
-    if is_complete(out):
-        return out
+@stage(STAGE, UnitConfig, reads={"article_dirs_or_files": article_files},
+       writes={"documents.parquet": DOCUMENTS_SCHEMA, "units.parquet": UNITS_SCHEMA})
+def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) -> dict:
+    """Documents and candidate units of one shard's articles (documents.parquet, units.parquet)."""
     if config.min_unit_tokens > config.max_unit_tokens:
-        raise ValueError(f"min_unit_tokens {config.min_unit_tokens} > max_unit_tokens {config.max_unit_tokens}")
+        raise StageConfigError(f"min_unit_tokens {config.min_unit_tokens} > max_unit_tokens {config.max_unit_tokens}")
     with _PARSE_LOCK:
-        if is_complete(out):  # another thread finished the same input meanwhile
-            return out
-        return _select(files, out, config)
+        return _select(article_files(article_dirs_or_files), run, config)
 
 
-def _select(files: list[Path], out: Path, config: UnitConfig) -> Path:
+def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     nlp = load_nlp(config.spacy_model)
     tokenizer = load_tokenizer(config.tokenizer_path)
     pronouns = frozenset(p.lower() for p in config.pronouns)
-    funnel = Funnel()
+    funnel = run.funnel
 
     articles: list[_Article] = []
     for f in files:
@@ -403,20 +352,8 @@ def _select(files: list[Path], out: Path, config: UnitConfig) -> Path:
         else:
             funnel.drop(ARTICLE_STAGE, "no_document_kept")
 
-    write_parquet(pa.table(doc_cols, schema=DOCUMENTS_SCHEMA), out / "documents.parquet", DOCUMENTS_SCHEMA)
-    write_parquet(pa.table(unit_cols, schema=UNITS_SCHEMA), out / "units.parquet", UNITS_SCHEMA)
-    funnel.save(out / "funnel.json")
-    mark_complete(
-        out,
-        {
-            "stage": STAGE,
-            "inputs": [str(f) for f in files],
-            "documents": len(doc_cols["doc_id"]),
-            "units": len(unit_cols["doc_id"]),
-            "funnel": funnel.to_dict(),
-        },
-    )
-    return out
+    run.info.update(documents=len(doc_cols["doc_id"]), units=len(unit_cols["doc_id"]))
+    return {"documents.parquet": doc_cols, "units.parquet": unit_cols}
 
 
 def _cut_documents_counted(sentences: list[Sentence], tokenizer, config: UnitConfig, funnel: Funnel):
@@ -480,14 +417,4 @@ def _emit_document(art: _Article, part_no: int, part: list[Sentence], config: Un
     return True
 
 
-@task(
-    name="select_units",
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-    retry_delay_seconds=5,
-    cache_key_fn=completed_output_cache_key(_cache_dir),
-    persist_result=True,
-)
-def select_units_task(article_dirs_or_files: list[str], config: UnitConfig, work_dir: str) -> Path:
-    """Prefect task: documents and candidate units for one shard's articles (cached)."""
-    return select_units(article_dirs_or_files, config, work_dir)
+select_units_task = select_units.task

@@ -53,10 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import PipelineInputError, atomic_path, fingerprint, is_complete, mark_complete
 
-try:  # for shard_dump below, until it moves onto the stage runner (tasks/stage.py)
-    from tasks.common import retry_unless_bad_input
-except ImportError:
-    from tasks.stage import retry_unless_final as retry_unless_bad_input
+from tasks.stage import retry_unless_final
 
 log = logging.getLogger(__name__)
 
@@ -827,7 +824,11 @@ def _byte_range_chunks(shard: Shard) -> Iterator[bytes]:
     yield b"\n" + _CLOSE + b"\n"
 
 
-@task(name="shard_dump", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
-def shard_dump(dump_path: str, config: ShardConfig) -> list[Shard]:
-    """Plan the dump's shards (multistream byte ranges, else page ranges)."""
-    return plan_shards(dump_path, config)
+@task(name="shard_dump", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_final)
+def shard_dump(dump_path: str, config: ShardConfig, work_dir: str) -> list[Shard]:
+    """Plan the dump's shards in one pass (multistream byte ranges; a plain
+    dump's byte offsets, or a reused multistream copy of it under work_dir).
+
+    Not a stage: it returns shard descriptions, not a folder. Its one output
+    on disk, the multistream copy, has its own content-addressed folder."""
+    return plan_shards(dump_path, config, work_dir=work_dir)

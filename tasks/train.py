@@ -16,8 +16,11 @@ Resume across nodes needs ``output_dir`` on a shared filesystem.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,22 +33,13 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.common import (
-    PipelineInputError,
-    completed_output_cache_key,
-    is_complete,
-    mark_complete,
-    source_hash,
-    stage_key,
-    write_json,
-    write_text,
-)
+from tasks.common import PipelineInputError, ProgressArtifact, is_complete, write_text
+from tasks.contracts import LATEST, dataset_file
+from tasks.stage import StageRun, stage
 
 _GEAR_MODEL = Path(__file__).resolve().parent.parent / "gear_model"
-CODE_VERSION = source_hash(__file__, *sorted(_GEAR_MODEL.glob("*.py")))
 STAGE = "train"
 MODELS_DIR = "models"
-LATEST = "LATEST"
 # Fields that do not change the trained weights, so they stay out of the run key.
 _NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "keep_last",
                "log_every", "num_threads", "stop_after_steps", "device"}
@@ -165,23 +159,7 @@ def _embedded_encoder() -> Path:
 
 def resolve_train_file(dataset: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
     """train.parquet of a file, a version folder, a datasets/ folder or a build-dataset output dir."""
-    path = Path(dataset) if dataset else Path(output_dir)
-    if path.is_file():
-        return path
-    if (path / "train.parquet").is_file():
-        return path / "train.parquet"
-    try:
-        from tasks.write_triples import resolve_dataset
-    except ImportError:  # the dataset stage is optional for training
-        resolve_dataset = _resolve_latest
-    return Path(resolve_dataset(path)) / "train.parquet"
-
-
-def _resolve_latest(path: Path) -> Path:
-    for folder in (path, path / "datasets"):
-        if (folder / LATEST).is_file():
-            return folder / (folder / LATEST).read_text().strip()
-    raise PipelineInputError(path, "not a dataset: no train.parquet, LATEST or datasets/LATEST here")
+    return dataset_file(dataset or output_dir, "train")
 
 
 def dataset_doc_tokens(train_file: Path) -> int | None:
@@ -195,15 +173,33 @@ def dataset_doc_tokens(train_file: Path) -> int | None:
         return None
 
 
-def run_dir_for(params: TrainParams) -> Path:
-    train_file = resolve_train_file(params.dataset, params.output_dir)
-    config = params.train_config(train_file, Path("."))
-    key_config = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
+def _run_identity(params: TrainParams) -> dict[str, Any]:
+    """What the trained weights depend on: the resolved training config minus
+    operational fields, and the number of processes (it sets the global batch)."""
+    config = params.train_config(resolve_train_file(params.dataset, params.output_dir), Path("."))
+    identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
     # The held-out file is the train file's sibling (its content is in the dataset's); whether the run scores it is what counts.
-    key_config["eval_file"] = bool(config.eval_file)
-    key_config["world_size"] = params.world_size
-    inputs = [train_file, Path(config.init_checkpoint)]
-    return Path(params.output_dir) / MODELS_DIR / stage_key(STAGE, key_config, inputs, CODE_VERSION)
+    identity["eval_file"] = bool(config.eval_file)
+    identity["world_size"] = params.world_size
+    return identity
+
+
+def _run_inputs(params: TrainParams) -> list[Path]:
+    train_file = resolve_train_file(params.dataset, params.output_dir)
+    return [train_file, Path(params.train_config(train_file, Path(".")).init_checkpoint)]
+
+
+def _run_folder(output_dir: str | os.PathLike, key: str) -> Path:
+    return Path(output_dir) / MODELS_DIR / key
+
+
+def _point_latest(run_dir: Path) -> None:
+    write_text(f"{run_dir.name}/model\n", run_dir.parent / LATEST)
+
+
+def run_dir_for(params: TrainParams) -> Path:
+    """``<output_dir>/models/<key>``: the folder of the run these parameters make."""
+    return train_model.output_dir(config=params)
 
 
 def torchrun_command(params: TrainParams, config_file: Path) -> list[str]:
@@ -239,6 +235,12 @@ class MetricsTail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+# Callbacks of the running trainer: set by run_training (tests, CLI), else the
+# stage logs to Prefect's run logger and shows a progress bar.
+_CALLBACKS: contextvars.ContextVar[tuple[Callable[[str], None], Callable[[dict[str, Any]], None] | None, dict[str, str]] | None] = \
+    contextvars.ContextVar("train_callbacks", default=None)
+
+
 def run_training(
     params: TrainParams,
     on_log: Callable[[str], None] = print,
@@ -246,13 +248,63 @@ def run_training(
     env: dict[str, str] | None = None,
 ) -> Path:
     """Train (or resume, or reuse) the run of ``params``; returns its model folder."""
-    train_file = resolve_train_file(params.dataset, params.output_dir)
     run_dir = run_dir_for(params)
-    model_dir = run_dir / "model"
     if is_complete(run_dir):
         on_log(f"reusing finished run {run_dir}")
-        return model_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    token = _CALLBACKS.set((on_log, on_metrics, env or {}))
+    try:
+        return train_model(config=params) / "model"
+    finally:
+        _CALLBACKS.reset(token)
+
+
+def _default_callbacks() -> tuple[Callable[[str], None], Callable[[dict[str, Any]], None], dict[str, str]]:
+    from prefect.context import TaskRunContext
+    from prefect.logging import get_run_logger
+
+    on_log = get_run_logger().info if TaskRunContext.get() is not None else print
+    progress = ProgressArtifact("train-gear: optimizer steps done (%)")
+
+    def on_metrics(record: dict[str, Any]) -> None:
+        if record.get("event") == "step":
+            progress.update(record["step"], max(1, record["total_steps"]),
+                            f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
+                            f"{record['samples_per_s']:.1f} samples/s eta {record['eta_s']:.0f}s")
+
+    return on_log, on_metrics, {}
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: its own process group (so a cancel can stop the
+    whole tree), and SIGTERM when the flow's process dies, even by SIGKILL."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@stage(STAGE, TrainParams, key=_run_identity, key_files=_run_inputs, folder=_run_folder,
+       work_dir_from=lambda params: params.output_dir, in_place=True,
+       publish=_point_latest, code=sorted(_GEAR_MODEL.glob("*.py")), retry_delay_seconds=10)
+def train_model(run: StageRun, params: TrainParams) -> dict:
+    """A GeAR run under torchrun in ``<output_dir>/models/<key>``: resumed from
+    its latest checkpoint when one is there (so a task retry resumes too)."""
+    on_log, on_metrics, env = _CALLBACKS.get() or _default_callbacks()
+    run_dir = run.out
+    train_file = resolve_train_file(params.dataset, params.output_dir)
+    model_dir = run_dir / "model"
     config = params.train_config(train_file, run_dir)
     config_file = run_dir / "train_config.json"
     config.save(config_file)
@@ -271,10 +323,10 @@ def run_training(
     on_log("launching: " + " ".join(cmd))
     tail = MetricsTail(run_dir / "metrics.jsonl")
     last_lines: deque[str] = deque(maxlen=40)
-    proc_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env=proc_env, cwd=str(Path(__file__).resolve().parent.parent),
+        env=proc_env, cwd=str(Path(__file__).resolve().parent.parent), preexec_fn=_die_with_parent,
     )
 
     def pump() -> None:
@@ -300,24 +352,21 @@ def run_training(
                 break
             time.sleep(0.5)
     except BaseException:
-        proc.terminate()  # a cancelled task must not leave the trainer running
-        proc.wait(timeout=30)
+        _stop(proc)  # a cancelled task must not leave trainers running
         raise
     reader.join(timeout=10)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}); last lines:\n" + "\n".join(last_lines))
     if params.node_rank > 0:
-        return model_dir  # rank 0's node writes the model
+        return {}  # rank 0's node writes the model
     done = [r for r in records if r.get("event") == "done"]
     if not (model_dir / "config.json").is_file() or not done:
         raise RuntimeError(f"training exited without writing {model_dir}; last lines:\n" + "\n".join(last_lines))
     steps = [r for r in records if r.get("event") == "step"]
     start = next((r for r in records if r.get("event") == "start"), None)
     evals = [r for r in records if r.get("event") == "eval"]
-    write_json(summarise(steps, done[-1], start, evals), run_dir / "summary.json")
-    mark_complete(run_dir, {"model_dir": str(model_dir), "steps": done[-1]["step"]})
-    write_text(f"{run_dir.name}/model\n", Path(params.output_dir) / MODELS_DIR / LATEST)
-    return model_dir
+    run.info.update(model_dir=str(model_dir), steps=done[-1]["step"])
+    return {"summary.json": summarise(steps, done[-1], start, evals)}
 
 
 def summarise(steps: list[dict[str, Any]], done: dict[str, Any], start: dict[str, Any] | None = None,
@@ -350,34 +399,7 @@ def read_metrics(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
 # Prefect tasks.
 
 
-@task(
-    name="train-gear-model",
-    retries=2,  # a retry resumes from the latest checkpoint
-    retry_delay_seconds=10,
-    cache_key_fn=completed_output_cache_key(run_dir_for),
-    persist_result=True,
-)
-def train_task(params: TrainParams) -> Path:
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.logging import get_run_logger
-
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, description="train-gear: optimizer steps done (%)")
-    state = {"last": 0.0}
-
-    def on_metrics(record: dict[str, Any]) -> None:
-        if record.get("event") != "step":
-            return
-        pct = 100.0 * record["step"] / max(1, record["total_steps"])
-        if pct - state["last"] >= 1.0 or record["step"] == record["total_steps"]:
-            state["last"] = pct
-            update_progress_artifact(
-                progress_id, pct,
-                description=f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
-                f"{record['samples_per_s']:.1f} samples/s eta {record['eta_s']:.0f}s",
-            )
-
-    return run_training(params, on_log=logger.info, on_metrics=on_metrics)
+train_model_task = train_model.task
 
 
 @task(name="report-training")

@@ -19,7 +19,6 @@ from tasks.dedup import (
     DedupConfig,
     PipelineInputError,
     dedup,
-    dedup_output_dir,
     keyword_key,
     normalise_query,
     query_key,
@@ -244,7 +243,7 @@ def test_rerun_does_no_work_and_missing_input_is_named(tmp_path):
     rewrite = make_rewrite_dir(tmp_path / "rewrite", DOCS, GOOD_QUERIES)
     out = dedup(rewrite, units, DedupConfig(), tmp_path / "work")
     mtime = (out / "queries.parquet").stat().st_mtime_ns
-    assert dedup_output_dir(rewrite, units, DedupConfig(), tmp_path / "work") == out
+    assert dedup.output_dir(rewrite, units, DedupConfig(), tmp_path / "work") == out
     assert dedup(rewrite, units, DedupConfig(), tmp_path / "work") == out
     assert (out / "queries.parquet").stat().st_mtime_ns == mtime
     # A query whose document is absent is bad input, not a silent drop.

@@ -11,7 +11,7 @@ from eval_helpers import make_tiny_gear, tiny_gear_dir, write_dataset  # noqa: F
 from tasks.common import source_hash
 from tasks.evaluate import EvalParams, evaluate_system
 from tasks.evaluate.config import NOT_IN_RESULTS_KEY
-from tasks.evaluate.core import CODE_VERSION, system_output_dir
+from tasks.evaluate.core import CODE_VERSION
 
 
 @pytest.fixture()
@@ -44,13 +44,13 @@ def test_pooling_gets_a_new_results_folder_and_new_numbers(params):
 )
 def test_settings_that_change_numbers_change_the_key(params, update):
     gear = params.systems()[0]
-    assert system_output_dir(gear, params.model_copy(update=update)) != system_output_dir(gear, params)
+    assert evaluate_system.output_dir(gear, params.model_copy(update=update)) != evaluate_system.output_dir(gear, params)
 
 
 def test_placement_settings_do_not_change_the_key(params, tmp_path):
     gear = params.systems()[0]
     moved = params.model_copy(update={"output_dir": str(tmp_path / "elsewhere"), "batch_size": 7})
-    assert system_output_dir(gear, moved) == system_output_dir(gear, params)
+    assert evaluate_system.output_dir(gear, moved) == evaluate_system.output_dir(gear, params)
 
 
 def test_the_key_is_built_by_exclusion():
@@ -63,7 +63,7 @@ def test_code_version_covers_the_model_code():
     root = Path(__file__).resolve().parents[1]
     evaluate = sorted((root / "tasks" / "evaluate").glob("*.py"))
     model = sorted((root / "gear_model").glob("*.py"))
-    assert model and CODE_VERSION == source_hash(*evaluate, *model)
+    assert model and CODE_VERSION == source_hash(root / "tasks" / "evaluate" / "core.py", *evaluate, *model)
     assert CODE_VERSION != source_hash(*evaluate)
 
 

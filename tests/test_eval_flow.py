@@ -106,12 +106,11 @@ def test_rerun_uses_the_completed_stage_folders(evaluated):
 
 
 def test_changed_setting_gets_a_new_folder(evaluated):
-    from tasks.evaluate.core import system_output_dir
 
     params, dirs, _ = evaluated
     bm25 = params.systems()[0]
-    assert system_output_dir(bm25, params) == dirs[0]
-    assert system_output_dir(bm25, params.model_copy(update={"ks": [1, 2]})) != dirs[0]
+    assert evaluate_system.output_dir(bm25, params) == dirs[0]
+    assert evaluate_system.output_dir(bm25, params.model_copy(update={"ks": [1, 2]})) != dirs[0]
 
 
 def test_flow_writes_the_report_and_artifacts(evaluated, prefect_harness, tmp_path):

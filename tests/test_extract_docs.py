@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.assets import embedded_dump_path
-from tasks.common import Funnel, PipelineInputError, completed_output_cache_key, read_marker
-from tasks.extract_docs import ARTICLES_SCHEMA, ExtractConfig, extract_docs, extract_output_dir, extract_shard
+from tasks.common import Funnel, PipelineInputError, read_marker
+from tasks.extract_docs import ARTICLES_SCHEMA, ExtractConfig, extract_docs
 from tasks.shard import Shard, ShardConfig, make_multistream, plan_shards
 from tasks.wikitext import FORBIDDEN_MARKUP
 
@@ -27,7 +27,7 @@ def ingest_work_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded_articles(ingest_work_dir) -> Path:
     (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
-    return extract_shard(shard, ExtractConfig(), ingest_work_dir)
+    return extract_docs(shard, ExtractConfig(), ingest_work_dir)
 
 
 def _shard(path: Path, **kw) -> Shard:
@@ -67,11 +67,11 @@ def test_page_range_shard_gives_the_same_articles(embedded_articles, tmp_path):
     whole = pl.read_parquet(embedded_articles / "articles.parquet")
     middle = plan_shards(embedded_dump_path(), ShardConfig(pages_per_shard=40))[1]
     assert (middle.page_start, middle.page_stop) == (40, 80)
-    part = pl.read_parquet(extract_shard(middle, ExtractConfig(), tmp_path) / "articles.parquet")
+    part = pl.read_parquet(extract_docs(middle, ExtractConfig(), tmp_path) / "articles.parquet")
     assert 0 < part.height < whole.height
     first = whole["page_id"].to_list().index(part["page_id"][0])
     assert whole.slice(first, part.height).equals(part)
-    funnel = Funnel.load(extract_output_dir(middle, ExtractConfig(), tmp_path) / "funnel.json")
+    funnel = Funnel.load(extract_docs.output_dir(middle, ExtractConfig(), tmp_path) / "funnel.json")
     assert funnel.get("extract_docs", "input") == 40
 
 
@@ -79,7 +79,7 @@ def test_multistream_shard_gives_the_same_articles(embedded_articles, tmp_path):
     dump, _ = make_multistream(embedded_dump_path(), tmp_path / "ms", pages_per_stream=25)
     shards = plan_shards(dump, ShardConfig(pages_per_shard=50))
     assert [s.kind for s in shards] == ["streams"] * 5 and [s.pages for s in shards] == [50, 50, 50, 50, 6]
-    part = pl.read_parquet(extract_shard(shards[1], ExtractConfig(), tmp_path / "work") / "articles.parquet")
+    part = pl.read_parquet(extract_docs(shards[1], ExtractConfig(), tmp_path / "work") / "articles.parquet")
     whole = pl.read_parquet(embedded_articles / "articles.parquet")
     assert 0 < part.height < whole.height and set(part["source_dump"]) == {dump.name}
     first = whole["page_id"].to_list().index(part["page_id"][0])
@@ -91,7 +91,7 @@ def test_second_call_does_no_work(embedded_articles, ingest_work_dir):
     before = (marker.stat().st_mtime_ns, (embedded_articles / "articles.parquet").stat().st_mtime_ns)
     (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
     start = time.perf_counter()
-    again = extract_shard(shard, ExtractConfig(), ingest_work_dir)
+    again = extract_docs(shard, ExtractConfig(), ingest_work_dir)
     assert time.perf_counter() - start < 0.5  # a full extraction takes seconds
     assert again == embedded_articles
     assert (marker.stat().st_mtime_ns, (embedded_articles / "articles.parquet").stat().st_mtime_ns) == before
@@ -101,18 +101,18 @@ def test_second_call_does_no_work(embedded_articles, ingest_work_dir):
 def test_prefect_cache_key_trusts_only_a_finished_folder(embedded_articles, ingest_work_dir):
     (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
     params = {"shard": shard, "config": ExtractConfig(), "work_dir": str(ingest_work_dir)}
-    key_fn = completed_output_cache_key(extract_output_dir)
-    assert extract_output_dir(**params) == embedded_articles
+    key_fn = extract_docs.task.cache_key_fn
+    assert extract_docs.output_dir(**params) == embedded_articles
     assert key_fn(None, params) is not None
     # A different config is a different folder, not yet built: no cache lookup.
     assert key_fn(None, {**params, "config": ExtractConfig(skip_list_pages=False)}) is None
-    assert extract_docs.cache_key_fn is not None and extract_docs.retries == 2
+    assert extract_docs.task.retries == 2
 
 
 def test_config_change_rebuilds(tmp_path):
     (shard,) = plan_shards(embedded_dump_path(), ShardConfig(pages_per_shard=40))[:1]
-    a = extract_shard(shard, ExtractConfig(), tmp_path)
-    b = extract_shard(shard, ExtractConfig(skip_list_pages=False), tmp_path)
+    a = extract_docs(shard, ExtractConfig(), tmp_path)
+    b = extract_docs(shard, ExtractConfig(skip_list_pages=False), tmp_path)
     assert a != b
 
 
@@ -122,7 +122,7 @@ def test_config_change_rebuilds(tmp_path):
 
 def test_missing_file(tmp_path):
     with pytest.raises(PipelineInputError, match="does not exist") as err:
-        extract_shard(_shard(tmp_path / "missing.xml.bz2"), ExtractConfig(), tmp_path)
+        extract_docs(_shard(tmp_path / "missing.xml.bz2"), ExtractConfig(), tmp_path)
     assert err.value.path.endswith("missing.xml.bz2")
 
 
@@ -131,7 +131,7 @@ def test_truncated_bz2_names_the_page(tmp_path):
     cut = tmp_path / "truncated.xml.bz2"
     cut.write_bytes(data[: int(len(data) * 0.2)])
     with pytest.raises(PipelineInputError) as err:
-        extract_shard(_shard(cut), ExtractConfig(), tmp_path / "work")
+        extract_docs(_shard(cut), ExtractConfig(), tmp_path / "work")
     assert err.value.path == str(cut)
     assert err.value.record and err.value.record.startswith("page ")
     assert "truncated" in str(err.value) or "Compressed file ended" in str(err.value)
@@ -154,7 +154,7 @@ def test_malformed_xml_names_the_page(tmp_path):
     bad = tmp_path / "malformed.xml"
     bad.write_text(MALFORMED)
     with pytest.raises(PipelineInputError, match="malformed") as err:
-        extract_shard(_shard(bad), ExtractConfig(), tmp_path)
+        extract_docs(_shard(bad), ExtractConfig(), tmp_path)
     assert "Broken page" in str(err.value) and "malformed.xml" in str(err.value)
 
 
@@ -162,23 +162,23 @@ def test_malformed_header(tmp_path):
     bad = tmp_path / "garbage.xml"
     bad.write_text("this is not xml <page>")
     with pytest.raises(PipelineInputError, match="garbage.xml"):
-        extract_shard(_shard(bad), ExtractConfig(), tmp_path)
+        extract_docs(_shard(bad), ExtractConfig(), tmp_path)
 
 
 def test_empty_dump(tmp_path):
     empty = tmp_path / "empty.xml"
     empty.write_text(MALFORMED.split("  <page>")[0] + "</mediawiki>\n")
     with pytest.raises(PipelineInputError, match="empty dump"):
-        extract_shard(_shard(empty), ExtractConfig(), tmp_path)
+        extract_docs(_shard(empty), ExtractConfig(), tmp_path)
     zero = tmp_path / "zero.xml.bz2"
     zero.write_bytes(b"")
     with pytest.raises(PipelineInputError, match="empty dump"):
-        extract_shard(_shard(zero), ExtractConfig(), tmp_path)
+        extract_docs(_shard(zero), ExtractConfig(), tmp_path)
 
 
 def test_non_english_dump_does_not_crash(tmp_path):
     (shard,) = plan_shards(BG_DUMP, ShardConfig())
-    out = extract_shard(shard, ExtractConfig(), tmp_path)
+    out = extract_docs(shard, ExtractConfig(), tmp_path)
     funnel = Funnel.load(out / "funnel.json").to_dict()["extract_docs"]
     assert funnel == {"input": 3, "dropped:non_article_namespace": 2, "kept": 1}
     (title,) = pl.read_parquet(out / "articles.parquet")["title"].to_list()

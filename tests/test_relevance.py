@@ -9,17 +9,16 @@ import polars as pl
 import pytest
 
 from tasks import relevance as rel
-from tasks.common import PipelineInputError
+from tasks.common import PipelineInputError, read_marker
 from tasks.dedup import DedupConfig, dedup
 from tasks.relevance import (
     BGE_THRESHOLD,
     MINILM_THRESHOLD,
     RelevanceConfig,
     RelevanceScorer,
-    filter_by_threshold,
+    relevance,
     relevance_filter,
-    score_output_dir,
-    score_relevance,
+    relevance_score,
     threshold_for,
 )
 from test_dedup import DOCS, GOOD_QUERIES, make_rewrite_dir, make_units_dir
@@ -81,22 +80,22 @@ def test_threshold_is_per_model():
 
 def test_stage_scores_every_pair_and_keeps_by_threshold(dedup_dir, tmp_path):
     dd, units = dedup_dir
-    out = relevance_filter(dd, units, RelevanceConfig(**FAST), tmp_path / "work")
+    out = relevance(dd, units, RelevanceConfig(**FAST), tmp_path / "work")
     scored = pl.read_parquet(out / "scored.parquet")
     assert scored.height == len(GOOD_QUERIES)
     assert scored["score"].dtype == pl.Float32
     assert (scored["kept"] == (scored["score"] >= MINILM_THRESHOLD)).all()
     funnel = json.loads((out / "funnel.json").read_text())["relevance"]
     assert funnel["input"] == scored.height == funnel["kept"] + funnel["dropped:below_threshold"]
-    params = json.loads((out / "params.json").read_text())
+    params = read_marker(out)
     assert params["threshold"] == MINILM_THRESHOLD and params["scoring"]["documents_embedded"] == len(DOCS)
 
 
 def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
     dd, units = dedup_dir
     work = tmp_path / "work"
-    first = relevance_filter(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
-    scored_dir = score_output_dir(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
+    first = relevance(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
+    scored_dir = relevance_score.output_dir(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
     mtime = (scored_dir / "scored.parquet").stat().st_mtime_ns
 
     def no_model(*a, **k):
@@ -104,24 +103,24 @@ def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rel, "RelevanceScorer", no_model)
     # A new threshold, batch size or device keeps the scoring folder.
-    second = relevance_filter(dd, units, RelevanceConfig(threshold=0.6, batch_size=8, **{"max_length": 128}), work)
+    second = relevance(dd, units, RelevanceConfig(threshold=0.6, batch_size=8, **{"max_length": 128}), work)
     assert second != first
-    assert score_output_dir(dd, units, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
+    assert relevance_score.output_dir(dd, units, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
     assert (scored_dir / "scored.parquet").stat().st_mtime_ns == mtime
     a, b = pl.read_parquet(first / "scored.parquet"), pl.read_parquet(second / "scored.parquet")
     assert a["score"].equals(b["score"]) and b["kept"].sum() <= a["kept"].sum()
-    assert json.loads((second / "params.json").read_text())["threshold"] == 0.6
+    assert read_marker(second)["threshold"] == 0.6
     # A model setting is part of the scoring key.
-    assert score_output_dir(dd, units, RelevanceConfig(max_length=64), work) != scored_dir
+    assert relevance_score.output_dir(dd, units, RelevanceConfig(max_length=64), work) != scored_dir
 
 
 def test_filter_needs_a_scored_folder(tmp_path):
     with pytest.raises(PipelineInputError, match="scored.parquet"):
-        filter_by_threshold(tmp_path / "nothing", 0.3, tmp_path / "work")
+        relevance_filter(tmp_path / "nothing", RelevanceConfig(threshold=0.3), tmp_path / "work")
 
 
 def test_missing_document_is_bad_input(dedup_dir, tmp_path):
     dd, _ = dedup_dir
     only_one = make_units_dir(tmp_path / "one", {"autism#0": DOCS["autism#0"]})
     with pytest.raises(PipelineInputError, match="not in documents.parquet"):
-        score_relevance(dd, only_one, RelevanceConfig(**FAST), tmp_path / "work")
+        relevance_score(dd, only_one, RelevanceConfig(**FAST), tmp_path / "work")

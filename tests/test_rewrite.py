@@ -12,16 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.common import completed_output_cache_key, is_complete
+from tasks.common import is_complete
 from tasks.rewrite import (
     QUERIES_SCHEMA,
     REJECTED_SCHEMA,
     cache_config,
-    rewrite_output_dir,
     rewrite_queries,
     rewrite_queries_task,
     sample_units,
     shard_seed,
+    using_rewriter,
 )
 from tasks.rewriters import PAPER_PROMPT, PROMPT_VERSION, RewriteConfig, build_messages, prompt_fingerprint
 from tasks.rewriters.base import BackendUnavailableError
@@ -330,14 +330,15 @@ def test_rewrite_queries_end_to_end(shards, tmp_path):
             backend="openai", base_url=srv.base_url, units_per_doc=3, backoff_base_s=0.01, max_error_rate=0.25
         )
         progress = []
-        out = rewrite_queries(shards, cfg, work, on_progress=lambda done, total: progress.append((done, total)))
+        with using_rewriter(on_progress=lambda done, total: progress.append((done, total))):
+            out = rewrite_queries(shards, cfg, work)
         requests = sum(srv.attempts.values())
         # The openai backend reports per shard: shard A's 6 sampled units, then all 9.
         assert progress == [(6, 9), (9, 9)]
         # A re-run (any shard order) finds the finished folder and sends nothing.
         assert rewrite_queries(list(reversed(shards)), cfg, work) == out
         assert sum(srv.attempts.values()) == requests == 9
-    assert out == rewrite_output_dir(shards, cfg, work) and is_complete(out)
+    assert out == rewrite_queries.output_dir(shards, cfg, work) and is_complete(out)
     queries = pq.read_table(out / "queries.parquet")
     rejected = pq.read_table(out / "rejected.parquet")
     assert queries.schema.equals(QUERIES_SCHEMA) and rejected.schema.equals(REJECTED_SCHEMA)
@@ -364,7 +365,7 @@ def test_rewrite_queries_end_to_end(shards, tmp_path):
 
 
 def test_task_cache_key_trusts_only_a_finished_folder(shards, tmp_path):
-    key_fn = completed_output_cache_key(rewrite_output_dir)
+    key_fn = rewrite_queries_task.cache_key_fn
     with FakeChatServer() as srv:
         cfg = RewriteConfig(backend="openai", base_url=srv.base_url, max_error_rate=0.25)
         params = {"units_dirs": shards, "config": cfg, "work_dir": tmp_path / "w"}
@@ -374,7 +375,7 @@ def test_task_cache_key_trusts_only_a_finished_folder(shards, tmp_path):
     (out / "_SUCCESS.json").unlink()
     assert key_fn(None, params) is None
     other = RewriteConfig(backend="openai", base_url=srv.base_url, seed=1, max_error_rate=0.25)
-    assert rewrite_output_dir(shards, other, tmp_path / "w") != out
+    assert rewrite_queries.output_dir(shards, other, tmp_path / "w") != out
 
 
 def test_finished_shards_are_not_rewritten_on_retry(shards, tmp_path):
@@ -382,8 +383,11 @@ def test_finished_shards_are_not_rewritten_on_retry(shards, tmp_path):
     with FakeChatServer() as srv:
         cfg = RewriteConfig(backend="openai", base_url=srv.base_url, max_error_rate=0.25)
         out = rewrite_queries(shards, cfg, work)
-        (out / "_SUCCESS.json").unlink()  # as if the task died after the shards
-        (out / "queries.parquet").unlink()
+        # As if the task died after the shards: its partial folder holds raw/ only.
+        partial = rewrite_queries.work_folder(out)
+        out.rename(partial)
+        for name in ("_SUCCESS.json", "queries.parquet", "rejected.parquet", "funnel.json"):
+            (partial / name).unlink()
         before = sum(srv.attempts.values())
         assert rewrite_queries(shards, cfg, work) == out
         # Shard A is finished; of shard B only its 2 failed items (never final) are sent again.
@@ -419,7 +423,7 @@ def test_prefect_task_caches_and_does_not_retry_bad_input(prefect_harness, shard
         second = run(shards, cfg, tmp_path / "w")
         third = run(shards, cfg, tmp_path / "w")
         assert first.is_completed() and second.is_completed() and third.name == "Cached"
-        assert first.result() == third.result() == rewrite_output_dir(shards, cfg, tmp_path / "w")
+        assert first.result() == third.result() == rewrite_queries.output_dir(shards, cfg, tmp_path / "w")
         assert sum(srv.attempts.values()) == 9
         (tmp_path / "empty").mkdir()
         run([tmp_path / "empty"], cfg, tmp_path / "w")

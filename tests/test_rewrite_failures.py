@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from tasks.common import is_complete
-from tasks.rewrite import RAW_SCHEMA, rewrite_output_dir, rewrite_queries
+from tasks.rewrite import RAW_SCHEMA, rewrite_queries
 from tasks.rewriters import RewriteConfig
 from tasks.rewriters.base import RewriteFailuresError
 from tasks.rewriters.testing import FakeChatServer
@@ -58,8 +58,13 @@ def junk_shards(tmp_path):
     return [a, b]
 
 
+def _raw_dir(out: Path) -> Path:
+    """raw/ of a finished folder, or of the partial folder a failed attempt left."""
+    return (out if out.is_dir() else rewrite_queries.work_folder(out)) / "raw"
+
+
 def _raw(out: Path) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(p) for p in sorted((out / "raw").glob("*.parquet"))])
+    return pl.concat([pl.read_parquet(p) for p in sorted(_raw_dir(out).glob("*.parquet"))])
 
 
 def test_junk_fails_the_stage_then_only_the_failed_items_are_sent_again(junk_shards, tmp_path):
@@ -79,10 +84,10 @@ def test_junk_fails_the_stage_then_only_the_failed_items_are_sent_again(junk_sha
     assert (err.value.failed, err.value.total) == (4, 11)
     assert first_requests == 12  # 11 units, the slow one tried twice
 
-    out = rewrite_output_dir(junk_shards, cfg, work)
+    out = rewrite_queries.output_dir(junk_shards, cfg, work)
     assert not is_complete(out) and not (out / "queries.parquet").exists()
     raw = _raw(out)
-    assert pl.read_parquet_schema(next((out / "raw").glob("*.parquet"))) == pl.Schema(RAW_SCHEMA)
+    assert pl.read_parquet_schema(next(_raw_dir(out).glob("*.parquet"))) == pl.Schema(RAW_SCHEMA)
     failed = raw.filter(pl.col("status") == "failed").sort("unit")
     assert dict(zip(failed["unit"].str.slice(0, 7), failed["error_kind"])) == {
         "[400] T": "http_4xx", "[empty]": "empty", "[html] ": "non_json", "[slow] ": "timeout"
@@ -96,7 +101,7 @@ def test_junk_fails_the_stage_then_only_the_failed_items_are_sent_again(junk_sha
     # The endpoint is fixed (another port: base_url is operational, the folder is the same).
     with FakeChatServer(healthy=True) as healthy:
         cfg2 = _cfg(healthy.base_url)
-        assert rewrite_output_dir(junk_shards, cfg2, work) == out
+        assert rewrite_queries.output_dir(junk_shards, cfg2, work) == out
         assert rewrite_queries(junk_shards, cfg2, work) == out
         assert healthy.requests == 4  # exactly the failed items
         assert set(healthy.attempts) == set(failed["unit"])
@@ -145,8 +150,8 @@ def test_a_dead_endpoint_stops_the_stage_after_one_shard(tmp_path):
     assert "12 of 12 rewrites failed (the endpoint stopped answering; 1 sampled units of later shards were not sent)" in message
     assert f"at http://127.0.0.1:{port}/v1 " in message and "connection 8, aborted 4" in message
     assert "bob" not in message and "sk-dead" not in message
-    out = rewrite_output_dir([first, second], cfg, tmp_path / "w")
-    assert len(list((out / "raw").glob("*.parquet"))) == 1  # the second shard was not attempted
+    out = rewrite_queries.output_dir([first, second], cfg, tmp_path / "w")
+    assert len(list(_raw_dir(out).glob("*.parquet"))) == 1  # the second shard was not attempted
 
 
 def test_vllm_outputs_report_finish_reasons():

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.assets import embedded_dump_path
-from tasks.common import Funnel, PipelineInputError, completed_output_cache_key, read_marker, write_parquet
-from tasks.extract_docs import ARTICLES_SCHEMA, ExtractConfig, extract_shard
+from tasks.common import Funnel, PipelineInputError, read_marker, write_parquet
+from tasks.extract_docs import ARTICLES_SCHEMA, ExtractConfig, extract_docs
 from tasks.select_units import (
     CANDIDATE_STAGE,
     DOC_STAGE,
@@ -26,7 +26,6 @@ from tasks.select_units import (
     is_repeated,
     load_nlp,
     load_tokenizer,
-    select_output_dir,
     select_units,
     select_units_task,
     sentence_features,
@@ -55,7 +54,7 @@ def tokenizer(config):
 @pytest.fixture(scope="module")
 def embedded(ingest_work_dir, config) -> tuple[Path, Path]:
     (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
-    articles = extract_shard(shard, ExtractConfig(), ingest_work_dir)
+    articles = extract_docs(shard, ExtractConfig(), ingest_work_dir)
     return articles, select_units([articles], config, ingest_work_dir)
 
 
@@ -230,11 +229,10 @@ def test_second_call_does_no_work(embedded, ingest_work_dir, config):
     assert select_units([articles], config, ingest_work_dir) == out
     assert time.perf_counter() - start < 0.5
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    key_fn = completed_output_cache_key(select_output_dir)
+    key_fn = select_units_task.cache_key_fn
     params = {"article_dirs_or_files": [str(articles)], "config": config, "work_dir": str(ingest_work_dir)}
     assert key_fn(None, params) is not None
     assert key_fn(None, {**params, "config": UnitConfig(min_candidates=4)}) is None
-    assert select_units_task.cache_key_fn is not None
 
 
 def test_missing_articles(tmp_path, config):
@@ -244,7 +242,7 @@ def test_missing_articles(tmp_path, config):
 
 def test_non_english_dump_survives_with_a_reason(tmp_path, config):
     (shard,) = plan_shards(BG_DUMP, ShardConfig())
-    articles = extract_shard(shard, ExtractConfig(), tmp_path)
+    articles = extract_docs(shard, ExtractConfig(), tmp_path)
     out = select_units([articles], config, tmp_path)
     counts = Funnel.load(out / "funnel.json").to_dict()
     assert counts["select_units.articles"] == {"input": 1, "dropped:not_english": 1}

@@ -11,7 +11,8 @@ import pytest
 
 from tasks.common import PipelineInputError, mark_complete, write_parquet
 from tasks.dedup import DedupConfig, dedup
-from tasks.relevance import SCORED_SCHEMA, RelevanceConfig, filter_by_threshold, relevance_filter
+from tasks.contracts import SCORED_SCHEMA
+from tasks.relevance import RelevanceConfig, relevance, relevance_filter
 from tasks.write_triples import (
     TRIPLES_SCHEMA,
     DatasetInvariantError,
@@ -48,14 +49,16 @@ def stages(tmp_path):
     scored_dir.mkdir(parents=True)
     write_parquet(q.to_arrow(), scored_dir / "scored.parquet", SCORED_SCHEMA)
     mark_complete(scored_dir, {"config": {"model": "fixed-scores", "pooling": "mean"}, "model_path": "fixed"})
-    relevance = filter_by_threshold(scored_dir, 0.3, tmp_path / "work")
+    relevance = relevance_filter(scored_dir, RelevanceConfig(threshold=0.3), tmp_path / "work")
     return {"units": units, "rewrite": rewrite, "dedup": dd, "relevance": relevance, "out": tmp_path / "output"}
 
 
 def publish(stages, config=None, lineage=None):
-    return write_triples(stages["relevance"], [stages["units"]], config or TriplesConfig(), stages["out"],
+    return write_triples(stages["relevance"], [stages["units"]],
                          upstream_dirs=[stages["units"], stages["rewrite"], stages["dedup"]],
-                         lineage=lineage or {"dump": {"name": "testwiki-20260101", "fingerprint": "abc123"}})
+                         lineage=lineage or {"dump": {"name": "testwiki-20260101", "fingerprint": "abc123"}},
+                         relevance_config=RelevanceConfig(threshold=0.3),
+                         config=config or TriplesConfig(), work_dir=stages["out"])
 
 
 # --------------------------------------------------------------------------
@@ -199,9 +202,9 @@ def test_end_to_end_with_the_real_scorer(tmp_path):
     rewrite = make_rewrite_dir(tmp_path / "rewrite", docs, rows)
     # Documents repeat the fixture text: near-duplicate detection off, or it would (rightly) keep 4.
     dd = dedup(rewrite, units, DedupConfig(near_duplicate_documents=False), tmp_path / "work")
-    relevance = relevance_filter(dd, units, RelevanceConfig(max_length=128), tmp_path / "work")
-    out = write_triples(relevance, units, TriplesConfig(test_fraction=0.2), tmp_path / "output",
-                        upstream_dirs=[units, rewrite, dd])
+    relevance_dir = relevance(dd, units, RelevanceConfig(max_length=128), tmp_path / "work")
+    out = write_triples(relevance_dir, units, upstream_dirs=[units, rewrite, dd],
+                        config=TriplesConfig(test_fraction=0.2), work_dir=tmp_path / "output")
     train, test = (pl.read_parquet(out / f"{s}.parquet") for s in ("train", "test"))
     assert train.height + test.height >= 0.75 * len(rows)
     assert test["doc_id"].n_unique() >= 2 and not set(train["doc_id"]) & set(test["doc_id"])
@@ -213,8 +216,8 @@ def test_task_publishes_artifacts_and_caches(stages, prefect_harness):
 
     @flow
     def publish_flow():
-        return write_triples_task(stages["relevance"], [stages["units"]], TriplesConfig(), stages["out"],
-                                  upstream_dirs=[stages["dedup"]], lineage={"dump": {"name": "t"}})
+        return write_triples_task(stages["relevance"], [stages["units"]], upstream_dirs=[stages["dedup"]],
+                                  lineage={"dump": {"name": "t"}}, config=TriplesConfig(), work_dir=stages["out"])
 
     first = publish_flow()
     assert (first / "train.parquet").is_file()
@@ -222,10 +225,13 @@ def test_task_publishes_artifacts_and_caches(stages, prefect_harness):
     assert publish_flow() == first
 
 
-def test_nothing_kept_still_publishes_an_empty_dataset_with_its_funnel(stages, tmp_path):
+def test_nothing_kept_publishes_nothing(stages, tmp_path):
+    """An empty dataset is never published, and LATEST stays where it was."""
+    first = publish(stages)
     scored_dir = stages["relevance"].parents[1] / "relevance_score" / "fixedscores0001"
-    strict = filter_by_threshold(scored_dir, 0.99, tmp_path / "work")
-    out = write_triples(strict, [stages["units"]], TriplesConfig(), tmp_path / "out2")
-    assert pl.read_parquet(out / "train.parquet").height == 0
-    card = json.loads((out / "dataset_card.json").read_text())
-    assert card["funnel"]["relevance"]["dropped:below_threshold"] == 8 and sum(card["score_histogram"]["dropped"]) == 8
+    strict = relevance_filter(scored_dir, RelevanceConfig(threshold=0.99), tmp_path / "work")
+    with pytest.raises(DatasetInvariantError, match="no triples"):
+        write_triples(strict, [stages["units"]], relevance_config=RelevanceConfig(threshold=0.99), work_dir=stages["out"])
+    datasets = stages["out"] / "datasets"
+    assert (datasets / "LATEST").read_text().strip() == first.name
+    assert sorted(p.name for p in datasets.iterdir()) == sorted(["LATEST", first.name])

@@ -9,9 +9,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.common import completed_output_cache_key, retry_unless_bad_input
 from tasks.evaluate.config import EvalParams, SystemSpec
-from tasks.evaluate.core import CODE_VERSION, evaluate_system, load_sets, system_output_dir, write_report
+from tasks.evaluate.core import CODE_VERSION, evaluate_system, evaluate_system_task, load_sets, write_report
 
 __all__ = [
     "CODE_VERSION",
@@ -23,19 +22,6 @@ __all__ = [
     "write_report",
     "write_report_task",
 ]
-
-
-@task(
-    name="evaluate-system",
-    task_run_name="evaluate-{system.name}",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_unless_bad_input,
-    cache_key_fn=completed_output_cache_key(system_output_dir),
-    persist_result=True,
-)
-def evaluate_system_task(system: SystemSpec, params: EvalParams) -> Path:
-    return evaluate_system(system, params)
 
 
 @task(name="write-eval-report", retries=2, retry_delay_seconds=2)

@@ -7,21 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    PipelineInputError,
-    is_complete,
-    mark_complete,
-    source_hash,
-    stage_output_dir,
-    write_json,
-)
+from tasks.common import PipelineInputError, write_json
+from tasks.contracts import resolve_dataset
 from tasks.evaluate.config import EvalParams, SystemSpec
-from tasks.evaluate.loaders import EvalSet, load_beir, load_squad, load_triples, resolve_dataset_dir
+from tasks.evaluate.loaders import EvalSet, load_beir, load_squad, load_triples
+from tasks.stage import StageRun, stage
 
 # The numbers depend on this package and on the model code that ranks, pools
 # and generates (gear_model/), so both are in the results key.
 _GEAR_MODEL_DIR = Path(__file__).resolve().parents[2] / "gear_model"
-CODE_VERSION = source_hash(*sorted(Path(__file__).parent.glob("*.py")), *sorted(_GEAR_MODEL_DIR.glob("*.py")))
+_EVAL_CODE = [*sorted(Path(__file__).parent.glob("*.py")), *sorted(_GEAR_MODEL_DIR.glob("*.py"))]
 RESULTS_NAME = "results.json"
 FIGURE_TOP_TOKENS = 10  # the paper's Figure 3 highlights the top 10 tokens
 
@@ -30,17 +25,13 @@ FIGURE_TOP_TOKENS = 10  # the paper's Figure 3 highlights the top 10 tokens
 # Inputs.
 
 
-def input_paths(params: EvalParams, system: SystemSpec) -> list[Path]:
-    paths = [Path(system.path)] if system.path else []
-    if params.dataset:
-        paths.append(resolve_dataset_dir(params.dataset))
-    paths += [Path(p) for p in params.squad_json] + [Path(p) for p in params.beir_dirs]
-    return paths
+def _system_files(system: SystemSpec) -> list[Path]:
+    return [Path(system.path)] if system.path else []
 
 
-def system_output_dir(system: SystemSpec, params: EvalParams) -> Path:
-    config = {"system": system.model_dump(), "sets": params.set_config()}
-    return stage_output_dir(params.cache_dir, "evaluate", config, input_paths(params, system), CODE_VERSION)
+def _set_files(params: EvalParams) -> list[Path]:
+    paths = [resolve_dataset(params.dataset)] if params.dataset else []
+    return paths + [Path(p) for p in params.squad_json] + [Path(p) for p in params.beir_dirs]
 
 
 def load_sets(params: EvalParams) -> list[EvalSet]:
@@ -93,7 +84,10 @@ def _load_system(system: SystemSpec):
     return None
 
 
-def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
+@stage("evaluate", EvalParams, key=EvalParams.set_config, reads={"system": _system_files}, keyed_by_value=["system"],
+       key_files=_set_files, work_dir_from=lambda params: params.cache_dir, code=_EVAL_CODE, retries=1,
+       task_run_name="evaluate-{system.name}")
+def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> dict:
     """Tables 1-3 numbers of one system on every set -> <stage dir>/results.json."""
     from tasks.evaluate.generation import evaluate_generation
     from tasks.evaluate.localization import (
@@ -106,9 +100,6 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
     )
     from tasks.evaluate.retrieval import evaluate_retrieval, random_retrieval
 
-    out = system_output_dir(system, params)
-    if is_complete(out):
-        return out
     t0 = time.perf_counter()
     sets = load_sets(params)
     model = _load_system(system)
@@ -157,9 +148,12 @@ def evaluate_system(system: SystemSpec, params: EvalParams) -> Path:
     if system.figure and fusion_trained:
         results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling)
     results["elapsed_s"] = time.perf_counter() - t0
-    write_json(results, out / RESULTS_NAME)
-    mark_complete(out, {"system": system.name, "elapsed_s": results["elapsed_s"]})
-    return out
+    run.info.update(system=system.name, elapsed_s=results["elapsed_s"])
+    return {RESULTS_NAME: results}
+
+
+CODE_VERSION = evaluate_system.code_version
+evaluate_system_task = evaluate_system.task
 
 
 def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum") -> dict | None:

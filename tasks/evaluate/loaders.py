@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tasks.common import Funnel, PipelineInputError
+from tasks.contracts import resolve_dataset
 
 TRIPLE_COLUMNS = ("query", "doc_id", "document", "unit", "unit_index", "sentence_spans")
 
@@ -70,24 +71,6 @@ def sample(items: list, limit: int | None, seed: int) -> list:
 # RIR triples (the write_triples contract).
 
 
-def resolve_dataset_dir(path: str | Path) -> Path:
-    """A dataset version folder: the folder itself, or the one named by LATEST."""
-    try:  # the dataset stage owns the canonical resolver
-        from tasks.write_triples import resolve_dataset
-    except ImportError:
-        resolve_dataset = None
-    if resolve_dataset is not None:
-        return Path(resolve_dataset(path))
-    path = Path(path)
-    if (path / "test.parquet").is_file():
-        return path
-    if (path / "LATEST").is_file():
-        return path / (path / "LATEST").read_text().strip()
-    if (path / "datasets" / "LATEST").is_file():
-        return resolve_dataset_dir(path / "datasets")
-    raise PipelineInputError(path, "not a dataset folder: no test.parquet and no LATEST")
-
-
 def _read_triples(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PipelineInputError(path, "missing triples file")
@@ -106,7 +89,7 @@ def load_triples(
 ) -> EvalSet:
     """Corpus = all documents of train + test (the paper's Appendix B.2),
     queries = the test triples (a seeded sample of ``max_queries``)."""
-    folder = resolve_dataset_dir(path)
+    folder = resolve_dataset(path)
     funnel = Funnel()
     documents: dict[str, str] = {}
     spans: dict[str, list[tuple[int, int]]] = {}

@@ -41,6 +41,8 @@ class RewriteConfigError(RewriteBackendError):
     """Misconfigured (missing model file, rejected API key, unknown URL or model):
     retrying the task cannot help, so the Prefect task does not retry it."""
 
+    retryable = False  # read by the stage runner's retry condition
+
 
 class BackendUnavailableError(RewriteConfigError):
     """The backend's optional dependency is not installed here."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, model_validator
@@ -56,6 +56,8 @@ def redact_url(url: str) -> str:
 
 class RewriteConfig(BaseModel):
     """How candidate units are sampled, rewritten into keyword queries and gated."""
+
+    operational_fields: ClassVar[frozenset[str]] = OPERATIONAL_FIELDS
 
     backend: Literal["local", "openai", "vllm"] = Field(
         "local",
