@@ -12,17 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 
 from flows.params import BuildDatasetParams
-from tasks.common import config_identity, fingerprint, publish_funnel
+from tasks.common import config_identity, fingerprint, publish_funnel, stop_after
 from tasks.dedup import dedup_task
-from tasks.extract_docs import extract_docs_task
+from tasks.extract_docs import extract_docs
 from tasks.relevance import relevance_filter_task, relevance_score_task
-from tasks.rewrite import rewrite_queries_task
-from tasks.select_units import select_units_task
+from tasks.rewrite import rewrite_queries, shard_groups
+from tasks.runners import map_stage, task_runner
+from tasks.select_units import select_units
 from tasks.shard import shard_dump
-from tasks.write_triples import write_triples_task
+from tasks.write_triples import published_from_same_dump, write_triples_task
 
 __all__ = ["BuildDatasetParams", "build_rir_dataset"]
 
@@ -39,24 +40,37 @@ def _lineage(params: BuildDatasetParams, dump: str) -> dict[str, Any]:
 
 
 @flow(name="build-rir-dataset", log_prints=True)
-def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str:
-    """Build (or refresh) the RIR dataset; returns the dataset version folder."""
+def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str | list[str]:
+    """Build (or refresh) the RIR dataset; returns the dataset version folder
+    (with ``until``: the folders of that stage)."""
     dump = params.dump_path()
     work_dir = params.output_dir
-    shards = shard_dump(dump, params.shard, work_dir)
-    article_dirs = extract_docs_task.map(shards, config=unmapped(params.extract), work_dir=unmapped(work_dir)).result()
-    unit_dirs = select_units_task.map(
-        [[d] for d in article_dirs], config=unmapped(params.units), work_dir=unmapped(work_dir)
-    ).result()
-    publish_funnel([*article_dirs, *unit_dirs], key="ingest-funnel")
-    rewrite_dir = rewrite_queries_task(unit_dirs, params.rewrite, work_dir)
-    dedup_dir = dedup_task(rewrite_dir, unit_dirs, params.dedup, work_dir)
+    if params.only_new_dump and (same := published_from_same_dump(dump, work_dir)):
+        return same
+    with task_runner(params.runner) as runner:
+        shards = shard_dump(dump, params.shard, work_dir)
+        article_dirs = map_stage(runner, extract_docs, shards, params.extract, work_dir, params.runner)
+        if params.until == "extract_docs":
+            return stop_after("extract_docs", article_dirs)
+        unit_dirs = map_stage(runner, select_units, [[d] for d in article_dirs], params.units, work_dir, params.runner)
+        publish_funnel([*article_dirs, *unit_dirs], key="ingest-funnel")
+        if params.until == "select_units":
+            return stop_after("select_units", unit_dirs)
+        groups = shard_groups(unit_dirs, params.rewrite.workers)
+        rewrite_dirs = map_stage(runner, rewrite_queries, groups, params.rewrite, work_dir, params.runner)
+    if params.until == "rewrite_queries":
+        return stop_after("rewrite_queries", rewrite_dirs)
+    dedup_dir = dedup_task(rewrite_dirs, unit_dirs, params.dedup, work_dir)
+    if params.until == "dedup":
+        return stop_after("dedup", [dedup_dir])
     scored_dir = relevance_score_task(dedup_dir, unit_dirs, params.relevance, work_dir)
     relevance_dir = relevance_filter_task(scored_dir, params.relevance, work_dir)
+    if params.until == "relevance_filter":
+        return stop_after("relevance_filter", [relevance_dir])
     dataset_dir = write_triples_task(
         relevance_dir,
         unit_dirs,
-        upstream_dirs=[*article_dirs, *unit_dirs, rewrite_dir, dedup_dir],
+        upstream_dirs=[*article_dirs, *unit_dirs, *rewrite_dirs, dedup_dir],
         lineage=_lineage(params, dump),
         dedup_config=params.dedup,
         relevance_config=params.relevance,

@@ -19,10 +19,11 @@ it; a value the model refuses is one line per field
 from __future__ import annotations
 
 import difflib
+import glob
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -34,20 +35,46 @@ from tasks.evaluate import EvalParams
 from tasks.extract_docs import ExtractConfig
 from tasks.relevance import RelevanceConfig
 from tasks.rewrite import RewriteConfig
+from tasks.runners import TaskRunnerConfig
 from tasks.select_units import UnitConfig
 from tasks.shard import ShardConfig
 from tasks.train import TrainParams
 from tasks.write_triples import TriplesConfig
 
 
+STAGES_UNTIL = ("extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter")
+_DUMP_SUFFIXES = (".xml", ".xml.bz2", ".bz2")
+
+
+def newest_dump(pattern: str) -> Path:
+    """A dump file itself; else the newest match of a glob or the newest dump
+    in a folder, newest by name (enwiki-YYYYMMDD-... sorts by date), index
+    files left out."""
+    path = Path(pattern)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidates = [p for p in path.iterdir() if p.is_file() and p.name.endswith(_DUMP_SUFFIXES)]
+    else:
+        candidates = [Path(p) for p in glob.glob(pattern) if Path(p).is_file()]
+    candidates = [p for p in candidates if "-index" not in p.name]
+    if not candidates:
+        raise ValueError(f"dump file not found: {pattern} (no such file, and no dump in a folder or glob of that name)")
+    return max(candidates, key=lambda p: p.name)
+
+
 class BuildDatasetParams(BaseModel):
     """Everything `build-rir-dataset` needs; the paper's figures are the defaults."""
+
+    # How and how far it runs, not what the dataset is: out of its version and lineage.
+    operational_fields: ClassVar[frozenset[str]] = frozenset({"runner", "until", "only_new_dump"})
 
     dump: str | None = Field(
         None,
         title="Wikipedia dump",
-        description="Path of a MediaWiki XML dump (.xml, .xml.bz2, or a -multistream .bz2 with its index "
-        "beside it). Empty: the 106-article enwiki excerpt shipped in the gensim package.",
+        description="A MediaWiki XML dump (.xml, .xml.bz2, or a -multistream .bz2 with its index beside it), "
+        "or a folder or glob where new dumps land (e.g. dumps/enwiki-*-pages-articles-multistream.xml.bz2): "
+        "the newest match by name is used. Empty: the 106-article enwiki excerpt shipped in the gensim package.",
     )
     output_dir: str = Field(
         "data",
@@ -61,6 +88,17 @@ class BuildDatasetParams(BaseModel):
     dedup: DedupConfig = Field(DedupConfig(), title="De-duplication", description="Keyword de-duplication and reordering, duplicate queries, near-duplicate documents.")
     relevance: RelevanceConfig = Field(RelevanceConfig(), title="Relevance filter (BGE similarity)", description="The embedding model and threshold of the query-document relevance filter.")
     triples: TriplesConfig = Field(TriplesConfig(), title="Train/test split", description="The document-level train/test split and the dataset card.")
+    runner: TaskRunnerConfig = Field(
+        default_factory=TaskRunnerConfig, title="Task runner",
+        description="Where extraction, unit selection and rewriting run: threads, processes, a Dask or a Ray cluster.")
+    until: Literal["extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter"] | None = Field(
+        None, title="Stop after stage",
+        description="Stop after this stage and return its folders (inspect candidates before paying for LLM time). "
+        "Empty: build and publish the dataset.")
+    only_new_dump: bool = Field(
+        False, title="Only a new dump",
+        description="When the dump's content fingerprint equals the one the latest published dataset was built "
+        "from, record 'no new dump' and end without work (the scheduled refresh).")
 
     @model_validator(mode="before")
     @classmethod
@@ -70,12 +108,12 @@ class BuildDatasetParams(BaseModel):
     @field_validator("dump")
     @classmethod
     def _dump_exists(cls, value: str | None) -> str | None:
-        if value and not Path(value).is_file():
-            raise ValueError(f"dump file not found: {value}")
+        if value:
+            newest_dump(value)  # a missing file or an empty folder/glob is refused at once
         return value or None
 
     def dump_path(self) -> str:
-        return self.dump or str(embedded_dump_path())
+        return str(newest_dump(self.dump)) if self.dump else str(embedded_dump_path())
 
 
 # Where the pipeline's evaluation writes by default: the report under the

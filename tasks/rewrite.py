@@ -107,6 +107,16 @@ def _units_files(units_dirs) -> list[Path]:
     return sorted(_units_file(d) for d in as_paths(units_dirs))
 
 
+def shard_groups(units_dirs, workers: int) -> list[list[Path]]:
+    """The shards of each rewrite worker: by a stable hash of each shard's
+    folder name (its content key), so that a new shard moves no other and
+    every group's folder is reused. Empty groups are left out."""
+    groups: list[list[Path]] = [[] for _ in range(workers)]
+    for d in sorted(as_paths(units_dirs), key=lambda p: p.name):
+        groups[stable_int(d.name) % workers].append(d)
+    return [g for g in groups if g]
+
+
 def read_units(units_dir: Path) -> pl.DataFrame:
     """The candidate units of one select_units folder (doc_id, sentence_index, text)."""
     return read_unit_tables([units_dir], UNIT_COLUMNS)

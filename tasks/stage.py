@@ -297,6 +297,36 @@ class Stage:
             on_completion=[self._publish_on_cache_hit] if self.publish else None,
         )
 
+    @cached_property
+    def batch_task(self):
+        """A Prefect task that runs this stage on a batch of items (each the
+        value of its first input) and returns their folders in order: one task
+        per batch of shards, for the task runners of tasks/runners.py."""
+        from prefect import task
+
+        stage = self
+
+        def run_batch(items: list, config: Any = None, work_dir: Any = None) -> list[Path]:
+            return [stage(item, config=config, work_dir=work_dir) for item in items]
+
+        run_batch.__name__ = run_batch.__qualname__ = f"{self.name}_batch_task"
+        run_batch.__module__ = self.module
+        return task(
+            run_batch,
+            name=f"{self.name}-batch",
+            retries=self.retries,
+            retry_delay_seconds=self.retry_delay_seconds,
+            retry_condition_fn=retry_unless_final,
+            cache_key_fn=self._batch_cache_key,
+            persist_result=True,
+        )
+
+    def _batch_cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
+        keys = [self._cache_key(context, {self.input_names[0]: item, "config": parameters.get("config"),
+                                          "work_dir": parameters.get("work_dir")})
+                for item in parameters["items"]]
+        return None if not keys or None in keys else stable_digest(keys)
+
     def _cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
         try:
             out = self.output_dir(**parameters)

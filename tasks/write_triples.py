@@ -17,17 +17,19 @@ is published when a guarantee of the dataset fails (``check_triples``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks import dedup as dedup_mod
 from tasks import relevance as relevance_mod
-from tasks.common import SUCCESS_MARKER, Funnel, PipelineInputError, read_marker, stable_unit_interval, to_jsonable, write_text
+from tasks.common import SUCCESS_MARKER, Funnel, PipelineInputError, fingerprint, read_marker, stable_unit_interval, to_jsonable, write_text
 from tasks.contracts import (
     DATASETS_DIR,
     LATEST,
@@ -275,3 +277,26 @@ def write_triples(
 
 
 write_triples_task = write_triples.task
+
+
+def published_from(dump_fingerprint: str, output_dir: str | os.PathLike) -> Path | None:
+    """The latest published dataset if it was built from a dump with this content, else None."""
+    try:
+        latest = resolve_dataset(Path(output_dir))
+    except PipelineInputError:
+        return None
+    lineage = json.loads((latest / "params.json").read_text()).get("lineage", {})
+    return latest if lineage.get("dump_fingerprint") == dump_fingerprint else None
+
+
+@task(name="check-new-dump")
+def published_from_same_dump(dump: str, output_dir: str) -> str | None:
+    """The refresh's check: the latest dataset if it was built from this
+    dump's content (recorded as "no new dump"), else None."""
+    from prefect.artifacts import create_markdown_artifact
+
+    found = published_from(fingerprint(dump), output_dir)
+    if found is not None:
+        create_markdown_artifact(f"No new dump: `{Path(dump).name}` has the content the latest dataset "
+                                 f"`{found.name}` was built from; nothing was rebuilt.", key="rir-refresh")
+    return str(found) if found else None

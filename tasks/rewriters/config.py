@@ -33,6 +33,7 @@ OPERATIONAL_FIELDS = frozenset(
         "backoff_base_s",
         "backoff_max_s",
         "max_error_rate",
+        "workers",
     }
 )
 # Gate thresholds that were RewriteConfig fields before RewriteConfig.gate.
@@ -139,7 +140,12 @@ class RewriteConfig(BaseModel):
     api_key_secret_block: str | None = Field(
         None, description="openai: name of a Prefect Secret block holding the API key (wins over api_key_env)."
     )
-    concurrency: int = Field(32, ge=1, le=1024, description="openai: requests in flight at once.")
+    concurrency: int = Field(32, ge=1, le=1024, description="openai: requests in flight at once (per worker).")
+    workers: int = Field(
+        1, ge=1, le=4096,
+        description="Rewrite tasks at once, each over its share of the shards with its own endpoint client or "
+        "engine, each resumable on its own (shards are assigned by a hash of their content key, so adding shards "
+        "moves none). With the local backend each worker loads the model; keep 1 on a small machine.")
     timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="openai: timeout of one HTTP request, seconds.")
     max_retries: int = Field(5, ge=0, le=50, description="openai: retries of one request on 429/5xx/connection errors/timeouts.")
     backoff_base_s: float = Field(1.0, ge=0.0, le=600.0, description="openai: first back-off delay; doubles per retry, plus jitter.")

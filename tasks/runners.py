@@ -1,0 +1,110 @@
+"""Where a flow's mapped stages run: threads, worker processes, a Dask or a
+Ray cluster, chosen by config (a flow parameter, or environment variables
+for deployments), never by a code edit.
+
+``TaskRunnerConfig`` is the choice; ``task_runner(config)`` builds the
+Prefect task runner; ``map_stage`` sends a stage over many inputs in batches
+(one Prefect task per batch of shards, not one tiny task per shard) and
+returns the folders in input order. Every worker must see the same output
+folder: on a cluster that is a shared POSIX path, and every process reports
+to one Prefect server (``PREFECT_API_URL``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.stage import Stage
+
+RUNNERS = ("threads", "processes", "dask", "ray")
+
+
+def _env_kind() -> str:
+    return os.environ.get("GEAR_TASK_RUNNER", "threads")
+
+
+def _env_workers() -> int:
+    return int(os.environ.get("GEAR_WORKERS") or os.cpu_count() or 1)
+
+
+def _env_address() -> str | None:
+    return os.environ.get("GEAR_RUNNER_ADDRESS") or None
+
+
+class TaskRunnerConfig(BaseModel):
+    """Where the mapped stages (extraction, unit selection, rewriting) run."""
+
+    kind: Literal["threads", "processes", "dask", "ray"] = Field(
+        default_factory=_env_kind,
+        description="threads: one process, bounded threads; processes: worker processes on this machine "
+        "(spaCy and the tokenizer load once per worker); dask / ray: a cluster (a running one at `address`, "
+        "else a local one of `workers` processes). Default: $GEAR_TASK_RUNNER, else threads.",
+    )
+    workers: int = Field(
+        default_factory=_env_workers, ge=1, le=100_000,
+        description="Threads or processes (a local cluster's workers). Default: $GEAR_WORKERS, else the core count.",
+    )
+    address: str | None = Field(
+        default_factory=_env_address,
+        description="A running cluster: a Dask scheduler (tcp://host:8786) or a Ray head (ray://host:10001). "
+        "Default: $GEAR_RUNNER_ADDRESS; empty: start a local cluster.",
+    )
+    tasks_per_worker: int = Field(
+        4, ge=1, le=1000,
+        description="Shards are batched so that each worker gets about this many tasks (fewer, larger tasks "
+        "than one per shard; enough to balance uneven shards).",
+    )
+
+
+def task_runner(config: TaskRunnerConfig):
+    """The Prefect task runner for ``config`` (use it as a context manager)."""
+    if config.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=config.workers)
+    if config.kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=config.workers)
+    if config.kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:  # pragma: no cover - the extra is installed by scripts/install.sh
+            raise ImportError("task runner 'dask' needs the dask extra: pip install -e '.[dask]'") from exc
+        if config.address:
+            return DaskTaskRunner(address=config.address)
+        # One thread per worker process: the stages are CPU-bound Python.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True})
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("task runner 'ray' needs the ray extra: pip install -e '.[ray]'") from exc
+    if config.address:
+        return RayTaskRunner(address=config.address)
+    return RayTaskRunner(init_kwargs={"num_cpus": config.workers, "include_dashboard": False})
+
+
+def batches(items: Sequence[Any], config: TaskRunnerConfig) -> list[list[Any]]:
+    """Consecutive batches: about ``workers * tasks_per_worker`` of them."""
+    if not items:
+        return []
+    n = min(len(items), config.workers * config.tasks_per_worker)
+    size = math.ceil(len(items) / n)
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel, work_dir: str,
+              runner_config: TaskRunnerConfig) -> list[Path]:
+    """Run ``stage`` once per item (its first input), a batch of items per
+    task, on ``runner``; the output folders in the order of ``items``."""
+    from prefect import unmapped
+
+    futures = runner.map(stage.batch_task, {"items": batches(items, runner_config),
+                                            "config": unmapped(config), "work_dir": unmapped(work_dir)})
+    return [Path(p) for future in futures for p in future.result()]

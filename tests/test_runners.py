@@ -1,0 +1,129 @@
+"""The task runner switch: the same build under threads, worker processes, a
+real local Dask cluster and Ray gives byte-identical triples; ``until`` stops
+after a stage; a refresh over an unchanged dump does no work."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.runners import TaskRunnerConfig, batches
+from tasks.rewrite import shard_groups
+from tasks.rewriters.testing import FakeChatServer
+from test_build_flow import slice_params
+
+
+def _digests(dataset_dir: str) -> dict[str, str]:
+    return {name: hashlib.sha256((Path(dataset_dir) / name).read_bytes()).hexdigest()
+            for name in ("train.parquet", "test.parquet")}
+
+
+def _params(out, base_url, runner: TaskRunnerConfig, **updates):
+    from tasks.shard import ShardConfig
+
+    # Three shards of 10 pages, two rewrite workers: mapping has something to spread.
+    return slice_params(out, base_url, shard=ShardConfig(pages_per_shard=10, max_shards=3), runner=runner,
+                        rewrite=slice_params(out, base_url).rewrite.model_copy(update={"workers": 2}), **updates)
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_harness, tmp_path_factory):
+    """The build under the default runner (bounded threads)."""
+    from flows.build_rir_dataset import build_rir_dataset
+
+    out = tmp_path_factory.mktemp("threads")
+    with FakeChatServer() as srv:
+        dataset = build_rir_dataset(_params(out, srv.base_url, TaskRunnerConfig(kind="threads", workers=2)))
+    return _digests(dataset)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_byte_identical_triples(reference, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.build_rir_dataset import build_rir_dataset
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            FakeChatServer() as srv:
+        runner = TaskRunnerConfig(kind="dask", address=cluster.scheduler_address)
+        dataset = build_rir_dataset(_params(tmp_path, srv.base_url, runner))
+        assert len(cluster.workers) == 2
+    assert _digests(dataset) == reference
+
+
+@pytest.mark.slow
+def test_worker_processes_give_byte_identical_triples(reference, tmp_path):
+    from flows.build_rir_dataset import build_rir_dataset
+
+    with FakeChatServer() as srv:
+        dataset = build_rir_dataset(_params(tmp_path, srv.base_url, TaskRunnerConfig(kind="processes", workers=2)))
+    assert _digests(dataset) == reference
+
+
+@pytest.mark.slow
+def test_ray_local_gives_byte_identical_triples(reference, tmp_path):
+    pytest.importorskip("prefect_ray")
+    from flows.build_rir_dataset import build_rir_dataset
+
+    with FakeChatServer() as srv:
+        dataset = build_rir_dataset(_params(tmp_path, srv.base_url, TaskRunnerConfig(kind="ray", workers=2)))
+    assert _digests(dataset) == reference
+
+
+@pytest.mark.slow
+def test_until_stops_after_the_stage_and_a_refresh_of_the_same_dump_does_nothing(reference, tmp_path):
+    from flows.build_rir_dataset import build_rir_dataset
+
+    threads = TaskRunnerConfig(kind="threads", workers=2)
+    with FakeChatServer() as srv:
+        folders = build_rir_dataset(_params(tmp_path, srv.base_url, threads, until="select_units"))
+        assert srv.requests == 0  # no LLM time spent
+        assert len(folders) == 3 and all((Path(f) / "units.parquet").is_file() for f in folders)
+        assert not (tmp_path / "datasets").exists()
+        dataset = build_rir_dataset(_params(tmp_path, srv.base_url, threads))  # reuses the selected units
+        assert _digests(dataset) == reference
+        served = srv.requests
+        # The scheduled refresh over the same dump content: no work, the latest dataset returned.
+        shutil.rmtree(tmp_path / "stages" / "dedup")
+        again = build_rir_dataset(_params(tmp_path, srv.base_url, threads, only_new_dump=True))
+        assert again == dataset and srv.requests == served
+        assert not (tmp_path / "stages" / "dedup").exists()  # nothing ran
+
+
+def test_a_dump_folder_or_glob_picks_the_newest_dump(tmp_path):
+    from flows.params import BuildDatasetParams
+    from tasks.assets import embedded_dump_path
+
+    for date in ("20250101", "20250301", "20250201"):
+        shutil.copy(embedded_dump_path(), tmp_path / f"enwiki-{date}-pages-articles.xml.bz2")
+    (tmp_path / "enwiki-20250401-pages-articles-multistream-index.txt.bz2").write_bytes(b"")
+    newest = str(tmp_path / "enwiki-20250301-pages-articles.xml.bz2")
+    assert BuildDatasetParams(dump=str(tmp_path)).dump_path() == newest
+    assert BuildDatasetParams(dump=str(tmp_path / "enwiki-*-pages-articles.xml.bz2")).dump_path() == newest
+    with pytest.raises(ValueError, match="dump file not found"):
+        BuildDatasetParams(dump=str(tmp_path / "frwiki-*.xml.bz2"))
+
+
+def test_runner_choice_comes_from_the_environment_for_deployments(monkeypatch):
+    monkeypatch.setenv("GEAR_TASK_RUNNER", "dask")
+    monkeypatch.setenv("GEAR_WORKERS", "16")
+    monkeypatch.setenv("GEAR_RUNNER_ADDRESS", "tcp://scheduler:8786")
+    config = TaskRunnerConfig()
+    assert (config.kind, config.workers, config.address) == ("dask", 16, "tcp://scheduler:8786")
+
+
+def test_batches_and_groups_are_stable():
+    cfg = TaskRunnerConfig(kind="threads", workers=2, tasks_per_worker=2)
+    items = list(range(10))
+    parts = batches(items, cfg)
+    assert len(parts) == 4 and [x for b in parts for x in b] == items
+    dirs = [Path(f"/w/stages/select_units/{k:016x}") for k in range(40)]
+    groups = shard_groups(dirs, 3)
+    assert sorted(p for g in groups for p in g) == sorted(dirs)
+    # A new shard moves no other shard to another group (their folders are reused).
+    with_new = shard_groups(dirs + [Path("/w/stages/select_units/ffffffffffffffff")], 3)
+    moved = [p for g_old, g_new in zip(groups, with_new) for p in g_old if p not in g_new]
+    assert moved == []
