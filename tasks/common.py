@@ -188,6 +188,16 @@ def fsync_tree(folder: str | os.PathLike, files: bool = True) -> None:
             os.close(fd)
 
 
+def failpoint(name: str) -> None:
+    """Fault injection for the fault suite (tests/test_faults.py): when
+    GEAR_FAILPOINT names this point, the process group dies here by SIGKILL,
+    as a machine loss or an OOM kill would end it. A no-op otherwise."""
+    if os.environ.get("GEAR_FAILPOINT") == name:
+        import signal
+
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def is_complete(out_dir: str | os.PathLike) -> bool:
     return (Path(out_dir) / SUCCESS_MARKER).is_file()
 

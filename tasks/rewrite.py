@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from tasks.common import Funnel, ProgressArtifact, fingerprint, stable_int, write_parquet
+from tasks.common import Funnel, ProgressArtifact, failpoint, fingerprint, stable_int, write_parquet
 from tasks.contracts import QUERIES_SCHEMA, as_paths, read_units as read_unit_tables
 from tasks.rewriters import PROMPT_VERSION, RewriteConfig, Rewriter, make_rewriter, prompt_fingerprint
 from tasks.rewriters.base import error_kind
@@ -302,6 +302,7 @@ def rewrite_queries(run: StageRun, units_dirs, config: RewriteConfig) -> dict:
             # Failed rows are written too (the finished ones must survive), but
             # as failed: the next attempt sends them again and rewrites this file.
             write_parquet(raw.to_arrow(), raw_path, RAW_SCHEMA)
+            failpoint("rewrite_queries:shard-written")
             raws.append(raw)
             if (raw["error_kind"] == "aborted").any():  # the endpoint is down: later shards would fail too
                 not_attempted = sum(s.height for _, s in shards[n_shard + 1 :])

@@ -54,6 +54,7 @@ from tasks.common import (
     Funnel,
     PipelineInputError,
     config_identity,
+    failpoint,
     fingerprint,
     fsync_tree,
     is_complete,
@@ -238,9 +239,12 @@ class Stage:
         work = self.work_folder(out)
         if not self.in_place and out.exists():
             shutil.rmtree(out)  # no marker (checked under the lock): an unfinished folder of an older layout
+        if not (self.resumable or self.in_place) and work.exists():
+            shutil.rmtree(work)  # what a killed attempt left; only a resumable body reuses it
         work.mkdir(parents=True, exist_ok=True)
         remove_temporaries(work)
         run = StageRun(self.name, work, out)
+        failpoint(f"{self.name}:start")
         try:
             produced = self.body(run, *(inputs[n] for n in self.input_names), config) or {}
             for name, obj in produced.items():
@@ -250,9 +254,11 @@ class Stage:
                 shutil.rmtree(work, ignore_errors=True)  # nothing half-made stays behind
             raise
         run.funnel.save(work / "funnel.json")
+        failpoint(f"{self.name}:written")
         fsync_tree(work)
         mark_complete(work, {"stage": self.name, "code_version": self.code_version,
                              "config": self.key_config(config), "funnel": run.funnel.to_dict(), **run.info})
+        failpoint(f"{self.name}:marked")
         if not self.in_place:
             os.replace(work, out)
             fsync_tree(out.parent, files=False)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from tasks import dedup as dedup_mod
 from tasks import relevance as relevance_mod
-from tasks.common import SUCCESS_MARKER, Funnel, PipelineInputError, fingerprint, read_marker, stable_unit_interval, to_jsonable, write_text
+from tasks.common import SUCCESS_MARKER, Funnel, PipelineInputError, failpoint, fingerprint, read_marker, stable_unit_interval, to_jsonable, write_text
 from tasks.contracts import (
     DATASETS_DIR,
     LATEST,
@@ -198,6 +198,7 @@ def publish_dataset(version_dir: Path) -> None:
     """Point LATEST at this version and show its card in the Prefect UI (if in a run)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
+    failpoint("write_triples:publish")
     write_text(version_dir.name + "\n", version_dir.parent / LATEST)
     if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
         publish_card_artifacts(version_dir)
