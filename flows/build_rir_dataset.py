@@ -1,7 +1,8 @@
 """Flow `build-rir-dataset`: a Wikipedia dump -> the paper's RIR triples.
 
 shard_dump -> extract_docs (per shard) -> select_units (per shard)
--> rewrite_queries -> dedup -> relevance_score -> relevance_filter -> write_triples
+-> rewrite_queries (per shard group) -> dedup -> relevance_score, relevance_filter (per shard)
+-> write_triples
 
 Every step is a stage on the runner (tasks/stage.py): cached in a
 content-addressed folder under ``output_dir``, retried, and locked.
@@ -18,7 +19,7 @@ from flows.params import BuildDatasetParams
 from tasks.common import config_identity, fingerprint, publish_funnel, stop_after
 from tasks.dedup import dedup_task
 from tasks.extract_docs import extract_docs
-from tasks.relevance import relevance_filter_task, relevance_score_task
+from tasks.relevance import relevance_filter, relevance_score
 from tasks.rewrite import rewrite_queries, shard_groups
 from tasks.runners import map_stage, task_runner
 from tasks.select_units import select_units
@@ -58,17 +59,19 @@ def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str 
             return stop_after("select_units", unit_dirs)
         groups = shard_groups(unit_dirs, params.rewrite.workers)
         rewrite_dirs = map_stage(runner, rewrite_queries, groups, params.rewrite, work_dir, params.runner)
-    if params.until == "rewrite_queries":
-        return stop_after("rewrite_queries", rewrite_dirs)
-    dedup_dir = dedup_task(rewrite_dirs, unit_dirs, params.dedup, work_dir)
-    if params.until == "dedup":
-        return stop_after("dedup", [dedup_dir])
-    scored_dir = relevance_score_task(dedup_dir, unit_dirs, params.relevance, work_dir)
-    relevance_dir = relevance_filter_task(scored_dir, params.relevance, work_dir)
+        if params.until == "rewrite_queries":
+            return stop_after("rewrite_queries", rewrite_dirs)
+        dedup_dir = dedup_task(rewrite_dirs, unit_dirs, params.dedup, work_dir)
+        if params.until == "dedup":
+            return stop_after("dedup", [dedup_dir])
+        shard_units = [[d] for d in unit_dirs]
+        scored_dirs = map_stage(runner, relevance_score, shard_units, params.relevance, work_dir, params.runner,
+                                dedup_dir=dedup_dir)
+        relevance_dirs = map_stage(runner, relevance_filter, scored_dirs, params.relevance, work_dir, params.runner)
     if params.until == "relevance_filter":
-        return stop_after("relevance_filter", [relevance_dir])
+        return stop_after("relevance_filter", relevance_dirs)
     dataset_dir = write_triples_task(
-        relevance_dir,
+        relevance_dirs,
         unit_dirs,
         upstream_dirs=[*article_dirs, *unit_dirs, *rewrite_dirs, dedup_dir],
         lineage=_lineage(params, dump),

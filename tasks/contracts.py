@@ -136,9 +136,9 @@ def read_units(units_dirs: Sequence[str | os.PathLike], columns: Sequence[str] |
     return _read(as_paths(units_dirs), "units.parquet", UNITS_SCHEMA, columns, "select_units")
 
 
-def read_queries(query_dirs: Sequence[str | os.PathLike]) -> pl.DataFrame:
+def read_queries(query_dirs: Sequence[str | os.PathLike], columns: Sequence[str] | None = None) -> pl.DataFrame:
     """queries.parquet of rewrite_queries or dedup folders."""
-    return _read(as_paths(query_dirs), "queries.parquet", QUERIES_SCHEMA, None, "rewrite_queries or dedup")
+    return _read(as_paths(query_dirs), "queries.parquet", QUERIES_SCHEMA, columns, "rewrite_queries or dedup")
 
 
 def read_scored(folder: str | os.PathLike, with_kept: bool = False) -> pl.DataFrame:

@@ -43,20 +43,17 @@ def _histogram_markdown(hist: dict[str, Any], bar: int = 40) -> str:
     return "\n".join(lines)
 
 
-def build_card(version: str, triples: pl.DataFrame, scored: pl.DataFrame, funnel: Funnel,
+def build_card(version: str, counts: dict[str, int], scored: pl.DataFrame, samples: list[dict], funnel: Funnel,
                lineage: dict[str, Any], params: dict[str, Any], config: Any) -> tuple[dict, str]:
-    """The card as JSON and as Markdown: counts, funnel, score histogram, samples, lineage."""
-    train, test = triples.filter(pl.col("split") == "train"), triples.filter(pl.col("split") == "test")
+    """The card as JSON and as Markdown: counts, funnel, score histogram, samples, lineage.
+
+    ``scored``: the score and kept flag of every scored pair (two columns: the
+    card needs no text, so a full dump's pairs fit); ``samples``: sample triples."""
     hist = score_histogram(scored, config.histogram_bin_width)
-    samples = triples.sample(n=min(config.sample_triples, triples.height), seed=config.seed, shuffle=True) \
-        .select("split", "doc_id", "title", "query", "unit", "score").to_dicts() if triples.height else []
     card = {
         "version": version,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "counts": {
-            "train_triples": train.height, "test_triples": test.height,
-            "train_documents": train["doc_id"].n_unique(), "test_documents": test["doc_id"].n_unique(),
-        },
+        "counts": dict(counts),
         "threshold": params["threshold"],
         "funnel": funnel.to_dict(),
         "score_histogram": hist,

@@ -21,8 +21,10 @@ import re
 import string
 import unicodedata
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.common import PipelineInputError, stable_int
@@ -129,17 +131,29 @@ def shingles(text: str, size: int) -> set[str]:
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
-def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+_MINHASH_SCHEME = "affine32"  # datasketch's default; named, since signatures are rebuilt from their values
+
+
+def minhash_signature(text: str, config: DedupConfig) -> np.ndarray:
+    """The MinHash of a document's word shingles (num_perm hash values)."""
+    from datasketch import MinHash
+
+    mh = MinHash(num_perm=config.minhash_num_perm, seed=1, scheme=_MINHASH_SCHEME)
+    mh.update_batch([s.encode() for s in shingles(text, config.shingle_size)])
+    return mh.hashvalues
+
+
+def near_duplicates(signatures: dict[str, np.ndarray], config: DedupConfig) -> pl.DataFrame:
     """(doc_id, duplicate_of, jaccard) for each document that is a near-duplicate
-    of an earlier one in doc_id order; the earliest of a group is kept."""
+    of an earlier one in doc_id order; the earliest of a group is kept. Only
+    the signatures are held (num_perm x 4 bytes a document), not the texts."""
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=config.lsh_threshold, num_perm=config.minhash_num_perm)
     kept: dict[str, MinHash] = {}
     rows = []
-    for doc_id, text in docs.sort("doc_id").select("doc_id", "text").iter_rows():
-        mh = MinHash(num_perm=config.minhash_num_perm, seed=1)
-        mh.update_batch([s.encode() for s in shingles(text, config.shingle_size)])
+    for doc_id in sorted(signatures):
+        mh = MinHash(num_perm=config.minhash_num_perm, seed=1, hashvalues=signatures[doc_id], scheme=_MINHASH_SCHEME)
         # Every LSH candidate counts (that is what the threshold tunes); the
         # closest earlier document by estimated Jaccard is named.
         best, best_j = None, -1.0
@@ -157,8 +171,29 @@ def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.Data
     )
 
 
+def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+    """``near_duplicates`` of a frame of (doc_id, text)."""
+    return near_duplicates({d: minhash_signature(t, config) for d, t in docs.select("doc_id", "text").iter_rows()}, config)
+
+
 # --------------------------------------------------------------------------
 # Stage.
+
+
+_ROW_KEY = ["doc_id", "sentence_index"]
+
+
+def _normalised(frame: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
+    """frame + query_norm (split, de-duplicated, reordered keywords) + the
+    keyword counts before and after, per row."""
+    norm, before, after = [], [], []
+    for doc_id, idx, q in frame.select("doc_id", "sentence_index", "query").iter_rows():
+        before.append(sum(1 for x in _SPLIT.split(q or "") if keyword_key(surface_form(x), config)))
+        nq = normalise_query(q or "", doc_id, idx, config)
+        after.append(len(split_keywords(nq, config)))
+        norm.append(nq)
+    return frame.with_columns(pl.Series("query_norm", norm, dtype=pl.String),
+                              pl.Series("_kw_in", before, dtype=pl.Int64), pl.Series("_kw_kept", after, dtype=pl.Int64))
 
 
 @stage(
@@ -168,74 +203,84 @@ def near_duplicate_documents(docs: pl.DataFrame, config: DedupConfig) -> pl.Data
     writes={"queries.parquet": QUERIES_SCHEMA, "dropped.parquet": DROPPED_SCHEMA, "near_duplicates.parquet": NEAR_DUP_SCHEMA},
 )
 def dedup(run: StageRun, rewrite_dir, units_dirs, config: DedupConfig) -> dict:
-    """De-duplicate keywords, queries and documents; return the stage folder
-    holding queries.parquet (contract 4), dropped.parquet,
-    near_duplicates.parquet and funnel.json."""
+    """De-duplicate keywords, queries and documents into queries.parquet
+    (contract 4), dropped.parquet and near_duplicates.parquet.
+
+    In bounded memory: a first pass over each rewrite folder keeps only
+    (doc_id, sentence_index) and two 64-bit hashes per query, documents are
+    read shard by shard for their MinHash signatures, and a second pass
+    writes each folder's kept queries."""
     funnel = run.funnel
-    queries = read_queries(rewrite_dir).sort("doc_id", "sentence_index", "query")
-    funnel.seen(STAGE, queries.height)
-    dropped: list[pl.DataFrame] = []
+    folders = as_paths(rewrite_dir)
 
-    def drop(frame: pl.DataFrame, reason: str, duplicate_of: pl.Expr | None = None) -> None:
-        funnel.drop(STAGE, reason, frame.height)
-        if frame.height:
-            dup = duplicate_of if duplicate_of is not None else pl.lit(None, pl.String)
-            dropped.append(
-                frame.select("doc_id", "sentence_index", "query", pl.lit(reason).alias("reason"), dup.alias("duplicate_of"))
-            )
-
-    # 1. Keywords within each query.
-    n_kw_in = n_kw_kept = 0
-    normalised = []
-    for doc_id, idx, q in queries.select("doc_id", "sentence_index", "query").iter_rows():
-        raw = [k for k in (keyword_key(surface_form(x), config) for x in _SPLIT.split(q or "")) if k]
-        n_kw_in += len(raw)
-        nq = normalise_query(q or "", doc_id, idx, config)
-        n_kw_kept += len(split_keywords(nq, config))
-        normalised.append(nq)
-    funnel.seen("dedup_keywords", n_kw_in)
-    funnel.kept("dedup_keywords", n_kw_kept)
-    funnel.drop("dedup_keywords", "repeated_keyword", n_kw_in - n_kw_kept)
-    queries = queries.with_columns(
-        pl.Series("raw_query", queries["query"]), pl.Series("query", normalised, dtype=pl.String)
-    )
-    empty = queries.filter(pl.col("query") == "")
-    drop(empty.with_columns(pl.col("raw_query").alias("query")), "empty_after_normalisation")
-    queries = queries.filter(pl.col("query") != "")
+    # 1. Keywords within each query; keep only the keys of every query.
+    keys = []
+    for folder in folders:
+        part = _normalised(read_queries([folder], ["doc_id", "sentence_index", "query"]), config)
+        funnel.add("dedup_keywords", "input", int(part["_kw_in"].sum()))
+        funnel.add("dedup_keywords", "kept", int(part["_kw_kept"].sum()))
+        funnel.drop("dedup_keywords", "repeated_keyword", int((part["_kw_in"] - part["_kw_kept"]).sum()))
+        keys.append(part.select(
+            *_ROW_KEY,
+            pl.col("query").map_elements(stable_int, return_dtype=pl.UInt64).alias("_raw"),
+            pl.col("query_norm").map_elements(lambda q: stable_int(query_key(q, config)), return_dtype=pl.UInt64).alias("_key"),
+            (pl.col("query_norm") == "").alias("_empty"),
+        ))
+    keys = pl.concat(keys).sort(*_ROW_KEY, "_raw")
+    funnel.seen(STAGE, keys.height)
+    reasons = [keys.filter("_empty").select(*_ROW_KEY, "_raw", pl.lit("empty_after_normalisation").alias("reason"),
+                                            pl.lit(None, pl.String).alias("duplicate_of"))]
+    keys = keys.filter(~pl.col("_empty"))
 
     # 2. Near-duplicate documents (only documents that still have queries matter).
     near = pl.DataFrame(schema={"doc_id": pl.String, "duplicate_of": pl.String, "jaccard": pl.Float32})
-    if config.near_duplicate_documents and queries.height:
-        docs = read_documents(units_dirs, ["doc_id", "text"])
-        missing = queries.join(docs, on="doc_id", how="anti")
+    if config.near_duplicate_documents and keys.height:
+        wanted = keys["doc_id"].unique().implode()
+        signatures: dict[str, np.ndarray] = {}
+        for units in as_paths(units_dirs):
+            docs = read_documents([units], ["doc_id", "text"]).filter(pl.col("doc_id").is_in(wanted))
+            signatures.update((d, minhash_signature(t, config)) for d, t in docs.iter_rows())
+        missing = keys.filter(~pl.col("doc_id").is_in(list(signatures)))
         if missing.height:
             raise PipelineInputError(as_paths(units_dirs)[0], "query refers to a document not in documents.parquet", record=missing["doc_id"][0])
-        near = near_duplicate_documents(docs.join(queries.select("doc_id").unique(), on="doc_id"), config)
-        gone = queries.join(near, on="doc_id", how="inner")
-        drop(gone, "near_duplicate_document", pl.col("duplicate_of"))
-        queries = queries.join(near, on="doc_id", how="anti")
+        near = near_duplicates(signatures, config)
+        reasons.append(keys.join(near, on="doc_id").select(*_ROW_KEY, "_raw", pl.lit("near_duplicate_document").alias("reason"),
+                                                           "duplicate_of"))
+        keys = keys.join(near, on="doc_id", how="anti")
 
     # 3. Duplicate queries across the dataset: keep the first by (doc_id, sentence_index).
-    queries = (
-        queries.with_columns(
-            pl.col("query").map_elements(lambda q: query_key(q, config), return_dtype=pl.String).alias("_key")
-        )
-        .sort("doc_id", "sentence_index", "query")
-        .with_row_index("_row")
-    )
-    first = queries.group_by("_key").agg(
+    keys = keys.with_row_index("_row")
+    first = keys.group_by("_key").agg(
         pl.col("_row").min().alias("_first_row"),
         (pl.col("doc_id") + "#" + pl.col("sentence_index").cast(pl.String)).sort_by("_row").first().alias("_first"),
     )
-    queries = queries.join(first, on="_key", how="left").sort("_row")
+    keys = keys.join(first, on="_key").sort("_row")
     is_first = pl.col("_row") == pl.col("_first_row")
-    drop(queries.filter(~is_first), "duplicate_query", pl.col("_first"))
-    queries = queries.filter(is_first)
+    reasons.append(keys.filter(~is_first).select(*_ROW_KEY, "_raw", pl.lit("duplicate_query").alias("reason"),
+                                                 pl.col("_first").alias("duplicate_of")))
+    kept = keys.filter(is_first).select(*_ROW_KEY, "_raw")
+    dropped_keys = pl.concat(reasons)
+    for reason, n in dropped_keys.group_by("reason").len().iter_rows():
+        funnel.drop(STAGE, reason, n)
+    funnel.kept(STAGE, kept.height)
 
-    funnel.kept(STAGE, queries.height)
-    dropped_df = pl.concat(dropped) if dropped else pl.DataFrame(schema={n: pl.String for n in DROPPED_SCHEMA.names})
+    # 4. Each folder's kept queries, normalised again (it is deterministic), and the drops with their text.
+    dropped = []
+    with pq.ParquetWriter(run.out / "queries.parquet", QUERIES_SCHEMA, compression="zstd") as writer:
+        for folder in folders:
+            rows = _normalised(read_queries([folder]), config).with_columns(
+                pl.col("query").map_elements(stable_int, return_dtype=pl.UInt64).alias("_raw"))
+            keep = rows.join(kept, on=[*_ROW_KEY, "_raw"], how="semi").sort(*_ROW_KEY, "_raw")
+            writer.write_table(keep.with_columns(pl.col("query_norm").alias("query")).select(QUERIES_SCHEMA.names)
+                               .to_arrow().cast(QUERIES_SCHEMA))
+            gone = rows.join(dropped_keys, on=[*_ROW_KEY, "_raw"])
+            dropped.append(gone.select(
+                *_ROW_KEY,
+                pl.when(pl.col("reason") == "empty_after_normalisation").then(pl.col("query"))
+                .otherwise(pl.col("query_norm")).alias("query"),
+                "reason", "duplicate_of"))
+    dropped_df = pl.concat(dropped).sort(*_ROW_KEY) if dropped else pl.DataFrame(schema={n: pl.String for n in DROPPED_SCHEMA.names})
     return {
-        "queries.parquet": queries.select(QUERIES_SCHEMA.names),
         "dropped.parquet": dropped_df.cast({"sentence_index": pl.Int32}),
         "near_duplicates.parquet": near,
     }

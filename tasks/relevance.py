@@ -26,7 +26,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from tasks.common import PipelineInputError, read_marker
-from tasks.contracts import FILTERED_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_queries, read_scored
+from tasks.contracts import FILTERED_SCHEMA, QUERIES_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_scored
 from tasks.stage import StageRun, stage
 
 SCORE_STAGE = "relevance_score"
@@ -169,20 +169,23 @@ class RelevanceScorer:
 
 
 @stage(SCORE_STAGE, RelevanceConfig, key=RelevanceConfig.scoring_identity,
-       reads={"dedup_dir": ["queries.parquet"], "units_dirs": ["documents.parquet"]},
+       reads={"units_dirs": ["documents.parquet"], "dedup_dir": ["queries.parquet"]},
        writes={"scored.parquet": SCORED_SCHEMA})
-def relevance_score(run: StageRun, dedup_dir, units_dirs, config: RelevanceConfig) -> dict:
-    """scored.parquet: every query with its document's cosine score."""
-    queries = read_queries(dedup_dir).sort("doc_id", "sentence_index")
+def relevance_score(run: StageRun, units_dirs, dedup_dir, config: RelevanceConfig) -> dict:
+    """scored.parquet: every query of these documents (one shard's, when
+    mapped) with its document's cosine score. Only those queries are read
+    (a lazy scan), so memory is bounded by the shard; write_triples checks
+    that the shards together scored every query."""
     docs = read_documents(units_dirs, ["doc_id", "text"])
-    missing = queries.join(docs, on="doc_id", how="anti")
-    if missing.height:
-        raise PipelineInputError(as_paths(dedup_dir)[0] / "queries.parquet", "query refers to a document not in documents.parquet",
-                                 record=missing["doc_id"][0])
+    queries_file = as_paths(dedup_dir)[0] / "queries.parquet"
+    queries = (pl.scan_parquet(queries_file).filter(pl.col("doc_id").is_in(docs["doc_id"].implode()))
+               .select(QUERIES_SCHEMA.names).collect().cast({"sentence_index": pl.Int32}).sort("doc_id", "sentence_index"))
     docs = docs.join(queries.select("doc_id").unique(), on="doc_id").sort("doc_id")
-    scorer = RelevanceScorer(config)
-    q_emb = scorer.encode_queries(queries["query"].to_list())
-    d_emb = scorer.encode_documents(docs["text"].to_list())
+    q_emb = d_emb = np.zeros((0, 0), np.float32)
+    if queries.height:
+        scorer = RelevanceScorer(config)
+        q_emb = scorer.encode_queries(queries["query"].to_list())
+        d_emb = scorer.encode_documents(docs["text"].to_list())
     row = {d: i for i, d in enumerate(docs["doc_id"].to_list())}
     idx = np.fromiter((row[d] for d in queries["doc_id"].to_list()), dtype=np.int64, count=queries.height)
     scores = np.einsum("ij,ij->i", q_emb, d_emb[idx]).astype(np.float32) if queries.height else np.zeros(0, np.float32)
@@ -209,8 +212,8 @@ def relevance_filter(run: StageRun, scored_dir, config: RelevanceConfig) -> dict
 
 
 def relevance(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="data"):
-    """Score (reused when only the threshold changed), then apply the threshold."""
-    return relevance_filter(relevance_score(dedup_dir, units_dirs, config, work_dir), config, work_dir)
+    """Score every query of these documents (reused when only the threshold changed), then apply the threshold."""
+    return relevance_filter(relevance_score(units_dirs, dedup_dir, config, work_dir), config, work_dir)
 
 
 relevance_score_task = relevance_score.task

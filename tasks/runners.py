@@ -100,11 +100,12 @@ def batches(items: Sequence[Any], config: TaskRunnerConfig) -> list[list[Any]]:
 
 
 def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel, work_dir: str,
-              runner_config: TaskRunnerConfig) -> list[Path]:
-    """Run ``stage`` once per item (its first input), a batch of items per
-    task, on ``runner``; the output folders in the order of ``items``."""
+              runner_config: TaskRunnerConfig, **fixed: Any) -> list[Path]:
+    """Run ``stage`` once per item (its first input; ``fixed`` gives the same
+    value of its other inputs to every run), a batch of items per task, on
+    ``runner``; the output folders in the order of ``items``."""
     from prefect import unmapped
 
-    futures = runner.map(stage.batch_task, {"items": batches(items, runner_config),
-                                            "config": unmapped(config), "work_dir": unmapped(work_dir)})
+    futures = runner.map(stage.batch_task, {"items": batches(items, runner_config), "config": unmapped(config),
+                                            "work_dir": unmapped(work_dir), "fixed": unmapped(fixed)})
     return [Path(p) for future in futures for p in future.result()]

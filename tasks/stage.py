@@ -312,8 +312,8 @@ class Stage:
 
         stage = self
 
-        def run_batch(items: list, config: Any = None, work_dir: Any = None) -> list[Path]:
-            return [stage(item, config=config, work_dir=work_dir) for item in items]
+        def run_batch(items: list, config: Any = None, work_dir: Any = None, fixed: dict | None = None) -> list[Path]:
+            return [stage(item, config=config, work_dir=work_dir, **(fixed or {})) for item in items]
 
         run_batch.__name__ = run_batch.__qualname__ = f"{self.name}_batch_task"
         run_batch.__module__ = self.module
@@ -329,7 +329,7 @@ class Stage:
 
     def _batch_cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
         keys = [self._cache_key(context, {self.input_names[0]: item, "config": parameters.get("config"),
-                                          "work_dir": parameters.get("work_dir")})
+                                          "work_dir": parameters.get("work_dir"), **(parameters.get("fixed") or {})})
                 for item in parameters["items"]]
         return None if not keys or None in keys else stable_digest(keys)
 

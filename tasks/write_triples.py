@@ -17,6 +17,7 @@ is published when a guarantee of the dataset fails (``check_triples``).
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -24,16 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks import dedup as dedup_mod
 from tasks import relevance as relevance_mod
-from tasks.common import SUCCESS_MARKER, Funnel, PipelineInputError, failpoint, fingerprint, read_marker, stable_unit_interval, to_jsonable, write_text
+from tasks.common import (
+    SUCCESS_MARKER,
+    Funnel,
+    PipelineInputError,
+    failpoint,
+    fingerprint,
+    read_marker,
+    stable_int,
+    stable_unit_interval,
+    to_jsonable,
+    write_text,
+)
 from tasks.contracts import (
     DATASETS_DIR,
     LATEST,
     TRIPLES_SCHEMA,
+    as_paths,
     read_documents,
     read_scored,
     read_units,
@@ -93,10 +107,11 @@ def split_documents(doc_ids: Sequence[str], config: TriplesConfig | None = None)
     return set(ranked[:n_test])
 
 
-def check_triples(triples: pl.DataFrame, threshold: float, dedup_config: DedupConfig | None = None) -> None:
-    """Raise DatasetInvariantError unless every guarantee holds."""
+def check_triples(triples: pl.DataFrame, threshold: float, dedup_config: DedupConfig | None = None,
+                  allow_empty: bool = False) -> None:
+    """Raise DatasetInvariantError unless every guarantee holds (within this frame)."""
     problems: list[str] = []
-    if triples.height == 0:
+    if triples.height == 0 and not allow_empty:
         problems.append("no triples: every pair was dropped (see the funnel), and an empty dataset is never published")
 
     def example(frame: pl.DataFrame) -> str:
@@ -137,8 +152,10 @@ def check_triples(triples: pl.DataFrame, threshold: float, dedup_config: DedupCo
 # Assembling the triples.
 
 
-def build_triples(relevance_dir: Path, units_dirs: Sequence[Path], config: TriplesConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(triples with a split column, all scored pairs with their kept flag)."""
+def build_triples(relevance_dir: Path, units_dirs: Sequence[Path], config: TriplesConfig,
+                  test_docs: set[str] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(triples with a split column, all scored pairs with their kept flag).
+    ``test_docs``: the dataset's test documents (default: split these pairs' own)."""
     scored_path = Path(relevance_dir) / "scored.parquet"
     scored = read_scored(relevance_dir, with_kept=True)
     kept = scored.filter(pl.col("kept"))
@@ -157,7 +174,8 @@ def build_triples(relevance_dir: Path, units_dirs: Sequence[Path], config: Tripl
         r = changed.row(0, named=True)
         raise PipelineInputError(scored_path, "unit text differs from units.parquet (inputs from different runs?)",
                                  record=f"{r['doc_id']}#{r['sentence_index']}")
-    test_docs = split_documents(joined["doc_id"].to_list(), config)
+    if test_docs is None:
+        test_docs = split_documents(joined["doc_id"].to_list(), config)
     triples = joined.select(
         "query",
         "doc_id",
@@ -204,10 +222,41 @@ def publish_dataset(version_dir: Path) -> None:
         publish_card_artifacts(version_dir)
 
 
+def _pairs(relevance_dirs: list[Path], units_dirs: list[Path]) -> list[tuple[Path, list[Path]]]:
+    """Each relevance folder with the select_units folders it was scored from:
+    shard by shard when there is one per shard, else one folder for all."""
+    if len(relevance_dirs) == len(units_dirs):
+        return [(r, [u]) for r, u in zip(relevance_dirs, units_dirs)]
+    if len(relevance_dirs) == 1:
+        return [(relevance_dirs[0], units_dirs)]
+    raise PipelineInputError(relevance_dirs[0], f"{len(relevance_dirs)} relevance folders for {len(units_dirs)} "
+                             "select_units folders: give one per shard, or one for all")
+
+
+class _Samples:
+    """The card's sample triples: the ``n`` with the smallest seeded hash of
+    (doc_id, unit_index), whatever order the shards come in (bounded memory)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.heap = n, seed, []
+
+    def offer(self, triples: pl.DataFrame) -> None:
+        for row in triples.select("split", "doc_id", "unit_index", "title", "query", "unit", "score").iter_rows(named=True):
+            rank = -stable_unit_interval(self.seed, row["doc_id"], row["unit_index"])
+            item = (rank, row["doc_id"], row["unit_index"], row)
+            if len(self.heap) < self.n:
+                heapq.heappush(self.heap, item)
+            elif item[:3] > self.heap[0][:3]:
+                heapq.heapreplace(self.heap, item)
+
+    def rows(self) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "unit_index"} for *_, r in sorted(self.heap, key=lambda x: x[:3], reverse=True)]
+
+
 @stage(
     STAGE,
     TriplesConfig,
-    reads={"relevance_dir": ["scored.parquet"], "units_dirs": ["documents.parquet", "units.parquet"],
+    reads={"relevance_dirs": ["scored.parquet"], "units_dirs": ["documents.parquet", "units.parquet"],
            "upstream_dirs": ["funnel.json"]},
     writes={"train.parquet": TRIPLES_SCHEMA, "test.parquet": TRIPLES_SCHEMA},
     code=[dedup_mod.__file__, relevance_mod.__file__],
@@ -216,7 +265,7 @@ def publish_dataset(version_dir: Path) -> None:
 )
 def write_triples(
     run: StageRun,
-    relevance_dir,
+    relevance_dirs,
     units_dirs,
     upstream_dirs: Sequence = (),
     lineage: Mapping[str, Any] | None = None,
@@ -226,38 +275,79 @@ def write_triples(
 ) -> dict:
     """The dataset version folder; the version is the runner's key.
 
-    ``relevance_dir``: the relevance_filter folder (scored.parquet with ``kept``).
+    ``relevance_dirs``: relevance_filter folders (scored.parquet with ``kept``),
+    one per shard in the order of ``units_dirs``, or one for all of them.
     ``upstream_dirs``: earlier stage folders whose funnel.json files join the card.
     ``lineage``: the dump's identity and every stage config (part of the version).
     ``dedup_config`` / ``relevance_config``: the run's, for the invariant checks
     (query identity, the threshold).
+
+    Shard by shard, so memory is bounded by one shard's triples: only the
+    kept doc ids (for the split), every pair's score (for the histogram) and
+    one hash per query (for the duplicate check) are held for the whole dataset.
     """
     dedup_config = dedup_config or DedupConfig()
     relevance_config = relevance_config or RelevanceConfig()
     threshold = relevance_config.resolved_threshold()
-    units = [Path(u) for u in ([units_dirs] if isinstance(units_dirs, (str, os.PathLike)) else units_dirs)]
-    relevance_dir = Path(relevance_dir)
-    triples, scored = build_triples(relevance_dir, units, config)
-    check_triples(triples, threshold, dedup_config)
+    units, relevance = as_paths(units_dirs), as_paths(relevance_dirs)
+    pairs = _pairs(relevance, units)
+    scores = pl.concat([read_scored(r, with_kept=True).select("doc_id", "score", "kept") for r in relevance])
+    test_docs = split_documents(scores.filter(pl.col("kept"))["doc_id"].unique().to_list(), config)
 
-    stage_dirs = list(dict.fromkeys([Path(p) for p in upstream_dirs] + units + [relevance_dir]))
+    writers = {split: pq.ParquetWriter(run.out / f"{split}.parquet", TRIPLES_SCHEMA, compression="zstd")
+               for split in ("train", "test")}
+    counts = {"train_triples": 0, "test_triples": 0}
+    documents: dict[str, set[str]] = {"train": set(), "test": set()}
+    names: dict[str, set[str]] = {"dump_name": set(), "rewriter_model": set(), "prompt_version": set()}
+    seen_queries: dict[int, str] = {}
+    samples = _Samples(config.sample_triples, config.seed)
+    try:
+        for relevance_dir, shard_units in pairs:
+            triples, _ = build_triples(relevance_dir, shard_units, config, test_docs)
+            check_triples(triples, threshold, dedup_config, allow_empty=True)
+            for key, where in zip(triples["query"].to_list(), (triples["doc_id"] + "#" + triples["unit_index"].cast(pl.String)).to_list()):
+                h = stable_int(query_key(key, dedup_config))
+                if h in seen_queries:
+                    raise DatasetInvariantError([f"two rows share a normalised query ({seen_queries[h]} and {where})"])
+                seen_queries[h] = where
+            for split in ("train", "test"):
+                part = triples.filter(pl.col("split") == split)
+                if part.height:
+                    writers[split].write_table(part.to_arrow().select(TRIPLES_SCHEMA.names).cast(TRIPLES_SCHEMA))
+                counts[f"{split}_triples"] += part.height
+                documents[split].update(part["doc_id"].to_list())
+            for column, found in names.items():
+                found.update(triples[column].to_list())
+            samples.offer(triples)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if not seen_queries:
+        raise DatasetInvariantError(["no triples: every pair was dropped (see the funnel), and an empty dataset is never published"])
+    counts |= {"train_documents": len(documents["train"]), "test_documents": len(documents["test"])}
+
+    stage_dirs = list(dict.fromkeys([Path(p) for p in upstream_dirs] + units + relevance))
     funnel = run.funnel.merge(Funnel.from_folders(stage_dirs))
-    funnel.seen(STAGE, scored.filter(pl.col("kept")).height)
-    funnel.kept(STAGE, triples.height)
-    funnel.add("split", "train", int((triples["split"] == "train").sum()))
-    funnel.add("split", "test", int((triples["split"] == "test").sum()))
+    kept_pairs = int(scores["kept"].sum())
+    if funnel.get("dedup", "kept") and funnel.get("dedup", "kept") != scores.height:
+        raise DatasetInvariantError([f"{scores.height} pairs were scored of the {funnel.get('dedup', 'kept')} queries "
+                                     "dedup kept: a query's document is in none of the select_units folders"])
+    funnel.seen(STAGE, kept_pairs)
+    funnel.kept(STAGE, len(seen_queries))
+    funnel.add("split", "train", counts["train_triples"])
+    funnel.add("split", "test", counts["test_triples"])
 
     version = run.final.name
     full_lineage = {
         **to_jsonable(dict(lineage or {})),
-        "dump_names": sorted(set(triples["dump_name"].to_list())),
-        "rewriter_models": sorted(set(triples["rewriter_model"].to_list())),
-        "prompt_versions": sorted(set(triples["prompt_version"].to_list())),
+        "dump_names": sorted(names["dump_name"]),
+        "rewriter_models": sorted(names["rewriter_model"]),
+        "prompt_versions": sorted(names["prompt_version"]),
         "stages": [_stage_entry(d) for d in stage_dirs],
         "code_versions": {"write_triples": write_triples.code_version, "dedup": dedup_mod.dedup.code_version,
                           "relevance": relevance_mod.relevance_filter.code_version},
     }
-    scoring = read_marker(relevance_dir).get("scoring", {})
+    scoring = read_marker(relevance[0]).get("scoring", {})
     params = {
         "version": version,
         "triples": config.model_dump(mode="json"),
@@ -266,15 +356,10 @@ def write_triples(
         "relevance": scoring.get("config", {}) | {"model_path": scoring.get("model_path")},
         "lineage": full_lineage,
     }
-    card, card_md = build_card(version, triples, scored, funnel, full_lineage, params, config)
-    run.info.update(version=version, counts=card["counts"])
-    return {
-        "train.parquet": triples.filter(pl.col("split") == "train"),
-        "test.parquet": triples.filter(pl.col("split") == "test"),
-        "params.json": params,
-        "dataset_card.json": card,
-        "dataset_card.md": card_md,
-    }
+    card, card_md = build_card(version, counts, scores, samples.rows(), funnel, full_lineage, params, config)
+    run.info.update(version=version, counts=counts)
+    # train.parquet and test.parquet are written above, shard by shard.
+    return {"params.json": params, "dataset_card.json": card, "dataset_card.md": card_md}
 
 
 write_triples_task = write_triples.task

@@ -95,7 +95,7 @@ def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
     dd, units = dedup_dir
     work = tmp_path / "work"
     first = relevance(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
-    scored_dir = relevance_score.output_dir(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
+    scored_dir = relevance_score.output_dir(units, dd, RelevanceConfig(threshold=0.3, **FAST), work)
     mtime = (scored_dir / "scored.parquet").stat().st_mtime_ns
 
     def no_model(*a, **k):
@@ -105,13 +105,13 @@ def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
     # A new threshold, batch size or device keeps the scoring folder.
     second = relevance(dd, units, RelevanceConfig(threshold=0.6, batch_size=8, **{"max_length": 128}), work)
     assert second != first
-    assert relevance_score.output_dir(dd, units, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
+    assert relevance_score.output_dir(units, dd, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
     assert (scored_dir / "scored.parquet").stat().st_mtime_ns == mtime
     a, b = pl.read_parquet(first / "scored.parquet"), pl.read_parquet(second / "scored.parquet")
     assert a["score"].equals(b["score"]) and b["kept"].sum() <= a["kept"].sum()
     assert read_marker(second)["threshold"] == 0.6
     # A model setting is part of the scoring key.
-    assert relevance_score.output_dir(dd, units, RelevanceConfig(max_length=64), work) != scored_dir
+    assert relevance_score.output_dir(units, dd, RelevanceConfig(max_length=64), work) != scored_dir
 
 
 def test_filter_needs_a_scored_folder(tmp_path):
@@ -119,8 +119,11 @@ def test_filter_needs_a_scored_folder(tmp_path):
         relevance_filter(tmp_path / "nothing", RelevanceConfig(threshold=0.3), tmp_path / "work")
 
 
-def test_missing_document_is_bad_input(dedup_dir, tmp_path):
+def test_a_shard_scores_only_its_own_documents_queries(dedup_dir, tmp_path):
+    """Mapped per shard: each shard's folder scores the queries of its documents only."""
     dd, _ = dedup_dir
     only_one = make_units_dir(tmp_path / "one", {"autism#0": DOCS["autism#0"]})
-    with pytest.raises(PipelineInputError, match="not in documents.parquet"):
-        relevance_score(dd, only_one, RelevanceConfig(**FAST), tmp_path / "work")
+    out = relevance_score(only_one, dd, RelevanceConfig(**FAST), tmp_path / "work")
+    scored = pl.read_parquet(out / "scored.parquet")
+    assert set(scored["doc_id"]) == {"autism#0"}
+    assert scored.height == sum(1 for d, _, _ in GOOD_QUERIES if d == "autism#0")

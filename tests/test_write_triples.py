@@ -235,3 +235,35 @@ def test_nothing_kept_publishes_nothing(stages, tmp_path):
     datasets = stages["out"] / "datasets"
     assert (datasets / "LATEST").read_text().strip() == first.name
     assert sorted(p.name for p in datasets.iterdir()) == sorted(["LATEST", first.name])
+
+
+def test_a_query_scored_in_no_shard_stops_the_build(stages, tmp_path):
+    """Scoring is mapped per shard: the shards together must cover every query dedup kept."""
+    only_one = make_units_dir(tmp_path / "one", {"autism#0": DOCS["autism#0"]})
+    partial = relevance(stages["dedup"], only_one, RelevanceConfig(max_length=128), tmp_path / "work")
+    with pytest.raises(DatasetInvariantError, match="in none of the select_units folders"):
+        write_triples(partial, [only_one], upstream_dirs=[stages["dedup"]], work_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "datasets" / "LATEST").exists()
+
+
+def test_shard_by_shard_equals_all_at_once(tmp_path):
+    """Per-shard relevance folders give the same triples as one folder over all shards."""
+    docs = many_docs(12)
+    names = list(DOCS)
+    rows = [(d, i, f"{q}, {d.split('#')[0]}") for n, d in enumerate(docs)
+            for k, i, q in GOOD_QUERIES if k == names[n % len(names)]]
+    shard_a = make_units_dir(tmp_path / "ua", dict(list(docs.items())[:6]))
+    shard_b = make_units_dir(tmp_path / "ub", dict(list(docs.items())[6:]))
+    rewrite = make_rewrite_dir(tmp_path / "rewrite", docs, rows)
+    dd = dedup(rewrite, [shard_a, shard_b], DedupConfig(near_duplicate_documents=False), tmp_path / "work")
+    cfg = RelevanceConfig(max_length=128)
+    whole = write_triples(relevance(dd, [shard_a, shard_b], cfg, tmp_path / "work"), [shard_a, shard_b],
+                          upstream_dirs=[dd], config=TriplesConfig(test_fraction=0.3), work_dir=tmp_path / "o1")
+    per_shard = [relevance(dd, s, cfg, tmp_path / "work") for s in (shard_a, shard_b)]
+    split = write_triples(per_shard, [shard_a, shard_b], upstream_dirs=[dd], config=TriplesConfig(test_fraction=0.3),
+                          work_dir=tmp_path / "o2")
+    for name in ("train.parquet", "test.parquet"):
+        a, b = pl.read_parquet(whole / name), pl.read_parquet(split / name)
+        assert a.sort("doc_id", "unit_index").equals(b.sort("doc_id", "unit_index"))
+    card_a, card_b = (json.loads((d / "dataset_card.json").read_text()) for d in (whole, split))
+    assert card_a["counts"] == card_b["counts"] and card_a["score_histogram"] == card_b["score_histogram"]
