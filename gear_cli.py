@@ -16,8 +16,11 @@ failure exits with status 1 and a one-line reason.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -26,11 +29,53 @@ from typing import Annotated, Any, Optional
 # directory, so give the same settings to a `gear` started anywhere.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# The project's module loggers (logging.getLogger(__name__) in tasks/ and
+# gear_model/) reach the run's Prefect logs too (prefect.toml says the same).
+PROJECT_LOGGERS = "tasks,gear_model"
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", PROJECT_LOGGERS)
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+# Settings that point a run at a Prefect API or database of its own choosing:
+# with any of them set, `gear` leaves the Prefect set-up alone.
+_PREFECT_TARGETS = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+def private_prefect_database() -> str | None:
+    """Give this process's temporary Prefect server a database of its own.
+
+    Without PREFECT_API_URL a flow run starts a temporary (ephemeral) API server on
+    PREFECT_HOME's prefect.db, one SQLite file for every `gear` on the machine, and
+    two runs at once fight over its write lock ("database is locked", most often
+    while both servers migrate or schedule). Each `gear` run gets a new SQLite file
+    in a temporary folder, removed when the process exits; result storage and the
+    stage folders (what makes a re-run cheap) stay where they are. Does nothing when
+    PREFECT_API_URL or a database URL is set (a real server; the deployments), when
+    GEAR_SHARED_PREFECT_DB=1, or when Prefect is already imported (its settings are
+    read at import). Returns the database URL it set, else None.
+    """
+    if os.environ.get("GEAR_SHARED_PREFECT_DB") == "1" or "prefect" in sys.modules:
+        return None
+    if any(os.environ.get(name) for name in _PREFECT_TARGETS):
+        return None
+    folder = tempfile.mkdtemp(prefix="gear-prefect-")
+    # Registered before Prefect's own exit hooks, so it runs after them (the server is gone by then).
+    atexit.register(shutil.rmtree, folder, True)
+    url = f"sqlite+aiosqlite:///{folder}/prefect.db"
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+    return url
+
+
+@app.callback()
+def _before_any_command() -> None:
+    """Runs before every command: the per-run Prefect database, and
+    progress bars on stderr (ProgressArtifact) when it is a terminal."""
+    private_prefect_database()
+    os.environ.setdefault("GEAR_CLI_PROGRESS", "1" if sys.stderr.isatty() else "0")
 
 
 class Profile(str, Enum):
@@ -181,7 +226,8 @@ def evaluate(
     profile: Annotated[Profile, _profile_opt("Default: paper (10k test queries, 500 generated).")] = Profile.paper,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (model_dirs). Default: the latest under OUTPUT_DIR/models.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (model_dirs). Default: the newest GeAR run under OUTPUT_DIR/models, "
+                 "and the newest lm_weight-0 run there as the contrastive-only row.")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset (as for `gear train`). Default: latest under OUTPUT_DIR.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where the report goes and where the newest model and dataset are looked up. Default: models and dataset from data/, the report to the output_dir parameter (data/eval).")] = None,
     dry_run: DryRunOpt = False,
@@ -192,9 +238,15 @@ def evaluate(
     # What `gear evaluate` finds by itself when neither flags nor --config/--set name it:
     # train-gear's newest run and build-dataset's newest dataset under OUTPUT_DIR (default data).
     root = Path(output_dir or "data")
-    fill = {}
+    fill: dict[str, Any] = {}
     if not params.model_dirs:
-        fill["model_dirs"] = [str(root / "models")]
+        from tasks.evaluate.config import latest_models
+
+        # The newest GeAR run and, when there is one, the newest contrastive-only baseline.
+        gear, contrastive = latest_models(root / "models")
+        fill["model_dirs"] = [gear or str(root / "models")]
+        if contrastive and not params.contrastive_model_dir:
+            fill["contrastive_model_dir"] = contrastive
     if not params.dataset:
         fill["dataset"] = str(root)
     if fill:
@@ -260,6 +312,33 @@ def pipeline(
         _fail(exc)
     report = Path(report_dir) / "report.md"
     typer.echo(report.read_text() if report.is_file() else f"report: {report_dir}")
+
+
+@app.command("selftest", hidden=True)
+def selftest(
+    warn: Annotated[bool, typer.Option(help="Also log a warning through the tasks logger.")] = False,
+) -> None:
+    """Run a tiny flow on this process's Prefect API (the same start-up as every command, seconds of work)."""
+    try:
+        import logging
+
+        from prefect import flow, task
+
+        @task(name="gear-selftest-add")
+        def add(a: int, b: int) -> int:
+            if warn:
+                logging.getLogger("tasks.selftest").warning("gear selftest: a warning from the tasks logger")
+            return a + b
+
+        @flow(name="gear-selftest")
+        def tiny() -> int:
+            return add(1, 2)
+
+        result = tiny()
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME's prefect.db")
+    typer.echo(f"selftest: ok ({result}); api {os.environ.get('PREFECT_API_URL') or 'temporary'}; database {database}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -40,6 +40,10 @@ export DO_NOT_TRACK=1
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+# The project's module loggers reach the runs' logs in the UI (as prefect.toml says;
+# a worker's flow runs inherit this environment).
+export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-tasks,gear_model}"
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="${PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW:-ignore}"
 export PATH="$GEAR_PREFECT_BIN:$PATH"
 
 # Helpers shared by the scripts.

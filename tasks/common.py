@@ -292,19 +292,44 @@ def stop_after(stage: str, folders: list[str | os.PathLike]) -> list[str]:
 
 
 class ProgressArtifact:
-    """A Prefect progress bar on the task run's page, updated at most once per
-    ``step`` percent (each update is an API call); a no-op outside a run."""
+    """Progress of a long stage: a Prefect progress artifact on the task run's page,
+    updated at most once per ``step`` percent (each update is an API call; a no-op
+    outside a task run), and, when the process runs under the `gear` CLI
+    (``GEAR_CLI_PROGRESS=1``, which the CLI sets when stderr is a terminal), a tqdm
+    bar on stderr updated on every call. The bar closes when ``done`` reaches
+    ``total`` (or on ``close()``)."""
+
+    CLI_ENV = "GEAR_CLI_PROGRESS"
 
     def __init__(self, description: str, step: float = 1.0):
         from prefect.context import TaskRunContext
 
-        self.step, self.shown, self.id = step, 0.0, None
+        self.step, self.shown, self.id, self.bar = step, 0.0, None, None
+        self.label = description
         if TaskRunContext.get() is not None:
             from prefect.artifacts import create_progress_artifact
 
             self.id = create_progress_artifact(0.0, description=description)
+        if os.environ.get(self.CLI_ENV) == "1":
+            import sys
+
+            from tqdm import tqdm
+
+            # Drawn on the stderr of the moment (the CLI's terminal); tqdm redraws at most 10 times a second.
+            self.bar = tqdm(total=None, desc=description.removesuffix(" (%)"), file=sys.stderr, dynamic_ncols=True, leave=True,
+                            mininterval=0.1)
 
     def update(self, done: int, total: int, description: str | None = None) -> None:
+        if self.bar is not None:
+            if self.bar.total != total:
+                self.bar.total = total
+            self.bar.n = done
+            if description:
+                self.bar.set_postfix_str(description, refresh=False)
+            if done >= total:
+                self.close()  # draws the last state
+            else:
+                self.bar.update(0)  # redraws when tqdm's mininterval has passed
         pct = 100.0 * done / total if total else 100.0
         if self.id is None or (pct - self.shown < self.step and done < total):
             return
@@ -312,3 +337,9 @@ class ProgressArtifact:
 
         self.shown = pct
         update_progress_artifact(self.id, pct, description=description)
+
+    def close(self) -> None:
+        """End the terminal bar (the artifact keeps its last value)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

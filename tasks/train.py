@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from prefect import task
 from pydantic import BaseModel, Field, model_validator
@@ -111,10 +111,23 @@ class TrainParams(BaseModel):
     eval_generation_queries: int = Field(
         32, ge=0, le=10_000, description="Held-out queries whose unit is generated and scored by ROUGE at each evaluation (demo 16).")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
-    nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per node (one per GPU; CPU: gloo processes).")
-    nnodes: int = Field(1, ge=1, le=1024, description="Number of nodes (torchrun --nnodes).")
+    # The GPU layout defaults come from the worker's environment, so the job
+    # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
+    # torchrun; the factory runs where the run's parameters are validated (the
+    # flow-run process), and validate_default applies the bounds to it.
+    nproc_per_node: int = Field(
+        default_factory=lambda: TrainParams._from_env("GEAR_GPUS_PER_NODE", 1), validate_default=True, ge=1, le=64,
+        description="Processes per node (one per GPU; CPU: gloo processes). Default: GEAR_GPUS_PER_NODE of the "
+        "worker's environment (the gear-gpu pool's gpus_per_node), else 1.")
+    nnodes: int = Field(
+        default_factory=lambda: TrainParams._from_env("GEAR_NNODES", 1), validate_default=True, ge=1, le=1024,
+        description="Number of nodes (torchrun --nnodes). Default: GEAR_NNODES of the worker's environment "
+        "(the gear-gpu pool's nnodes), else 1.")
     node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node_rank).")
-    rdzv_endpoint: str = Field("", description="host:port of the c10d rendezvous for multi-node runs (empty: single node).")
+    rdzv_endpoint: str = Field(
+        default_factory=lambda: TrainParams._from_env("GEAR_RDZV_ENDPOINT", ""), validate_default=True,
+        description="host:port of the c10d rendezvous for multi-node runs (empty: single node). Default: "
+        "GEAR_RDZV_ENDPOINT of the worker's environment (the gear-gpu pool's rdzv_endpoint), else empty.")
     resume: bool = Field(True, description="Resume from the run's latest checkpoint if there is one.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo); cuda: CUDA or fail; cpu: CPU.")
@@ -125,6 +138,17 @@ class TrainParams(BaseModel):
         from flows.profiles import fill_profile
 
         return fill_profile(data, "train-gear")
+
+    # Fields whose default is read from an environment variable when it is set
+    # (and not empty): the Prefect form shows no default for them.
+    ENV_DEFAULTS: ClassVar[dict[str, str]] = {
+        "nproc_per_node": "GEAR_GPUS_PER_NODE", "nnodes": "GEAR_NNODES", "rdzv_endpoint": "GEAR_RDZV_ENDPOINT"}
+
+    @staticmethod
+    def _from_env(name: str, fallback: Any) -> Any:
+        """The variable's text (validated as the field's type) when set and not empty, else ``fallback``."""
+        value = os.environ.get(name, "").strip()
+        return value if value else fallback
 
     def train_config(self, dataset_file: Path, run_dir: Path) -> Any:
         """The resolved ``gear_model.config.TrainConfig`` of this run: every field of the same name

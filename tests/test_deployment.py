@@ -5,7 +5,9 @@ scripts/deploy.sh, scripts/prefect-worker.sh) on a free loopback port with
 its state in a temporary folder, then:
 
 - every deployment of prefect.yaml registers, with its schedule, pool and a
-  parameter form in which every field has a description and a default;
+  parameter form in which every field has a description and a default (the
+  GPU layout's defaults come from the gear-gpu pool's environment instead);
+  scheduled deployments and the GPU training run one at a time;
 - invalid parameters are refused when the run is created (no run, no work);
   a dataset path that does not exist fails the run at once, naming the path;
 - `prefect deployment run build-rir-dataset/weekly-refresh` on the embedded
@@ -24,6 +26,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.train import TrainParams
 from ui.stack import PrefectStack, dumps, output_dir_for, parse_run_id
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -82,11 +85,23 @@ def test_every_deployment_registers_with_pool_schedule_and_form(stack):
             assert model.get("description"), f"{name}: model {model_name} has no description"
             for field, spec in model["properties"].items():
                 assert spec.get("description"), f"{name}: {model_name}.{field} has no description"
-                assert "default" in spec, f"{name}: {model_name}.{field} has no default"
+                if model_name == "TrainParams" and field in TrainParams.ENV_DEFAULTS:
+                    # Defaults from the worker's environment (the gear-gpu pool): none in the form.
+                    assert TrainParams.ENV_DEFAULTS[field] in spec["description"], field
+                else:
+                    assert "default" in spec, f"{name}: {model_name}.{field} has no default"
                 assert spec.get("title"), f"{name}: {model_name}.{field} has no title"
 
+    # Scheduled runs (and the GPU training) wait for the previous run of their deployment.
+    for name in SCHEDULED | {"train-gear/train-gpu"}:
+        dep = stack.deployment(name)
+        limit = dep.get("concurrency_limit") or (dep.get("global_concurrency_limit") or {}).get("limit")
+        assert limit == 1, f"{name}: concurrency limit {limit!r}"
+        assert (dep.get("concurrency_options") or {}).get("collision_strategy") == "ENQUEUE", name
+
+    # The GPU layout is the pool's: the deployment leaves nproc_per_node to GEAR_GPUS_PER_NODE.
     gpu = stack.deployment("train-gear/train-gpu")
-    assert gpu["job_variables"]["gpus_per_node"] == gpu["parameters"]["params"]["nproc_per_node"]
+    assert gpu["job_variables"]["gpus_per_node"] == 8 and "nproc_per_node" not in gpu["parameters"]["params"]
     pool = stack.client.get("/work_pools/gear-gpu").json()
     variables = pool["base_job_template"]["variables"]["properties"]
     assert {"gpus_per_node", "nnodes", "cuda_visible_devices"} <= set(variables)

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILED_DEPLOYMENTS = {
     "build-rir-dataset/weekly-refresh": ("paper", "build-rir-dataset", ["build-dataset"]),
     "train-gear/train": ("demo", "train-gear", ["train"]),
-    "train-gear/train-gpu": ("paper", "train-gear",
-                             ["train", "--profile", "paper", "--device", "cuda", "--nproc-per-node", "8"]),
+    # Its GPU layout (nproc_per_node, nnodes) comes from the gear-gpu pool's job variables (tests/test_operations.py).
+    "train-gear/train-gpu": ("paper", "train-gear", ["train", "--profile", "paper", "--device", "cuda"]),
     "rir-pipeline/scheduled-refresh": ("demo", "rir-pipeline", ["pipeline"]),
 }
 MODELS = {"build-rir-dataset": BuildDatasetParams, "train-gear": TrainParams, "evaluate-gear": EvalParams,
@@ -123,7 +123,12 @@ def test_train_params_have_concrete_defaults_and_reach_the_train_config():
     schema = TrainParams.model_json_schema()["properties"]
     optional = {name for name, spec in schema.items() if any(s.get("type") == "null" for s in spec.get("anyOf", []))}
     assert optional == {"dataset", "init_checkpoint"}  # empty = the latest dataset / the embedded encoder
-    assert all(spec.get("default") is not None for name, spec in schema.items() if name not in optional)
+    # The GPU layout's defaults come from the worker's environment (the gear-gpu pool): the form shows
+    # none, and the description names the variable.
+    from_env = TrainParams.ENV_DEFAULTS
+    assert set(from_env) == {"nproc_per_node", "nnodes", "rdzv_endpoint"}
+    assert all(name in schema[field]["description"] and "default" not in schema[field] for field, name in from_env.items())
+    assert all(spec.get("default") is not None for name, spec in schema.items() if name not in optional | set(from_env))
     assert "profile" not in schema  # an input key, not a form field
     names = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GearConfig)}
     assert set(TrainParams.model_fields) - names == _LAUNCH_ONLY

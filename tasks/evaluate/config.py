@@ -3,6 +3,10 @@ of systems (table rows) they describe."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,12 +18,74 @@ from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
 SystemKind = Literal["gear", "encoder", "bm25"]
 
 
-def resolve_model_dir(path: str) -> str:
-    """A model dir, or a train-gear models/ folder whose LATEST names the newest run."""
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(path: str, contrastive: bool = False) -> str:
+    """A model dir, or a train-gear models/ folder: its newest GeAR run (``contrastive``:
+    its newest lm_weight-0 run; ``latest_models``), else the run its LATEST names."""
     latest = Path(path) / "LATEST"
     if not (Path(path) / "config.json").is_file() and latest.is_file():
-        return str(Path(path) / latest.read_text().strip())
+        found = latest_models(path)[1 if contrastive else 0]
+        return found or str(Path(path) / latest.read_text().strip())
     return path
+
+
+def _model_facts(model_dir: Path) -> tuple[float, str | None] | None:
+    """(lm_weight, training dataset) of a GeAR model folder; None when its config.json is unreadable.
+    A config without lm_weight counts as a GeAR run (the trainer's default weight is 1)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        weight = float((config.get("gear") or {}).get("lm_weight", 1.0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("skipping model %s: unreadable config.json (%s)", model_dir, exc)
+        return None
+    dataset = None
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        dataset = json.loads((model_dir.parent / "train_config.json").read_text()).get("dataset")
+    return weight, dataset
+
+
+def latest_models(models_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The model folders to evaluate from a train-gear models/ folder: (the newest GeAR
+    run with lm_weight > 0, the newest contrastive-only run with lm_weight 0), each
+    None when there is none.
+
+    A run is ``<models_dir>/<key>/model`` with a config.json. The run LATEST names is
+    the newest of its kind (train-gear moves LATEST on every run, cache hits too; a
+    pipeline run trains the baseline last, so LATEST names it). Other runs count only
+    when finished (their ``_SUCCESS.json``, whose time orders them), so a training
+    still running or killed is never picked. The contrastive run trained on the GeAR
+    run's dataset is preferred to a newer one trained on another.
+    """
+    from tasks.common import SUCCESS_MARKER
+
+    root = Path(models_dir)
+    if not root.is_dir():
+        return None, None
+    latest_file = root / "LATEST"
+    named = latest_file.read_text().strip() if latest_file.is_file() else ""
+    runs: list[tuple[bool, float, Path, float, str | None]] = []
+    for run in root.iterdir():
+        model = run / "model"
+        if not run.is_dir() or not (model / "config.json").is_file():
+            continue
+        is_latest = named in (f"{run.name}/model", run.name)
+        marker = run / SUCCESS_MARKER
+        if not is_latest and not marker.is_file():
+            continue  # unfinished
+        facts = _model_facts(model)
+        if facts is None:
+            continue
+        when = (marker if marker.is_file() else model / "config.json").stat().st_mtime
+        runs.append((is_latest, when, model, *facts))
+    runs.sort(key=lambda r: (r[0], r[1], r[2].parent.name), reverse=True)
+    gear = next((r for r in runs if r[3] > 0), None)
+    contrastive = [r for r in runs if r[3] == 0]
+    if gear is not None and gear[4] is not None:
+        same = [r for r in contrastive if r[4] == gear[4]]
+        contrastive = same or contrastive
+    return (str(gear[2]) if gear else None), (str(contrastive[0][2]) if contrastive else None)
 
 
 class SystemSpec(BaseModel):
@@ -129,10 +195,32 @@ class EvalParams(BaseModel):
     def cache_dir(self) -> Path:
         return Path(self.work_dir or self.output_dir)
 
+    @property
+    def models_dir(self) -> Path:
+        """train-gear's models/ folder, searched when no model is named: ``<work_dir or output_dir>/models``."""
+        return self.cache_dir / "models"
+
+    def with_latest_models(self) -> EvalParams:
+        """These parameters, or, when they name no GeAR model (``model_dirs`` and
+        ``contrastive_model_dir`` empty), with the newest runs under ``models_dir`` filled
+        in (``latest_models``): what the ``evaluate`` deployment evaluates."""
+        if self.model_dirs or self.contrastive_model_dir:
+            return self
+        gear, contrastive = latest_models(self.models_dir)
+        if gear is None and contrastive is None:
+            log.warning("no trained GeAR model under %s (no LATEST or finished run): evaluating the baselines only",
+                        self.models_dir)
+            return self
+        log.info("evaluating the newest trained models under %s: GeAR %s, contrastive-only %s",
+                 self.models_dir, gear or "none", contrastive or "none")
+        return self.model_copy(update={"model_dirs": [gear] if gear else [], "contrastive_model_dir": contrastive})
+
     def systems(self) -> list[SystemSpec]:
-        """Table rows in the paper's order: baselines, then GeAR variants."""
+        """Table rows in the paper's order: baselines, then GeAR variants. With no model
+        named, the newest under ``models_dir`` (``with_latest_models``)."""
         from tasks.assets import embedded_encoder_path
 
+        params = self.with_latest_models()
         rows: list[SystemSpec] = []
         if self.baselines:
             rows.append(SystemSpec(name="BM25", kind="bm25"))
@@ -147,10 +235,11 @@ class EvalParams(BaseModel):
                     query_instruction=self.baseline_query_instruction,
                 )
             )
-        if self.contrastive_model_dir:
-            rows.append(SystemSpec(name="GeAR w/o L_LM", kind="gear", path=resolve_model_dir(self.contrastive_model_dir)))
-        for i, model_dir in enumerate(resolve_model_dir(d) for d in self.model_dirs):
-            name = "GeAR" if len(self.model_dirs) == 1 else f"GeAR ({Path(model_dir).name})"
+        if params.contrastive_model_dir:
+            rows.append(SystemSpec(name="GeAR w/o L_LM", kind="gear",
+                                   path=resolve_model_dir(params.contrastive_model_dir, contrastive=True)))
+        for i, model_dir in enumerate(resolve_model_dir(d) for d in params.model_dirs):
+            name = "GeAR" if len(params.model_dirs) == 1 else f"GeAR ({Path(model_dir).name})"
             rows.append(SystemSpec(name=name, kind="gear", path=model_dir, generation=True, figure=i == 0))
         if not rows:
             raise ValueError("nothing to evaluate: give model_dirs or turn baselines on")
