@@ -93,6 +93,25 @@ class RewriterBackend(str, Enum):
     vllm = "vllm"
 
 
+class TaskRunner(str, Enum):
+    """TaskRunnerConfig.kind (tasks/runners.py)."""
+
+    threads = "threads"
+    processes = "processes"
+    dask = "dask"
+    ray = "ray"
+
+
+class Stage(str, Enum):
+    """BuildDatasetParams.until: the stages a build can stop after."""
+
+    extract_docs = "extract_docs"
+    select_units = "select_units"
+    rewrite_queries = "rewrite_queries"
+    dedup = "dedup"
+    relevance_filter = "relevance_filter"
+
+
 class Device(str, Enum):
     """TrainParams.device."""
 
@@ -120,6 +139,9 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved p
 DumpOpt = Annotated[Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml, .xml.bz2, multistream .bz2). Default: the enwiki excerpt shipped in gensim.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Folder for stage outputs, datasets, models and reports (default: data).")]
 BackendOpt = Annotated[Optional[RewriterBackend], typer.Option("--rewriter-backend", help="Query rewriter backend (rewrite.backend).")]
+RunnerOpt = Annotated[Optional[TaskRunner], typer.Option("--task-runner", help="Where the mapped stages run (runner.kind; default threads, or $GEAR_TASK_RUNNER).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Threads, processes or local cluster workers (runner.workers; default: the core count).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="A running Dask scheduler or Ray head (runner.address); empty: a local cluster.")]
 
 
 def _fail(exc: BaseException) -> None:
@@ -177,11 +199,16 @@ def build_dataset(
     output_dir: OutputOpt = None,
     docs_per_article: Annotated[Optional[int], typer.Option(help="Cut each article into up to N consecutive documents (units.docs_per_article; paper 1, demo 3).")] = None,
     rewriter_backend: BackendOpt = None,
+    task_runner: RunnerOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    until: Annotated[Optional[Stage], typer.Option("--until", help="Stop after this stage and print its funnel (e.g. select_units: inspect the candidates before paying for LLM time).")] = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Wikipedia dump -> RIR (query, document, unit) triples and a dataset card."""
     flags = _given(dump=dump, output_dir=output_dir, units__docs_per_article=docs_per_article,
-                   rewrite__backend=rewriter_backend)
+                   rewrite__backend=rewriter_backend, runner__kind=task_runner, runner__workers=workers,
+                   runner__address=address, until=until)
     params = _params_or_exit("build-dataset", profile, config, set_, flags, dry_run)
     try:
         from flows.build_rir_dataset import build_rir_dataset
@@ -189,6 +216,13 @@ def build_dataset(
         dataset_dir = build_rir_dataset(params)
     except Exception as exc:  # noqa: BLE001 - one-line reason for any failure
         _fail(exc)
+    if isinstance(dataset_dir, list):  # --until: that stage's folders and their funnel
+        from tasks.common import Funnel
+
+        typer.echo(f"stopped after {params.until}: {len(dataset_dir)} folder(s) under {Path(dataset_dir[0]).parent}"
+                   if dataset_dir else f"stopped after {params.until}: no folders")
+        typer.echo(Funnel.from_folders(dataset_dir).markdown())
+        return
     typer.echo(f"dataset: {dataset_dir}")
     card = Path(dataset_dir) / "dataset_card.md"
     if card.is_file():
@@ -293,6 +327,9 @@ def pipeline(
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs; paper 10, demo 4).")] = None,
     rewriter_backend: BackendOpt = None,
+    task_runner: RunnerOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """build-rir-dataset -> train-gear -> evaluate-gear (demo profile by default); prints the tables."""
@@ -302,6 +339,7 @@ def pipeline(
         evaluate__output_dir=str(Path(out) / "eval") if out else None, evaluate__work_dir=out,
         build__units__docs_per_article=docs_per_article, build__rewrite__units_per_doc=units_per_doc,
         build__triples__test_fraction=test_fraction, build__rewrite__backend=rewriter_backend, train__epochs=epochs,
+        build__runner__kind=task_runner, build__runner__workers=workers, build__runner__address=address,
     )
     params = _params_or_exit("pipeline", profile, config, set_, flags, dry_run)
     try:

@@ -99,7 +99,9 @@ def run_stage(stage: str, spec: dict) -> None:
     work = spec["work"]
     cfg = RelevanceConfig(max_length=256)
     started = time.perf_counter()
-    if stage == "dedup":
+    if stage == "imports":  # the floor every stage process starts from (torch, polars, prefect)
+        out = []
+    elif stage == "dedup":
         out = [str(dedup(spec["rewrite"], spec["units"], DedupConfig(), work))]
     elif stage == "relevance":  # one worker's share: every shard, one after another
         out = [str(relevance_filter(relevance_score([u], spec["dedup"], cfg, work), cfg, work)) for u in spec["units"]]
@@ -114,7 +116,7 @@ def measure(copies: int, docs_per_shard: int, root: Path) -> dict:
     work = root / f"x{copies}"
     spec = {"work": str(work), **build_inputs(work, copies, docs_per_shard)}
     figures = {"copies": copies, "documents": spec["documents"], "queries": spec["queries"], "shards": spec["shards"]}
-    for stage in ("dedup", "relevance", "write_triples"):
+    for stage in ("imports", "dedup", "relevance", "write_triples"):
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--spec", json.dumps(spec)],
                               capture_output=True, text=True, env=env, check=True)
@@ -142,7 +144,7 @@ def main() -> None:
     print(f"\n| stage | 1x: {small['queries']} queries, {small['shards']} shards | "
           f"{args.copies}x: {large['queries']} queries, {large['shards']} shards | RSS ratio |")
     print("|---|---:|---:|---:|")
-    for stage in ("dedup", "relevance", "write_triples"):
+    for stage in ("imports", "dedup", "relevance", "write_triples"):
         a, b = small[stage], large[stage]
         print(f"| {stage} | {a['peak_rss_mib']} MiB, {a['seconds']} s | {b['peak_rss_mib']} MiB, {b['seconds']} s | "
               f"{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} |")

@@ -89,7 +89,7 @@ class BuildDatasetParams(BaseModel):
     relevance: RelevanceConfig = Field(RelevanceConfig(), title="Relevance filter (BGE similarity)", description="The embedding model and threshold of the query-document relevance filter.")
     triples: TriplesConfig = Field(TriplesConfig(), title="Train/test split", description="The document-level train/test split and the dataset card.")
     runner: TaskRunnerConfig = Field(
-        default_factory=TaskRunnerConfig, title="Task runner",
+        TaskRunnerConfig(), title="Task runner",
         description="Where extraction, unit selection and rewriting run: threads, processes, a Dask or a Ray cluster.")
     until: Literal["extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter"] | None = Field(
         None, title="Stop after stage",

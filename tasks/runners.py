@@ -18,42 +18,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tasks.stage import Stage
 
 RUNNERS = ("threads", "processes", "dask", "ray")
 
 
-def _env_kind() -> str:
-    return os.environ.get("GEAR_TASK_RUNNER", "threads")
-
-
-def _env_workers() -> int:
-    return int(os.environ.get("GEAR_WORKERS") or os.cpu_count() or 1)
-
-
-def _env_address() -> str | None:
-    return os.environ.get("GEAR_RUNNER_ADDRESS") or None
+# For deployments: the work pool's environment picks the runner (a field given explicitly wins).
+_ENV = {"kind": "GEAR_TASK_RUNNER", "workers": "GEAR_WORKERS", "address": "GEAR_RUNNER_ADDRESS"}
 
 
 class TaskRunnerConfig(BaseModel):
-    """Where the mapped stages (extraction, unit selection, rewriting) run."""
+    """Where the mapped stages (extraction, unit selection, rewriting, relevance scoring) run."""
 
     kind: Literal["threads", "processes", "dask", "ray"] = Field(
-        default_factory=_env_kind,
+        "threads",
         description="threads: one process, bounded threads; processes: worker processes on this machine "
         "(spaCy and the tokenizer load once per worker); dask / ray: a cluster (a running one at `address`, "
-        "else a local one of `workers` processes). Default: $GEAR_TASK_RUNNER, else threads.",
+        "else a local one of `workers` processes). $GEAR_TASK_RUNNER overrides the default.",
     )
     workers: int = Field(
-        default_factory=_env_workers, ge=1, le=100_000,
-        description="Threads or processes (a local cluster's workers). Default: $GEAR_WORKERS, else the core count.",
+        0, ge=0, le=100_000,
+        description="Threads or processes (a local cluster's workers); 0: the core count. $GEAR_WORKERS overrides the default.",
     )
-    address: str | None = Field(
-        default_factory=_env_address,
-        description="A running cluster: a Dask scheduler (tcp://host:8786) or a Ray head (ray://host:10001). "
-        "Default: $GEAR_RUNNER_ADDRESS; empty: start a local cluster.",
+    address: str = Field(
+        "",
+        description="A running cluster: a Dask scheduler (tcp://host:8786) or a Ray head (ray://host:10001); "
+        "empty: start a local one. $GEAR_RUNNER_ADDRESS overrides the default.",
     )
     tasks_per_worker: int = Field(
         4, ge=1, le=1000,
@@ -61,17 +53,28 @@ class TaskRunnerConfig(BaseModel):
         "than one per shard; enough to balance uneven shards).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {**{k: os.environ[v] for k, v in _ENV.items() if os.environ.get(v)}, **data}
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
 
 def task_runner(config: TaskRunnerConfig):
     """The Prefect task runner for ``config`` (use it as a context manager)."""
     if config.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=config.workers)
+        return ThreadPoolTaskRunner(max_workers=config.n_workers)
     if config.kind == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
 
-        return ProcessPoolTaskRunner(max_workers=config.workers)
+        return ProcessPoolTaskRunner(max_workers=config.n_workers)
     if config.kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner
@@ -80,21 +83,21 @@ def task_runner(config: TaskRunnerConfig):
         if config.address:
             return DaskTaskRunner(address=config.address)
         # One thread per worker process: the stages are CPU-bound Python.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.n_workers, "threads_per_worker": 1, "processes": True})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as exc:  # pragma: no cover
         raise ImportError("task runner 'ray' needs the ray extra: pip install -e '.[ray]'") from exc
     if config.address:
         return RayTaskRunner(address=config.address)
-    return RayTaskRunner(init_kwargs={"num_cpus": config.workers, "include_dashboard": False})
+    return RayTaskRunner(init_kwargs={"num_cpus": config.n_workers, "include_dashboard": False})
 
 
 def batches(items: Sequence[Any], config: TaskRunnerConfig) -> list[list[Any]]:
     """Consecutive batches: about ``workers * tasks_per_worker`` of them."""
     if not items:
         return []
-    n = min(len(items), config.workers * config.tasks_per_worker)
+    n = min(len(items), config.n_workers * config.tasks_per_worker)
     size = math.ceil(len(items) / n)
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 

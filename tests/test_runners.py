@@ -112,7 +112,10 @@ def test_runner_choice_comes_from_the_environment_for_deployments(monkeypatch):
     monkeypatch.setenv("GEAR_WORKERS", "16")
     monkeypatch.setenv("GEAR_RUNNER_ADDRESS", "tcp://scheduler:8786")
     config = TaskRunnerConfig()
-    assert (config.kind, config.workers, config.address) == ("dask", 16, "tcp://scheduler:8786")
+    assert (config.kind, config.n_workers, config.address) == ("dask", 16, "tcp://scheduler:8786")
+    assert TaskRunnerConfig(kind="threads").kind == "threads"  # a field given explicitly wins
+    monkeypatch.delenv("GEAR_WORKERS")
+    assert TaskRunnerConfig().n_workers >= 1
 
 
 def test_batches_and_groups_are_stable():
@@ -127,3 +130,21 @@ def test_batches_and_groups_are_stable():
     with_new = shard_groups(dirs + [Path("/w/stages/select_units/ffffffffffffffff")], 3)
     moved = [p for g_old, g_new in zip(groups, with_new) for p in g_old if p not in g_new]
     assert moved == []
+
+
+def test_cli_flags_reach_the_runner_and_until(monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from gear_cli import app
+
+    for var in ("GEAR_TASK_RUNNER", "GEAR_WORKERS", "GEAR_RUNNER_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(app, ["build-dataset", "--task-runner", "dask", "--address", "tcp://s:8786",
+                                      "--workers", "3", "--until", "select_units", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    params = yaml.safe_load(result.output)
+    assert params["runner"]["kind"] == "dask" and params["runner"]["address"] == "tcp://s:8786"
+    assert params["runner"]["workers"] == 3 and params["until"] == "select_units"
+    bad = CliRunner().invoke(app, ["build-dataset", "--task-runner", "mpi", "--dry-run"])
+    assert bad.exit_code == 2
