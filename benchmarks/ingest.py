@@ -1,15 +1,32 @@
-"""Ingest benchmark: extract_docs and select_units on a dump (default: the embedded one).
+"""Ingest benchmark: extract_docs + select_units at scale, against gensim's segment_wiki.
 
-Each stage runs in its own child process so its peak memory (ru_maxrss) is its
-own; gensim's Wikipedia extraction (``gensim.scripts.segment_wiki``) runs on
-the same dump and cores as the reference. Prints JSON, then a short table.
+Builds a real-text dump from the embedded excerpt (its 206 pages repeated
+under new titles and page ids, ``--copies`` times), written as a multistream
+dump with its index and as a plain single-stream .xml.bz2. On that dump, with
+equal worker counts, it measures:
 
-    .venv/bin/python benchmarks/ingest.py [--dump PATH]
+* ours: a ProcessPoolExecutor of N workers over the multistream shards, each
+  task running the plain stage cores extract_docs then select_units (paper
+  mode: 1 document per article) on one shard; models load once per worker
+  and that is counted;
+* gensim: ``python -m gensim.scripts.segment_wiki -w N`` on the plain .xml.bz2;
+* scaling from 1 to 2 workers, and ours' peak RSS (the largest process) at 1x
+  and 10x a smaller base dump (``--rss-pages``).
+
+Every measurement runs in its own child process, so wall, CPU (children
+included) and peak RSS are its own. Prints JSON figures, then one table, and
+projects the full English dump (6.8 M articles) in core-hours.
+
+    .venv/bin/python benchmarks/ingest.py [--copies 2] [--rss-pages 60] [--pages-per-shard 100] [--code-root DIR]
+
+``--copies 20`` gives the 4,120-page dump (about 10 minutes on 2 cores).
+``--code-root`` runs another checkout's tasks/ (a before/after comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import resource
@@ -20,151 +37,172 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+FULL_ENGLISH_ARTICLES = 6_800_000
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _paths(code_root: str | None) -> None:
+    for p in (ROOT / "tests", Path(code_root) if code_root else ROOT):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
 
 
-def stage_extract(dump: str, work: str) -> dict:
+# -- worker side (a process of the pool) -------------------------------------
+
+
+def _ingest_shard(shard, work: str) -> dict:
     from tasks.common import Funnel
     from tasks.extract_docs import ExtractConfig, extract_docs
+    from tasks.select_units import UnitConfig, select_units
+
+    articles = extract_docs(shard, ExtractConfig(), work)
+    units = select_units([articles], UnitConfig(docs_per_article=1), work)
+    ex, sel = Funnel.load(articles / "funnel.json"), Funnel.load(units / "funnel.json")
+    return {
+        "pages": ex.get("extract_docs", "input"),
+        "articles": ex.get("extract_docs", "kept"),
+        "documents": sel.get("select_units.documents", "kept"),
+        "units": sel.get("select_units.candidates", "kept"),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _init_worker(code_root: str | None) -> None:
+    _paths(code_root)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def child_ours(dump: str, workers: int, pages_per_shard: int, code_root: str | None) -> dict:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     from tasks.shard import ShardConfig, plan_shards
 
     t0 = time.perf_counter()
-    shards = plan_shards(dump, ShardConfig())
-    t_plan = time.perf_counter() - t0
-    outs = [extract_docs(s, ExtractConfig(), work) for s in shards]
-    seconds = time.perf_counter() - t0
-    funnel = Funnel()
-    for o in outs:
-        funnel.merge(Funnel.load(o / "funnel.json"))
-    pages, articles = funnel.get("extract_docs", "input"), funnel.get("extract_docs", "kept")
-    return {
-        "stage": "extract_docs",
-        "seconds": round(seconds, 3),
-        "plan_seconds": round(t_plan, 3),
-        "shards": len(shards),
-        "pages": pages,
-        "articles": articles,
-        "pages_per_s": round(pages / seconds, 1),
-        "articles_per_s": round(articles / seconds, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "outputs": [str(o) for o in outs],
-        "funnel": funnel.to_dict(),
-    }
+    shards = plan_shards(dump, ShardConfig(pages_per_shard=pages_per_shard))
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-work-") as work:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(code_root,)) as pool:
+            results = list(pool.map(_ingest_shard, shards, [work] * len(shards)))
+    wall = time.perf_counter() - t0
+    total = {k: sum(r[k] for r in results) for k in ("pages", "articles", "documents", "units")}
+    return {"shards": len(shards), "wall_s": wall, **total, "worker_rss_mb": max(r["rss_mb"] for r in results)}
 
 
-def stage_select(article_dirs: list[str], work: str) -> dict:
-    from tasks.common import Funnel
-    from tasks.select_units import DOC_STAGE, SENTENCE_STAGE, UnitConfig, load_nlp, load_tokenizer, select_units
-
-    config = UnitConfig()
-    t0 = time.perf_counter()
-    load_nlp(config.spacy_model)
-    load_tokenizer(config.tokenizer_path)
-    t_load = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    outs = [select_units([d], config, work) for d in article_dirs]
-    seconds = time.perf_counter() - t1
-    funnel = Funnel()
-    for o in outs:
-        funnel.merge(Funnel.load(o / "funnel.json"))
-    articles = funnel.get("select_units.articles", "input")
-    sentences = funnel.get(SENTENCE_STAGE, "input")
-    return {
-        "stage": "select_units",
-        "seconds": round(seconds, 3),
-        "model_load_seconds": round(t_load, 3),
-        "articles": articles,
-        "documents": funnel.get(DOC_STAGE, "kept"),
-        "sentences": sentences,
-        "units": funnel.get("select_units.candidates", "kept"),
-        "articles_per_s": round(articles / seconds, 1),
-        "sentences_per_s": round(sentences / seconds, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "funnel": funnel.to_dict(),
-    }
+def child_gensim(dump: str, workers: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-gensim-") as tmp:
+        out = Path(tmp) / "gensim.json.gz"
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "gensim.scripts.segment_wiki", "-f", dump, "-o", str(out), "-w", str(workers)],
+            capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"gensim failed: {proc.stderr[-2000:]}")
+        with gzip.open(out, "rt") as fh:
+            articles = sum(1 for _ in fh)
+    return {"wall_s": wall, "articles": articles}
 
 
-def _child(args: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+def _child_main(args) -> None:
+    _paths(args.code_root)
+    if args.child == "ours":
+        res = child_ours(args.dump, args.child_workers, args.pages_per_shard, args.code_root)
+    else:
+        res = child_gensim(args.dump, args.child_workers)
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    res["cpu_s"] = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    res["peak_rss_mb"] = max(me.ru_maxrss, kids.ru_maxrss) / 1024  # the largest single process (Linux: KiB)
+    print(json.dumps(res))
+
+
+# -- driver ---------------------------------------------------------------------
+
+
+def _run_child(kind: str, dump: Path, workers: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--dump", str(dump), "--child-workers", str(workers),
+           "--pages-per-shard", str(args.pages_per_shard)]
+    if args.code_root:
+        cmd += ["--code-root", args.code_root]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"stage {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{kind} -w {workers} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["articles_per_s"] = res["articles"] / res["wall_s"]
+    res["articles_per_s_per_core"] = res["articles_per_s"] / workers
+    res["articles_per_cpu_s"] = res["articles"] / res["cpu_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
 
 
-def run_gensim(dump: str, tmp: str) -> dict:
-    out = Path(tmp) / "gensim.json.gz"
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "gensim.scripts.segment_wiki", "-i", "-f", dump, "-o", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-500:]}
-    import gzip
+def build_dumps(copies: int, out: Path, pages: int | None = None) -> tuple[Path, Path]:
+    """(multistream dump with its index beside it, plain .xml.bz2) of ``copies`` copies of the excerpt('s first ``pages`` pages)."""
+    from fixtures_dumps import repeated_dump
 
-    with gzip.open(out, "rt") as fh:
-        articles = sum(1 for _ in fh)
-    return {"seconds": round(seconds, 3), "articles": articles}
+    from tasks.assets import embedded_dump_path
+    from tasks.shard import make_multistream
+
+    plain = repeated_dump(embedded_dump_path(), out / f"enwiki-x{copies}.xml.bz2", copies=copies, pages=pages)
+    multistream, _index = make_multistream(plain, out / "ms")
+    return multistream, plain
 
 
 def main() -> None:
-    from tasks.assets import embedded_dump_path
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dump", default=None, help="dump to read (default: the embedded excerpt)")
-    parser.add_argument("--stage", choices=["extract", "select"], help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    dump = args.dump or str(embedded_dump_path())
-    if args.stage == "extract":
-        print(json.dumps(stage_extract(dump, args.work)))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=2, help="copies of the 206-page excerpt in the dump (20: 4,120 pages)")
+    ap.add_argument("--rss-pages", type=int, default=60, help="base of the RSS point: the excerpt's first N pages, then 10 copies of them")
+    ap.add_argument("--pages-per-shard", type=int, default=100)
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--code-root", default=None, help="checkout whose tasks/ to run (default: this one)")
+    ap.add_argument("--skip-gensim", action="store_true")
+    ap.add_argument("--child", choices=["ours", "gensim"], help=argparse.SUPPRESS)
+    ap.add_argument("--dump", help=argparse.SUPPRESS)
+    ap.add_argument("--child-workers", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child_main(args)
         return
-    if args.stage == "select":
-        print(json.dumps(stage_select(args.inputs, args.work)))
-        return
+    _paths(None)
 
+    result: dict = {"cpu_count": os.cpu_count(), "copies": args.copies, "pages_per_shard": args.pages_per_shard,
+                    "code_root": args.code_root or str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        extract = _child(["--dump", dump, "--stage", "extract", "--work", tmp])
-        select = _child(["--stage", "select", "--work", tmp, "--inputs", *extract.pop("outputs")])
-        gensim = run_gensim(dump, tmp)
-    result = {
-        "dump": Path(dump).name,
-        "cpu_count": os.cpu_count(),
-        "extract_docs": extract,
-        "select_units": select,
-        "gensim_segment_wiki": gensim,
-        "extract_vs_gensim_time_ratio": round(extract["seconds"] / gensim["seconds"], 2) if "seconds" in gensim else None,
-    }
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    rows = [
-        ("extract_docs", extract["seconds"], f"{extract['pages_per_s']} pages/s, {extract['articles_per_s']} articles/s", "-", extract["peak_rss_mb"]),
-        (
-            "select_units",
-            select["seconds"],
-            f"{select['articles_per_s']} articles/s",
-            f"{select['sentences_per_s']}",
-            select["peak_rss_mb"],
-        ),
-        ("gensim segment_wiki", gensim.get("seconds"), f"{gensim.get('articles')} articles", "-", "-"),
-    ]
-    print()
-    print(f"{'stage':<22}{'seconds':>9}  {'throughput':<40}{'sent/s':>9}{'peak MB':>10}")
-    for name, sec, thr, sps, mem in rows:
-        print(f"{name:<22}{sec!s:>9}  {thr:<40}{sps!s:>9}{mem!s:>10}")
-    print(
-        f"\nselect_units model load: {select['model_load_seconds']} s (not in its seconds); "
-        f"documents {select['documents']}, units {select['units']}; "
-        f"extract_docs / gensim time ratio: {result['extract_vs_gensim_time_ratio']}"
-    )
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        multistream, plain = build_dumps(args.copies, tmp / "main")
+        result["build_s"] = round(time.perf_counter() - t0, 1)
+        ours = {w: _run_child("ours", multistream, w, args) for w in args.workers}
+        gensim = {} if args.skip_gensim else {w: _run_child("gensim", plain, w, args) for w in args.workers}
+        rss_base, _ = build_dumps(1, tmp / "rss1", pages=args.rss_pages)
+        rss_10x, _ = build_dumps(10, tmp / "rss10", pages=args.rss_pages)
+        rss = {"1x": _run_child("ours", rss_base, 1, args), "10x": _run_child("ours", rss_10x, 1, args)}
+    result.update(ours={str(k): v for k, v in ours.items()}, gensim={str(k): v for k, v in gensim.items()},
+                  rss={"base_pages": args.rss_pages, **rss})
+    w_lo, w_hi = min(args.workers), max(args.workers)
+    result["scaling"] = round(ours[w_lo]["wall_s"] / ours[w_hi]["wall_s"], 2) if w_hi != w_lo else None
+    result["vs_gensim"] = {str(w): round(ours[w]["articles_per_s"] / gensim[w]["articles_per_s"], 2) for w in gensim}
+    result["rss_10x_over_1x"] = round(rss["10x"]["peak_rss_mb"] / rss["1x"]["peak_rss_mb"], 2)
+    per_core = ours[w_lo]["articles_per_s_per_core"]
+    result["full_english_core_hours"] = round(FULL_ENGLISH_ARTICLES / per_core / 3600, 1)
+    if gensim:
+        result["full_english_core_hours_gensim"] = round(FULL_ENGLISH_ARTICLES / gensim[w_lo]["articles_per_s_per_core"] / 3600, 1)
+    print(json.dumps(result, indent=2))
+
+    pages = ours[w_lo]["pages"]
+    print(f"\n{pages} pages ({args.copies} copies of the excerpt), {args.pages_per_shard} pages per shard; "
+          f"ours = extract_docs + select_units (paper mode), gensim = segment_wiki\n")
+    print("| run | workers | articles | wall s | CPU s | peak RSS MiB | articles/s | articles/s/core | vs gensim |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w, r in ours.items():
+        vs = result["vs_gensim"].get(str(w), "")
+        print(f"| ours | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | {vs}x |")
+    for w, r in gensim.items():
+        print(f"| gensim | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | 1x |")
+    for size, r in rss.items():
+        print(f"| ours, RSS {size} ({r['pages']} pages) | 1 | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | |")
+    print(f"\nscaling {w_lo} -> {w_hi} workers: {result['scaling']}x; peak RSS 10x / 1x: {result['rss_10x_over_1x']}; "
+          f"full English dump ({FULL_ENGLISH_ARTICLES:,} articles): {result['full_english_core_hours']} core-hours"
+          + (f" (gensim segment_wiki: {result['full_english_core_hours_gensim']})" if gensim else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,17 @@ neither redirects nor disambiguation / set-index / "List of" pages, renders
 their wikitext as plain prose (tasks/wikitext.py) and writes
 ``articles.parquet`` plus the shard's ``funnel.json``. Every page that does
 not become an article is counted under a drop reason.
+
+Only an article's lead is rendered by default (``max_chars``: whole sections
+from the top until the clean text holds that many characters): the document
+rule uses the first ~3,000 characters in the paper's mode and ~8,000 with 3
+documents per article, and parsing whole articles with mwparserfromhell was
+most of the stage's time. The text kept is exactly the start of the whole
+article's clean text (tasks/wikitext.py says why), and a page is still
+recognised as a disambiguation / set-index page by templates anywhere in it.
+``cut_articles.json`` lists the page ids whose text is a lead, so that
+select_units can report a document that wanted more of its page; the
+``clean_wikitext`` removal counts cover the part rendered.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from tasks.stage import StageRun, stage
 
 STAGE = "extract_docs"
 CLEAN_STAGE = "clean_wikitext"  # counts of removed lines/elements, not pages
+CUT_FILE = "cut_articles.json"  # the page ids whose text is a lead (ExtractConfig.max_chars)
 
 
 class ExtractConfig(BaseModel):
@@ -36,6 +48,16 @@ class ExtractConfig(BaseModel):
     skip_set_index: bool = Field(True, description="Drop set-index pages ({{set index article}}, {{surname}}, ...).")
     skip_list_pages: bool = Field(True, description="Drop pages titled 'List of ...' / 'Lists of ...'.")
     min_text_chars: int = Field(1, ge=1, le=1_000_000, description="Drop articles whose clean text is shorter than this (characters).")
+    max_chars: int | None = Field(
+        12_000,
+        ge=1,
+        le=100_000_000,
+        description=(
+            "Render only an article's lead: whole sections from the top until the clean text holds this many characters "
+            "(select_units uses ~3,000 in the paper's 1 document per article, ~8,000 for 3); empty: whole articles. "
+            "The text kept is exactly the start of the whole article's clean text."
+        ),
+    )
 
 
 def _page_label(title: str | None, page_id: int | None) -> str | None:
@@ -102,6 +124,9 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
     source = Path(shard.dump_path).name
     namespaces = set(config.namespaces)
     pages = 0
+    # An article shorter than min_text_chars is dropped, so the lead must be able to reach it.
+    budget = None if config.max_chars is None else max(config.max_chars, config.min_text_chars)
+    cut: list[int] = []
     for page, revision in _iter_shard_pages(shard):
         pages += 1
         funnel.seen(STAGE)
@@ -113,7 +138,7 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
             funnel.drop(STAGE, "redirect")
             continue
         try:
-            result = wikitext.clean_wikitext(text)
+            result = wikitext.clean_wikitext(text, budget)
         except Exception as exc:  # a parser bug on one page must name the page
             raise PipelineInputError(shard.dump_path, f"cannot parse wikitext: {exc}", record=_page_label(page.title, page.id)) from exc
         kind = wikitext.page_kind(page.title, result)
@@ -135,6 +160,9 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
             funnel.drop(STAGE, "empty_text")
             continue
         funnel.kept(STAGE)
+        if result.truncated:
+            cut.append(page.id)
+            funnel.drop(CLEAN_STAGE, "text_beyond_max_chars")
         cols["page_id"].append(page.id)
         cols["revision_id"].append(revision.id if revision is not None else -1)
         cols["title"].append(page.title)
@@ -142,8 +170,9 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
         cols["source_dump"].append(source)
     if pages == 0:
         raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
-    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]))
-    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA)}
+    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]), articles_cut=len(cut))
+    # Which articles hold only a lead (select_units reports a document that ran out of it).
+    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA), CUT_FILE: {"max_chars": budget, "page_ids": cut}}
 
 
 extract_docs_task = extract_docs.task

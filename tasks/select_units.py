@@ -23,6 +23,16 @@ candidates and cost ~30% more time.
 
 A document's text is its kept sentences joined by one space; ``sentence_spans``
 and every unit's ``char_start``/``char_end`` index into that text.
+
+Speed: spaCy's parser is most of the stage's time, so only the paragraphs
+the document rule can use are parsed: each article's paragraphs are
+WordPiece-counted, and parsed in rounds (one nlp.pipe over all articles per
+round) of the fewest paragraphs whose tokens can fill the documents, until
+they are closed. Sentences and documents are those of parsing the whole
+text. Token counts use the ``tokenizers`` library on the encoder's
+tokenizer.json (the same ids as transformers' AutoTokenizer, without its
+import). Parsing is serialised per process (a lock around nlp.pipe, for
+threads); worker processes parse in parallel.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,7 @@ ARTICLE_STAGE = "select_units.articles"
 SENTENCE_STAGE = "select_units.sentences"
 DOC_STAGE = "select_units.documents"
 CANDIDATE_STAGE = "select_units.candidates"
+LEAD_STAGE = "select_units.leads"  # articles whose lead (ExtractConfig.max_chars) was too short for their documents
 
 PAPER_PRONOUNS = ["this", "these", "it", "that", "those", "they", "he", "she", "we", "you", "i"]
 # Components the candidate rules do not use (the parser alone sets sentences and dependencies).
@@ -88,7 +99,7 @@ class UnitConfig(BaseModel):
     tokenizer_path: str | None = Field(None, description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens); empty: the embedded all-MiniLM-L6-v2, which has bert-base-uncased's vocab.")
     spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
-    chars_per_token_budget: int = Field(6, ge=2, le=100, description="Parse only the first max_doc_tokens*docs_per_article*this characters of an article first (more if needed).")
+    chars_per_token_budget: int = Field(6, ge=2, le=100, description="WordPiece-count an article's paragraphs in windows of (tokens still needed)*this characters, to choose how many to parse next.")
 
 
 def article_files(article_dirs_or_files: Any) -> list[Path]:
@@ -111,7 +122,7 @@ def article_files(article_dirs_or_files: Any) -> list[Path]:
 # Prefect's thread-pool runner may start several select_units tasks at once:
 # two threads importing transformers at the same time failed here with
 # "cannot import name 'AutoTokenizer'", and a spaCy pipeline is not
-# documented as thread-safe, so loading and parsing are serialised per process.
+# documented as thread-safe, so loading and parsing (nlp.pipe) are serialised per process.
 _LOAD_LOCK = threading.Lock()
 _PARSE_LOCK = threading.Lock()
 
@@ -125,11 +136,58 @@ def _load_nlp(model: str):
 
 @cache
 def _load_tokenizer(path: str):
+    fast = _wordpiece_tokenizer(Path(path))
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.model_max_length = 1 << 30  # we only count tokens; silence the length warning
     return tok
+
+
+class WordPieceCounter:
+    """A BERT tokenizer.json run by the ``tokenizers`` library itself.
+
+    It counts what ``AutoTokenizer`` counts (``add_special_tokens=False``, no
+    truncation, no padding) without importing transformers (7 s of a
+    worker's start-up here)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts, add_special_tokens: bool = False):
+        encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encs]}
+
+
+def _wordpiece_tokenizer(folder: Path) -> WordPieceCounter | None:
+    """The folder's tokenizer.json when transformers would use it unchanged
+    (a BERT tokenizer whose tokenizer_config agrees with its normalizer), else None."""
+    import json
+
+    spec, conf = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if not (spec.is_file() and conf.is_file()):
+        return None
+    try:
+        config = json.loads(conf.read_text(encoding="utf-8"))
+        normalizer = json.loads(spec.read_text(encoding="utf-8")).get("normalizer") or {}
+    except (OSError, ValueError):
+        return None
+    if config.get("tokenizer_class") not in ("BertTokenizer", "BertTokenizerFast") or normalizer.get("type") != "BertNormalizer":
+        return None
+    if (
+        normalizer.get("lowercase") != config.get("do_lower_case", True)
+        or normalizer.get("strip_accents") != config.get("strip_accents")
+        or normalizer.get("handle_chinese_chars") != config.get("tokenize_chinese_chars", True)
+    ):
+        return None  # transformers would rewrite the normalizer
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(spec))
+    tok.no_truncation()
+    tok.no_padding()
+    return WordPieceCounter(tok)
 
 
 def load_nlp(model: str):
@@ -237,17 +295,34 @@ class _Article:
     title: str
     source_dump: str
     paragraphs: list[str]
-    parsed: int  # paragraphs parsed so far
+    cut: bool  # its text is a lead (ExtractConfig.max_chars): the page had more
+    sentences: list[Sentence] = field(default_factory=list)
+    para_tokens: list[int] = field(default_factory=list)  # WordPiece tokens of paragraphs[:len(para_tokens)]
+    parsed: int = 0  # paragraphs parsed so far
 
 
-def _budget_prefix(paragraphs: list[str], budget: int) -> int:
-    used, n = 0, 0
-    for p in paragraphs:
-        if used >= budget:
-            break
-        used += len(p) + 2
+def _next_slice(art: _Article, need: int, tokenizer, chars_per_token: int) -> int:
+    """How many paragraphs after ``art.parsed`` to parse next: the fewest whose
+    WordPiece tokens exceed ``need`` (or all that are left).
+
+    Only how much is parsed at a time depends on this, never the result: a
+    document still open after a slice gets the next one."""
+    n, total = art.parsed, 0
+    while n < len(art.paragraphs):
+        if n == len(art.para_tokens):
+            # Count a window of paragraphs at a time (an article can be long; one tokenizer call per window).
+            window, chars = [], 0
+            for p in art.paragraphs[n:]:
+                window.append(p)
+                chars += len(p)
+                if chars > max(need, 64) * chars_per_token:
+                    break
+            art.para_tokens += count_tokens(tokenizer, window)
+        total += art.para_tokens[n]
         n += 1
-    return n
+        if total > need:
+            break
+    return n - art.parsed
 
 
 def _sentences_of(docs: Iterable, pronouns: frozenset[str]) -> list[Sentence]:
@@ -258,6 +333,28 @@ def _sentences_of(docs: Iterable, pronouns: frozenset[str]) -> list[Sentence]:
             if s.text:
                 out.append(s)
     return out
+
+
+def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_size: int) -> dict[int, list[Sentence]]:
+    """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept."""
+    out: dict[int, list[Sentence]] = {}
+    # A spaCy pipeline is not documented as thread-safe: one parse at a time per process.
+    with _PARSE_LOCK:
+        for doc, i in nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1):
+            out.setdefault(i, []).extend(_sentences_of([doc], pronouns))
+    return out
+
+
+def _cut_files(files: list[Path]) -> set[tuple[str, int]]:
+    """(articles file, page id) of the articles whose text is only a lead (extract_docs' cut_articles.json)."""
+    import json
+
+    cut = set()
+    for f in files:
+        marker = f.parent / "cut_articles.json"
+        if marker.is_file():
+            cut.update((str(f), int(pid)) for pid in json.loads(marker.read_text(encoding="utf-8")).get("page_ids", []))
+    return cut
 
 
 def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel) -> tuple[list[list[Sentence]], bool]:
@@ -297,8 +394,7 @@ def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) 
     """Documents and candidate units of one shard's articles (documents.parquet, units.parquet)."""
     if config.min_unit_tokens > config.max_unit_tokens:
         raise StageConfigError(f"min_unit_tokens {config.min_unit_tokens} > max_unit_tokens {config.max_unit_tokens}")
-    with _PARSE_LOCK:
-        return _select(article_files(article_dirs_or_files), run, config)
+    return _select(article_files(article_dirs_or_files), run, config)
 
 
 def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
@@ -306,6 +402,7 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     tokenizer = load_tokenizer(config.tokenizer_path)
     pronouns = frozenset(p.lower() for p in config.pronouns)
     funnel = run.funnel
+    cut = _cut_files(files)
 
     articles: list[_Article] = []
     for f in files:
@@ -319,29 +416,45 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
             if not paragraphs:
                 funnel.drop(ARTICLE_STAGE, "empty_text")
                 continue
-            articles.append(_Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], paragraphs, 0))
+            articles.append(_Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], paragraphs, (str(f), row["page_id"]) in cut))
 
-    budget = config.max_doc_tokens * config.docs_per_article * config.chars_per_token_budget
-    prefixes = [_budget_prefix(a.paragraphs, budget) for a in articles]
-    stream = ((p, i) for i, a in enumerate(articles) for p in a.paragraphs[: prefixes[i]])
-    grouped: dict[int, list] = {}
-    for doc, i in nlp.pipe(stream, as_tuples=True, batch_size=config.batch_size, n_process=1):
-        grouped.setdefault(i, []).append(doc)
+    # Sentences are parsed in rounds, a few paragraphs per article per round
+    # (one nlp.pipe over all articles each round), until each article's
+    # documents are closed or its text ends. A paragraph is parsed on its own,
+    # so its sentences do not depend on how many were parsed with it, and the
+    # documents are those of parsing the whole text.
+    need = config.max_doc_tokens * config.docs_per_article
+    results: dict[int, tuple[list[list[Sentence]], Funnel]] = {}
+    todo = list(range(len(articles)))
+    while todo:
+        batch: list[tuple[str, int]] = []
+        for i in todo:
+            art = articles[i]
+            kept = sum(s.tokens for s in art.sentences)
+            n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
+            batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
+            art.parsed += n
+        parsed = _parse(nlp, batch, pronouns, config.batch_size)
+        still = []
+        for i in todo:
+            art = articles[i]
+            art.sentences += parsed.get(i, [])
+            sub = Funnel()
+            parts, still_open = _cut_documents_counted(art.sentences, tokenizer, config, sub)
+            if still_open and art.parsed < len(art.paragraphs):
+                still.append(i)  # the slice ran out before the documents were full: parse another one
+                continue
+            if still_open and art.cut:
+                # The text was only a lead and the documents wanted more of the page.
+                funnel.add(LEAD_STAGE, "documents_open_at_end_of_lead")
+            results[i] = (parts, sub)
+        todo = still
 
     doc_cols: dict[str, list[Any]] = {n: [] for n in DOCUMENTS_SCHEMA.names}
     unit_cols: dict[str, list[Any]] = {n: [] for n in UNITS_SCHEMA.names}
     for i, art in enumerate(articles):
-        sentences = _sentences_of(grouped.pop(i, []), pronouns)
-        art.parsed = prefixes[i]
-        sub = Funnel()
-        parts, still_open = _cut_documents_counted(sentences, tokenizer, config, sub)
-        while still_open and art.parsed < len(art.paragraphs):
-            # The character budget ran out before the documents were full: parse another slice.
-            more = _budget_prefix(art.paragraphs[art.parsed :], budget)
-            sentences += _sentences_of(nlp.pipe(art.paragraphs[art.parsed : art.parsed + more], batch_size=config.batch_size), pronouns)
-            art.parsed += more
-            sub = Funnel()
-            parts, still_open = _cut_documents_counted(sentences, tokenizer, config, sub)
+        parts, sub = results.pop(i)
+        art.sentences = []
         funnel.merge(sub)
         kept_any = False
         for part_no, part in enumerate(parts):

@@ -119,6 +119,8 @@ class CleanResult:
     tables: int = 0
     markup_residue_paragraphs: int = 0
     magic_words: list[str] = field(default_factory=list)
+    truncated: bool = False  # only a lead of whole sections was rendered (``max_chars``)
+    parsed_chars: int = 0  # characters of wikitext parsed
 
 
 @dataclass
@@ -296,12 +298,15 @@ def _paragraphs(text: str, st: _State) -> tuple[list[str], int]:
     return paragraphs, residue
 
 
-def clean_wikitext(wikitext: str) -> CleanResult:
-    """Render wikitext as plain prose; paragraphs joined by a blank line."""
+def _clean_whole(wikitext: str) -> CleanResult:
     st = _State()
     code = mwparserfromhell.parse(wikitext)
     out: list[str] = []
     _render(code.nodes, out, st)
+    return _finish(out, st, len(wikitext), code.nodes)[0]
+
+
+def _finish(out: list[str], st: _State, parsed: int, nodes=None) -> tuple[CleanResult, list[str]]:
     text = "".join(out)
     magic = _MAGIC_WORD.findall(text)
     if magic:
@@ -309,7 +314,7 @@ def clean_wikitext(wikitext: str) -> CleanResult:
     text = html.unescape(text) if "&" in text else text
     text = _fallback(text, st)
     paragraphs, residue = _paragraphs(text, st)
-    return CleanResult(
+    result = CleanResult(
         text="\n\n".join(paragraphs),
         templates=st.templates,
         list_items=st.list_items,
@@ -318,7 +323,107 @@ def clean_wikitext(wikitext: str) -> CleanResult:
         tables=st.tables,
         markup_residue_paragraphs=residue,
         magic_words=magic,
+        parsed_chars=parsed,
     )
+    return result, paragraphs
+
+
+# --------------------------------------------------------------------------
+# Lead-only cleaning: parse whole sections from the top until the clean text
+# holds ``max_chars`` characters.
+#
+# A prefix of the wikitext that ends just before a heading line parses to the
+# same nodes as that part of the whole page, provided every construct opened
+# in it is also closed in it: mwparserfromhell's tokenizer reads left to
+# right and closes a template, link, tag, comment or table at its first valid
+# closer, so text after the cut can only change the parse of something left
+# open. An open construct shows up as markup in a top-level Text node (the
+# tokenizer gives up on it and keeps it as text); such a prefix is not used
+# (the cut moves to the next heading). The heading itself renders as a
+# paragraph break, so the prefix's paragraphs are the first paragraphs of the
+# whole page's. Disambiguation and set-index pages are recognised by
+# templates anywhere in the page: the rest of the page is scanned for template
+# names (a superset of what the parser would find), and a page with such a
+# name, or __DISAMBIG__, is parsed whole.
+#
+# One known difference: mwparserfromhell pairs bold/italic ticks across lines
+# and headings (MediaWiki resets them at every line), so a whole-page parse
+# can keep stray apostrophes ("A Modest Proposal'''s" on the embedded dump)
+# where the section-wise parse renders what MediaWiki shows ("Proposal's").
+# On the embedded dump this happens once, beyond any document's text.
+
+_HEADING_LINE = re.compile(r"^=[^\n]*=[ \t]*$", re.M)
+# Markup that, as top-level text, means the tokenizer left a construct open.
+_OPEN_MARKUP = ("{{", "}}", "{|", "|}", "[[", "]]", "''", "<!--")
+_OPEN_TAG = re.compile(r"</?[A-Za-z]")
+_TEMPLATE_OPEN = re.compile(r"\{\{([^{}|<\n]*)")
+
+
+def _segment_is_closed(nodes) -> bool:
+    for node in nodes:
+        if isinstance(node, Text) and (any(m in node.value for m in _OPEN_MARKUP) or _OPEN_TAG.search(node.value)):
+            return False
+    return True
+
+
+def _rest_may_change_kind(rest: str) -> bool:
+    """True when the unparsed rest of a page may hold what makes it a disambiguation / set-index page."""
+    if "__DISAMBIG__" in rest:
+        return True
+    if "{{" not in rest:
+        return False
+    for m in _TEMPLATE_OPEN.finditer(rest):
+        name = re.sub(r"\s+", " ", m.group(1).strip().replace("_", " ").lower())
+        if name.startswith("template:"):
+            name = name[len("template:") :].strip()
+        if not name or is_disambiguation_template(name) or is_set_index_template(name):
+            return True  # (an empty name: a computed one, e.g. {{ {{x}} }})
+    return False
+
+
+def clean_wikitext(wikitext: str, max_chars: int | None = None) -> CleanResult:
+    """Render wikitext as plain prose; paragraphs joined by a blank line.
+
+    ``max_chars``: render only whole sections from the top, until the clean
+    text holds at least this many characters (``truncated`` says whether the
+    page had more); the text is then exactly the first paragraphs of the whole
+    page's clean text, and ``page_kind`` of the result is the whole page's.
+    The removal counts (and ``templates``) cover only the part rendered.
+    """
+    if max_chars is None or len(wikitext) <= max_chars:
+        return _clean_whole(wikitext)
+    cuts = [m.start() for m in _HEADING_LINE.finditer(wikitext)]
+    if not cuts:
+        return _clean_whole(wikitext)
+    cuts.append(len(wikitext))
+    st = _State()
+    out: list[str] = []
+    start, rendered = 0, 0
+    for cut in cuts:
+        if cut == start:
+            continue
+        if cut == len(wikitext):
+            break  # the rest is the last section: the whole page it is
+        # Sections from `start` to `cut` (the segment starts at a line start,
+        # as a page does, so it parses as it does inside the page).
+        code = mwparserfromhell.parse(wikitext[start:cut])
+        if not _segment_is_closed(code.nodes):
+            continue  # a construct is open at the cut: take the next section with it
+        before = len(out)
+        _render(code.nodes, out, st)
+        rendered += sum(len(x) for x in out[before:])
+        start = cut
+        if rendered < max_chars:
+            continue  # the clean text cannot be longer than what was rendered
+        # `st` is copied: _finish's fallback counts into it, and more sections may follow.
+        result, _ = _finish(list(out), _State(list(st.templates), st.list_items, st.captions, st.headings, st.tables), cut)
+        if len(result.text) < max_chars:
+            continue
+        if _rest_may_change_kind(wikitext[cut:]):
+            break
+        result.truncated = True
+        return result
+    return _clean_whole(wikitext)
 
 
 def is_disambiguation_template(name: str) -> bool:

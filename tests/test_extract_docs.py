@@ -183,3 +183,25 @@ def test_non_english_dump_does_not_crash(tmp_path):
     assert funnel == {"input": 3, "dropped:non_article_namespace": 2, "kept": 1}
     (title,) = pl.read_parquet(out / "articles.parquet")["title"].to_list()
     assert title == "Григориански календар"
+
+
+def test_lead_only_articles_start_as_the_whole_articles(embedded_articles, tmp_path):
+    import json
+
+    (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
+    whole = extract_docs(shard, ExtractConfig(max_chars=None), tmp_path)
+    lead = pl.read_parquet(embedded_articles / "articles.parquet")
+    full = pl.read_parquet(whole / "articles.parquet")
+    assert lead["page_id"].to_list() == full["page_id"].to_list()  # the same pages are kept
+    cut = set(json.loads((embedded_articles / "cut_articles.json").read_text())["page_ids"])
+    assert json.loads((whole / "cut_articles.json").read_text()) == {"max_chars": None, "page_ids": []}
+    assert len(cut) >= 40
+    for pid, a, b in zip(lead["page_id"], lead["text"], full["text"]):
+        if pid in cut:
+            # (the rest of the page may hold no prose at all: references, lists)
+            assert len(a) >= ExtractConfig().max_chars and b.startswith(a) and b[len(a) : len(a) + 2] in ("", "\n\n")
+        else:
+            assert a == b
+    counts = Funnel.load(embedded_articles / "funnel.json").to_dict()
+    assert counts["clean_wikitext"]["dropped:text_beyond_max_chars"] == len(cut)
+    assert counts["extract_docs"] == Funnel.load(whole / "funnel.json").to_dict()["extract_docs"]

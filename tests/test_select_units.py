@@ -260,3 +260,53 @@ def test_concurrent_calls_in_threads(hand_made, tmp_path):
         outs = list(pool.map(lambda c: select_units([articles], c, tmp_path), configs))
     assert outs[0] != outs[1]
     assert [pl.read_parquet(o / "documents.parquet")["title"].to_list() for o in outs] == [["Long"], ["Few candidates", "Long"]]
+
+
+# --------------------------------------------------------------------------
+# The fast path (lead-only extraction, paragraphs parsed in rounds, tokenizers
+# without transformers) writes what the whole-article path wrote.
+
+# Content hashes of the embedded dump's outputs before the fast path (whole
+# articles from extract_docs, 6 characters per token of spaCy budget, transformers' tokenizer).
+REFERENCE = {
+    1: {"documents.parquet": "e7b4c635a45e9178", "units.parquet": "66a39a19718a53f8", "funnel.json": "ceaed48027928e95"},
+    3: {"documents.parquet": "2b4a8d43fcccd91d", "units.parquet": "fbd3877d3c8c2411", "funnel.json": "6e1cbe1aad3bf01f"},
+}
+
+
+def _content_hash(path: Path) -> str:
+    import hashlib
+    import json
+
+    rows = Funnel.load(path).to_dict() if path.suffix == ".json" else pq.read_table(path).to_pylist()
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("docs_per_article", [1, 3])
+def test_embedded_outputs_are_those_of_the_whole_article_path(embedded, ingest_work_dir, docs_per_article):
+    articles, out = embedded
+    if docs_per_article != 1:
+        out = select_units([articles], UnitConfig(docs_per_article=docs_per_article), ingest_work_dir)
+    assert {name: _content_hash(out / name) for name in REFERENCE[docs_per_article]} == REFERENCE[docs_per_article]
+    assert "select_units.leads" not in Funnel.load(out / "funnel.json").to_dict()
+
+
+def test_tokenizer_counts_as_transformers_does(tokenizer):
+    from transformers import AutoTokenizer
+
+    from tasks.assets import embedded_encoder_path
+    from tasks.select_units import WordPieceCounter
+
+    assert isinstance(tokenizer, WordPieceCounter)
+    reference = AutoTokenizer.from_pretrained(str(embedded_encoder_path()))
+    texts = [_sentence(i) for i in range(5)] + ["Éva Ångström's naïve café — 東京 x" * 20, "", "  spaced   out  "]
+    assert count_tokens(tokenizer, texts) == [len(x) for x in reference(texts, add_special_tokens=False)["input_ids"]]
+    assert max(count_tokens(tokenizer, texts)) > 128  # no truncation (tokenizer.json says 128)
+
+
+def test_a_lead_too_short_for_its_documents_is_reported(tmp_path):
+    (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
+    articles = extract_docs(shard, ExtractConfig(max_chars=300), tmp_path)
+    out = select_units([articles], UnitConfig(), tmp_path)
+    leads = Funnel.load(out / "funnel.json").to_dict()["select_units.leads"]
+    assert leads["documents_open_at_end_of_lead"] > 10

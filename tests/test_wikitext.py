@@ -128,3 +128,79 @@ def test_page_kind(title, wikitext, kind):
 def test_list_title_is_a_prefix_rule():
     assert is_list_title("List of Atlas Shrugged characters")
     assert not is_list_title("Schindler's List")
+
+
+# --------------------------------------------------------------------------
+# Lead-only cleaning (max_chars): the text is exactly the start of the whole page's.
+
+
+def _embedded_pages() -> list[tuple[str, str]]:
+    import bz2
+
+    import mwxml
+
+    from tasks.assets import embedded_dump_path
+
+    pages = []
+    for page in mwxml.Dump.from_file(bz2.open(embedded_dump_path())):
+        revision = None
+        for revision in page:
+            pass
+        text = (revision.text if revision else None) or ""
+        if page.namespace == 0 and page.redirect is None and not text.lstrip().upper().startswith("#REDIRECT"):
+            pages.append((page.title, text))
+    return pages
+
+
+def _is_paragraph_prefix(whole: str, lead: str) -> bool:
+    return whole.startswith(lead) and (len(whole) == len(lead) or whole[len(lead) : len(lead) + 2] == "\n\n")
+
+
+def test_lead_is_the_start_of_the_whole_clean_text_on_the_embedded_dump():
+    pages = _embedded_pages()
+    whole = [clean_wikitext(text) for _, text in pages]
+    for max_chars in (2_000, 12_000):
+        cut = 0
+        for (title, text), full in zip(pages, whole):
+            lead = clean_wikitext(text, max_chars)
+            assert page_kind(title, lead) == page_kind(title, full), title
+            if lead.truncated:
+                cut += 1
+                assert len(lead.text) >= max_chars and lead.parsed_chars < len(text)
+                assert _is_paragraph_prefix(full.text, lead.text), title
+                assert full.templates[: len(lead.templates)] == lead.templates
+            else:
+                assert lead.text == full.text, title
+        assert cut >= 50  # most of the excerpt's articles are longer than both budgets
+
+
+SECTIONS = "Lead sentence one is here.\n\n" + "".join(f"== S{i} ==\nSection {i} has some words in it.\n" for i in range(6))
+
+
+def test_lead_stops_at_a_section_once_the_budget_is_reached():
+    res = clean_wikitext(SECTIONS, max_chars=40)
+    assert res.truncated
+    assert res.text == "Lead sentence one is here.\n\nSection 0 has some words in it."
+    assert clean_wikitext(SECTIONS, max_chars=None).text.startswith(res.text + "\n\n")
+
+
+def test_lead_never_cuts_inside_an_open_construct():
+    # The template spans the first two headings: the first cut that closes everything is after it.
+    page = "Start of the article text here.\n{{Infobox x\n|a=1\n== Not a cut ==\n|b=2\n}}\nMore prose follows in the lead.\n" + SECTIONS
+    lead, whole = clean_wikitext(page, max_chars=40), clean_wikitext(page)
+    assert lead.truncated and _is_paragraph_prefix(whole.text, lead.text)
+    assert "More prose follows in the lead." in lead.text
+    # Bold spanning a heading (mwparserfromhell pairs ticks across lines).
+    page = "The '''bold text\n== H ==\ncontinues''' on and on for a while.\n" + SECTIONS
+    lead, whole = clean_wikitext(page, max_chars=30), clean_wikitext(page)
+    assert _is_paragraph_prefix(whole.text, lead.text)
+
+
+def test_lead_keeps_the_page_kind_of_the_whole_page():
+    page = SECTIONS * 3 + "\n{{disambiguation}}\n"
+    assert page_kind("X", clean_wikitext(page, max_chars=40)) == "disambiguation"
+    page = SECTIONS * 3 + "\n__DISAMBIG__\n"
+    assert page_kind("X", clean_wikitext(page, max_chars=40)) == "disambiguation"
+    page = SECTIONS * 3 + "\n{{Surname}}\n"
+    assert page_kind("X", clean_wikitext(page, max_chars=40)) == "set_index"
+    assert page_kind("X", clean_wikitext(SECTIONS * 3 + "{{Reflist}}", max_chars=40)) is None
