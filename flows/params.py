@@ -150,6 +150,14 @@ class PipelineParams(BaseModel):
             data = {**data, "evaluate": fill(data["evaluate"], _PIPELINE_EVALUATE)}
         return data
 
+    @field_validator("build")
+    @classmethod
+    def _builds_a_dataset(cls, build: BuildDatasetParams) -> BuildDatasetParams:
+        if build.until or build.only_new_dump:
+            raise ValueError("the pipeline trains on the dataset it builds: leave until and only_new_dump empty "
+                             "(run build-rir-dataset for those)")
+        return build
+
 
 # --------------------------------------------------------------------------
 # Resolution (the CLI's --profile, --config, --set and flags).

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # deployment -> (its profile, its flow, the `gear` command line that is the same run)
 PROFILED_DEPLOYMENTS = {
-    "build-rir-dataset/weekly-refresh": ("paper", "build-rir-dataset", ["build-dataset"]),
+    "build-rir-dataset/weekly-refresh": ("paper", "build-rir-dataset", ["build-dataset", "--set", "only_new_dump=true"]),
     "train-gear/train": ("demo", "train-gear", ["train"]),
     # Its GPU layout (nproc_per_node, nnodes) comes from the gear-gpu pool's job variables (tests/test_operations.py).
     "train-gear/train-gpu": ("paper", "train-gear", ["train", "--profile", "paper", "--device", "cuda"]),
