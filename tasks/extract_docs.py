@@ -48,6 +48,11 @@ class ExtractConfig(BaseModel):
     skip_set_index: bool = Field(True, description="Drop set-index pages ({{set index article}}, {{surname}}, ...).")
     skip_list_pages: bool = Field(True, description="Drop pages titled 'List of ...' / 'Lists of ...'.")
     min_text_chars: int = Field(1, ge=1, le=1_000_000, description="Drop articles whose clean text is shorter than this (characters).")
+    max_bad_pages: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Pages per shard whose wikitext cannot be parsed that may be skipped: counted as bad_page in "
+        "the funnel and listed with their titles and reasons in bad_pages.json. 0: the first one fails the shard, "
+        "naming the page. (Broken XML cannot be skipped: the parser cannot resume after it.)")
     max_chars: int | None = Field(
         12_000,
         ge=1,
@@ -95,14 +100,25 @@ def _iter_shard_pages(shard: Shard):
                 last_done = current
     except PipelineInputError:
         raise
-    except (ET.ParseError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-        if current != last_done:
-            where = _page_label(*current)
-            reason = f"malformed or truncated input while reading this page: {exc}"
-        else:
-            where = _page_label(*last_done)
-            reason = f"malformed or truncated input after {'this page' if where else 'the header'}: {exc}"
-        raise PipelineInputError(path, reason, record=where) from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            # The operating system (too many open files, no space left, an I/O
+            # error): not bad input, so the task is retried as it is.
+            raise
+        raise _bad_xml(path, exc, current, last_done) from exc
+    except (ET.ParseError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise _bad_xml(path, exc, current, last_done) from exc
+
+
+def _bad_xml(path: str, exc: BaseException, current: tuple, last_done: tuple) -> PipelineInputError:
+    """A malformed or truncated dump, named at the page being read (bz2's "Invalid data stream" is an OSError without errno)."""
+    if current != last_done:
+        where = _page_label(*current)
+        reason = f"malformed or truncated input while reading this page: {exc}"
+    else:
+        where = _page_label(*last_done)
+        reason = f"malformed or truncated input after {'this page' if where else 'the header'}: {exc}"
+    return PipelineInputError(path, reason, record=where)
 
 
 def _shard_files(shard: Shard) -> list[str]:
@@ -120,6 +136,7 @@ def _shard_files(shard: Shard) -> list[str]:
 def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
     """One shard's pages -> ``articles.parquet`` (cached on the dump's content, the shard, config and code)."""
     funnel = run.funnel
+    bad: list[dict[str, Any]] = []  # pages skipped under max_bad_pages, with their reason
     cols: dict[str, list[Any]] = {name: [] for name in ARTICLES_SCHEMA.names}
     source = Path(shard.dump_path).name
     namespaces = set(config.namespaces)
@@ -140,7 +157,13 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
         try:
             result = wikitext.clean_wikitext(text, budget)
         except Exception as exc:  # a parser bug on one page must name the page
-            raise PipelineInputError(shard.dump_path, f"cannot parse wikitext: {exc}", record=_page_label(page.title, page.id)) from exc
+            if len(bad) >= config.max_bad_pages:
+                raise PipelineInputError(shard.dump_path, f"cannot parse wikitext: {exc} "
+                                         f"({len(bad)} bad pages skipped before, max_bad_pages {config.max_bad_pages})",
+                                         record=_page_label(page.title, page.id)) from exc
+            funnel.drop(STAGE, "bad_page")
+            bad.append({"page_id": page.id, "title": page.title, "reason": f"cannot parse wikitext: {exc}"})
+            continue
         kind = wikitext.page_kind(page.title, result)
         if kind == "disambiguation" and config.skip_disambiguation:
             funnel.drop(STAGE, "disambiguation")
@@ -170,9 +193,10 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
         cols["source_dump"].append(source)
     if pages == 0:
         raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
-    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]), articles_cut=len(cut))
+    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]), articles_cut=len(cut), bad_pages=len(bad))
     # Which articles hold only a lead (select_units reports a document that ran out of it).
-    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA), CUT_FILE: {"max_chars": budget, "page_ids": cut}}
+    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA), CUT_FILE: {"max_chars": budget, "page_ids": cut},
+            "bad_pages.json": bad}
 
 
 extract_docs_task = extract_docs.task

@@ -205,3 +205,49 @@ def test_lead_only_articles_start_as_the_whole_articles(embedded_articles, tmp_p
     counts = Funnel.load(embedded_articles / "funnel.json").to_dict()
     assert counts["clean_wikitext"]["dropped:text_beyond_max_chars"] == len(cut)
     assert counts["extract_docs"] == Funnel.load(whole / "funnel.json").to_dict()["extract_docs"]
+
+
+def test_bad_pages_fail_by_default_and_are_skipped_and_listed_under_max_bad_pages(tmp_path, monkeypatch):
+    """The wikitext parser cannot be made to fail on real input, so one page's parse is made to fail."""
+    import json
+
+    from tasks import wikitext
+
+    real = wikitext.clean_wikitext
+
+    def failing(text, *args, **kwargs):
+        if "anarchism" in text[:2000].lower() and "political philosophy" in text.lower():
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(wikitext, "clean_wikitext", failing)
+    (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
+    with pytest.raises(PipelineInputError, match=r"cannot parse wikitext.*max_bad_pages 0") as err:
+        extract_docs(shard, ExtractConfig(), tmp_path)
+    assert "Anarchism" in str(err.value)
+    out = extract_docs(shard, ExtractConfig(max_bad_pages=3), tmp_path)
+    bad = json.loads((out / "bad_pages.json").read_text())
+    assert [b["title"] for b in bad] == ["Anarchism"] and "recursion" in bad[0]["reason"]
+    assert Funnel.load(out / "funnel.json").get("extract_docs", "dropped:bad_page") == 1
+
+
+def test_an_operating_system_error_is_retried_not_bad_input(tmp_path, monkeypatch):
+    import errno
+
+    from tasks import extract_docs as module
+    from tasks.stage import retry_unless_final
+
+    def too_many_files(shard):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(module, "open_shard", too_many_files)
+    (shard,) = plan_shards(embedded_dump_path(), ShardConfig())
+    with pytest.raises(OSError) as err:
+        extract_docs(shard, ExtractConfig(), tmp_path)
+    assert not isinstance(err.value, PipelineInputError)
+
+    class State:
+        def result(self):
+            raise err.value
+
+    assert retry_unless_final(None, None, State()) is True
