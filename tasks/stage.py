@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ValidationError
 
 from tasks.common import (
@@ -226,10 +226,27 @@ class Stage:
             lock.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(lock):
                 if not is_complete(out):  # another run may have finished it while we waited
+                    self._remove_stale_partials(out, Path(work_dir))
                     self._build(out, inputs, config)
         if self.publish is not None:
             self.publish(out)
         return out
+
+    def _remove_stale_partials(self, out: Path, work_dir: Path) -> None:
+        """Partial folders that killed runs of this stage left under other keys
+        (a resumable stage keeps them: they hold answers a re-run resumes from).
+        One is stale when nobody holds its lock."""
+        if self.resumable or self.in_place:
+            return
+        for partial in out.parent.glob(f".*{PARTIAL_SUFFIX}"):
+            key = partial.name[1 : -len(PARTIAL_SUFFIX)]
+            if key == out.name:
+                continue
+            try:
+                with FileLock(work_dir / ".locks" / self.name / f"{key}.lock", timeout=0):
+                    shutil.rmtree(partial, ignore_errors=True)
+            except Timeout:
+                pass  # another run is writing it
 
     def work_folder(self, out: Path) -> Path:
         """Where a run of ``out`` writes until it is complete (what a resumable stage resumes from)."""

@@ -217,6 +217,8 @@ def publish_dataset(version_dir: Path) -> None:
     from prefect.context import FlowRunContext, TaskRunContext
 
     failpoint("write_triples:publish")
+    for leftover in version_dir.parent.glob(f".{LATEST}.*.tmp"):  # a write of LATEST that a kill cut short
+        leftover.unlink(missing_ok=True)
     write_text(version_dir.name + "\n", version_dir.parent / LATEST)
     if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
         publish_card_artifacts(version_dir)

@@ -267,3 +267,13 @@ def test_shard_by_shard_equals_all_at_once(tmp_path):
         assert a.sort("doc_id", "unit_index").equals(b.sort("doc_id", "unit_index"))
     card_a, card_b = (json.loads((d / "dataset_card.json").read_text()) for d in (whole, split))
     assert card_a["counts"] == card_b["counts"] and card_a["score_histogram"] == card_b["score_histogram"]
+
+
+def test_a_killed_runs_leftovers_are_removed_by_the_next_publish(stages):
+    """A hidden partial version of another key and a cut LATEST write, as a kill leaves them."""
+    datasets = stages["out"] / "datasets"
+    (datasets / ".0123456789abcdef.partial").mkdir(parents=True)
+    (datasets / ".0123456789abcdef.partial" / "train.parquet").write_bytes(b"half")
+    (datasets / ".LATEST.abc123.tmp").write_text("half")
+    version_dir = publish(stages)
+    assert sorted(p.name for p in datasets.iterdir()) == sorted(["LATEST", version_dir.name])
