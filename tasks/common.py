@@ -23,6 +23,8 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 SUCCESS_MARKER = "_SUCCESS.json"
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 # Files above this size are fingerprinted by size, head and tail rather than
 # by a full hash (a full English dump is ~22 GB; hashing it on every run
 # would cost minutes). Derived Parquet files are far smaller and hashed whole.
@@ -47,7 +49,10 @@ class PipelineInputError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    The file gets the permissions the user's umask gives any new file (mkstemp
+    makes it 0600), so a team sharing an output folder can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,6 +60,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

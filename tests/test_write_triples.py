@@ -277,3 +277,15 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_publish(stages):
     (datasets / ".LATEST.abc123.tmp").write_text("half")
     version_dir = publish(stages)
     assert sorted(p.name for p in datasets.iterdir()) == sorted(["LATEST", version_dir.name])
+
+
+def test_published_files_get_the_umask_permissions(stages):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    version_dir = publish(stages)
+    for path in [version_dir.parent / "LATEST", *version_dir.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE(version_dir.stat().st_mode) == 0o777 & ~umask

@@ -34,6 +34,10 @@ def _sentence(payload: dict) -> str:
     return payload["messages"][-1]["content"].strip()
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # many clients at once (some timing out) must all reach the handler
+
+
 class FakeChatServer:
     """``with FakeChatServer() as srv: srv.base_url`` -> http://127.0.0.1:PORT/v1"""
 
@@ -89,7 +93,7 @@ class FakeChatServer:
                     with server._lock:
                         server.in_flight -= 1
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
