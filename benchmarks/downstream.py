@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 _WORD = re.compile(r"[A-Za-z]+")
+_QUERY_WORD = re.compile(r"[A-Za-z]+\d*")
 
 
 def build_inputs(work: Path, copies: int, docs_per_shard: int) -> dict:
@@ -74,7 +75,7 @@ def build_inputs(work: Path, copies: int, docs_per_shard: int) -> dict:
                     i = unit["sentence_index"]
                     rows_u.append({**unit, "doc_id": doc_id, "text": sents[i], "char_start": spans[i]["start"],
                                    "char_end": spans[i]["end"]})
-                    words = [w for w in _WORD.findall(sents[i]) if len(w) > 4][:4]
+                    words = [w for w in _QUERY_WORD.findall(sents[i]) if len(w) > 4][:4]  # with the copy's suffix
                     rows_q.append({"doc_id": doc_id, "sentence_index": i, "unit": sents[i], "query": ", ".join(words),
                                    "rewriter_model": "bench", "prompt_version": "bench"})
             sd = work / "units" / f"c{k}-s{g}"
