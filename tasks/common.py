@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,14 @@ os.umask(_UMASK)
 # would cost minutes). Derived Parquet files are far smaller and hashed whole.
 FULL_HASH_LIMIT = 256 * 1024 * 1024
 _EDGE = 4 * 1024 * 1024
+
+
+# transformers' from_pretrained swaps torch.nn.init functions and the default
+# device for the duration of a load (fast init on the meta device). Two loads
+# at once in one process (mapped stages on the threads runner) can leave
+# those swaps in place, so later loads keep uninitialised weights on the meta
+# device. Every model load in the stages holds this lock.
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 class PipelineInputError(RuntimeError):

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, Field
 
-from tasks.common import PipelineInputError, read_marker
+from tasks.common import MODEL_LOAD_LOCK, PipelineInputError, read_marker
 from tasks.contracts import FILTERED_SCHEMA, QUERIES_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_scored
 from tasks.stage import StageRun, stage
 
@@ -141,10 +141,11 @@ class RelevanceScorer:
     def __init__(self, config: RelevanceConfig | None = None):
         self.config = config or RelevanceConfig()
         c = self.config
-        self.model = _load_model(
-            c.model_path(), c.pooling, c.query_instruction, c.use_fp16, c.device,
-            c.batch_size, c.max_length, c.query_max_length,
-        )
+        with MODEL_LOAD_LOCK:
+            self.model = _load_model(
+                c.model_path(), c.pooling, c.query_instruction, c.use_fp16, c.device,
+                c.batch_size, c.max_length, c.query_max_length,
+            )
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         if not queries:

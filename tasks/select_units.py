@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
-from tasks.common import Funnel, PipelineInputError
+from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError
 from tasks.contracts import DOCUMENTS_SCHEMA, SPAN, UNITS_SCHEMA  # noqa: F401 - SPAN re-exported for tests
 from tasks.stage import StageConfigError, StageRun, stage
 
@@ -123,7 +123,7 @@ def article_files(article_dirs_or_files: Any) -> list[Path]:
 # two threads importing transformers at the same time failed here with
 # "cannot import name 'AutoTokenizer'", and a spaCy pipeline is not
 # documented as thread-safe, so loading and parsing (nlp.pipe) are serialised per process.
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = MODEL_LOAD_LOCK
 _PARSE_LOCK = threading.Lock()
 
 

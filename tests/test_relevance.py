@@ -127,3 +127,31 @@ def test_a_shard_scores_only_its_own_documents_queries(dedup_dir, tmp_path):
     scored = pl.read_parquet(out / "scored.parquet")
     assert set(scored["doc_id"]) == {"autism#0"}
     assert scored.height == sum(1 for d, _, _ in GOOD_QUERIES if d == "autism#0")
+
+def test_concurrent_model_loads_leave_torch_init_intact():
+    """transformers' from_pretrained swaps torch.nn.init functions (and its own
+    init_weights) for no-ops while it loads; two loads at once in one process
+    (mapped stages on the threads runner) used to leave the no-ops in place, so
+    every later model kept uninitialised weights on the meta device."""
+    import threading
+
+    import torch
+    from transformers.modeling_utils import PreTrainedModel
+
+    originals = (torch.nn.init.normal_, torch.nn.init.zeros_, PreTrainedModel.init_weights)
+    rel._load_model.cache_clear()
+    errors = []
+
+    def load(max_length: int) -> None:
+        try:
+            RelevanceScorer(RelevanceConfig(max_length=max_length))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in (64, 96, 128, 160)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert (torch.nn.init.normal_, torch.nn.init.zeros_, PreTrainedModel.init_weights) == originals

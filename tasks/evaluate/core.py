@@ -73,6 +73,13 @@ def saved_lm_weight(model_dir: str | Path) -> float | None:
 
 
 def _load_system(system: SystemSpec):
+    from tasks.common import MODEL_LOAD_LOCK
+
+    with MODEL_LOAD_LOCK:  # one transformers load at a time per process (tasks/common.py)
+        return _load_system_unlocked(system)
+
+
+def _load_system_unlocked(system: SystemSpec):
     if system.kind == "gear":
         from gear_model.model import GearModel
 

@@ -17,9 +17,11 @@ from tasks.rewriters.prompts import PAPER_PROMPT, PROMPT_VERSION, build_messages
 def make_rewriter(config: RewriteConfig) -> Rewriter:
     """The configured backend, with its model loaded (once; reuse it for every batch)."""
     if config.backend == "local":
+        from tasks.common import MODEL_LOAD_LOCK
         from tasks.rewriters.local import LocalRewriter
 
-        return LocalRewriter(config)
+        with MODEL_LOAD_LOCK:  # one model load at a time per process (tasks/common.py)
+            return LocalRewriter(config)
     if config.backend == "openai":
         from tasks.rewriters.openai_compat import OpenAIRewriter
 
