@@ -7,13 +7,14 @@ them together; a stage body rarely needs more than ``Funnel``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +120,30 @@ def fingerprint(path: str | os.PathLike) -> str:
     """A content hash of a file, or of every file under a folder.
 
     Folders hash their files' relative names and contents, skipping temporary
-    files; large files hash size + first and last 4 MiB.
+    files; large files hash size + first and last 4 MiB. A file's hash is
+    computed once per process for a given inode, size and mtime: every
+    extract_docs shard keys on the same dump, and a stage's key is computed
+    both for Prefect's cache and by the stage itself. Writes here are atomic
+    renames, so a changed file is a new inode.
     """
     path = Path(path)
     if not path.exists():
         raise PipelineInputError(path, "does not exist")
-    digest = hashlib.sha256()
     if path.is_dir():
+        digest = hashlib.sha256()
         for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             digest.update(str(child.relative_to(path)).encode())
             digest.update(fingerprint(child).encode())
         return digest.hexdigest()
-    size = path.stat().st_size
+    st = path.stat()
+    return _file_fingerprint(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _file_fingerprint(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
     digest.update(str(size).encode())
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         if size <= FULL_HASH_LIMIT:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, Field
 
-from tasks.common import MODEL_LOAD_LOCK, PipelineInputError, read_marker
+from tasks.common import MODEL_LOAD_LOCK, read_marker
 from tasks.contracts import FILTERED_SCHEMA, QUERIES_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_scored
 from tasks.stage import StageRun, stage
 

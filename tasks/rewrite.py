@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -62,11 +61,6 @@ RAW_SCHEMA = pa.schema(
 UNIT_COLUMNS = ("doc_id", "sentence_index", "text")
 
 
-@functools.lru_cache(maxsize=32)
-def _fingerprint_cached(path: str, mtime_ns: int, size: int) -> str:
-    return fingerprint(path)
-
-
 def model_label(config: RewriteConfig) -> str:
     """The model as written into every query row: a served name, or a local file/folder name."""
     name = config.resolved_model()
@@ -81,8 +75,7 @@ def model_identity(config: RewriteConfig) -> dict[str, str]:
     name = config.resolved_model()
     ident = {"model": model_label(config)}
     if config.backend == "local" and Path(name).exists():
-        st = Path(name).stat()
-        ident["model_fingerprint"] = _fingerprint_cached(str(Path(name).resolve()), st.st_mtime_ns, st.st_size)
+        ident["model_fingerprint"] = fingerprint(name)  # computed once per process (tasks/common.py)
     return ident
 
 

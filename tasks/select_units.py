@@ -46,13 +46,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
 from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError
-from tasks.contracts import DOCUMENTS_SCHEMA, SPAN, UNITS_SCHEMA  # noqa: F401 - SPAN re-exported for tests
+from tasks.contracts import DOCUMENTS_SCHEMA, UNITS_SCHEMA
 from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"

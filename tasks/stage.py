@@ -65,6 +65,7 @@ from tasks.common import (
     write_parquet,
     write_text,
 )
+from tasks.contracts import as_paths
 
 DEFAULT_WORK_DIR = "data"
 PARTIAL_SUFFIX = ".partial"
@@ -83,14 +84,6 @@ class StageRun:
     final: Path  # the folder it becomes (its name is the run's key)
     funnel: Funnel = field(default_factory=Funnel)
     info: dict[str, Any] = field(default_factory=dict)  # extra facts for the marker
-
-
-def _paths(value: Any) -> list[Path]:
-    if value is None:
-        return []
-    if isinstance(value, (str, os.PathLike)):
-        return [Path(value)]
-    return [Path(v) for v in value]
 
 
 def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:
@@ -193,7 +186,7 @@ class Stage:
             if callable(spec):
                 files += [Path(f) for f in spec(inputs[name])]
             else:
-                files += [folder / f for folder in _paths(inputs[name]) for f in spec]
+                files += [folder / f for folder in as_paths(inputs[name]) for f in spec]
         if self.key_files is not None:
             files += [Path(f) for f in self.key_files(config)]
         for f in files:

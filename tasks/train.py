@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 from prefect import task
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.common import PipelineInputError, ProgressArtifact, is_complete, write_text
+from tasks.common import ProgressArtifact, is_complete, write_text
 from tasks.contracts import LATEST, dataset_file
 from tasks.stage import StageRun, stage
 

@@ -77,14 +77,6 @@ class TriplesConfig(BaseModel):
 class DatasetInvariantError(RuntimeError):
     """The triples break a guarantee of the dataset; nothing was published."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("dataset invariants violated:\n  - " + "\n  - ".join(problems))
-
-
-class DatasetInvariantError(RuntimeError):
-    """The triples break a guarantee of the dataset; nothing was published."""
-
     retryable = False
 
     def __init__(self, problems: list[str]):
