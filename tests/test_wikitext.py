@@ -204,3 +204,24 @@ def test_lead_keeps_the_page_kind_of_the_whole_page():
     page = SECTIONS * 3 + "\n{{Surname}}\n"
     assert page_kind("X", clean_wikitext(page, max_chars=40)) == "set_index"
     assert page_kind("X", clean_wikitext(SECTIONS * 3 + "{{Reflist}}", max_chars=40)) is None
+
+
+def test_refs_and_comments_go_before_parsing_and_an_unclosed_ref_swallows_nothing():
+    text = (
+        "Alpha is a letter.<ref>never closed\n\n"
+        "Beta is a letter.<!-- [[not a link]] --> It comes second.<ref name=\"b\">{{cite|t=[[x]]}}</ref> "
+        "Gamma follows.<ref name=\"b\" />"
+    )
+    out = clean_wikitext(text).text
+    assert "Beta is a letter. It comes second. Gamma follows." in out
+    assert "cite" not in out and "not a link" not in out
+    assert not any(m in out for m in FORBIDDEN_MARKUP)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("the value of X'' is", "the value of X is"),  # an unpaired italic
+    ("Proposal''''s", "Proposal's"),  # an apostrophe before bold
+    ("''''''x", "'x"),  # one more than bold italic
+])
+def test_unpaired_bold_and_italic_ticks_are_formatting(text, expected):
+    assert strip_residual_markup(text) == expected
