@@ -10,6 +10,7 @@ equal worker counts, it measures:
   mode: 1 document per article) on one shard; models load once per worker
   and that is counted;
 * gensim: ``python -m gensim.scripts.segment_wiki -w N`` on the plain .xml.bz2;
+* both sentence splitters (``--splitters parser senter``: units.sentence_splitter);
 * scaling from 1 to 2 workers, and ours' peak RSS (the largest process) at 1x
   and 10x a smaller base dump (``--rss-pages``).
 
@@ -49,13 +50,13 @@ def _paths(code_root: str | None) -> None:
 # -- worker side (a process of the pool) -------------------------------------
 
 
-def _ingest_shard(shard, work: str) -> dict:
+def _ingest_shard(shard, work: str, splitter: str) -> dict:
     from tasks.common import Funnel
     from tasks.extract_docs import ExtractConfig, extract_docs
     from tasks.select_units import UnitConfig, select_units
 
     articles = extract_docs(shard, ExtractConfig(), work)
-    units = select_units([articles], UnitConfig(docs_per_article=1), work)
+    units = select_units([articles], UnitConfig(docs_per_article=1, sentence_splitter=splitter), work)
     ex, sel = Funnel.load(articles / "funnel.json"), Funnel.load(units / "funnel.json")
     return {
         "pages": ex.get("extract_docs", "input"),
@@ -71,7 +72,7 @@ def _init_worker(code_root: str | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def child_ours(dump: str, workers: int, pages_per_shard: int, code_root: str | None) -> dict:
+def child_ours(dump: str, workers: int, pages_per_shard: int, code_root: str | None, splitter: str) -> dict:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -82,7 +83,7 @@ def child_ours(dump: str, workers: int, pages_per_shard: int, code_root: str | N
     with tempfile.TemporaryDirectory(prefix="bench-ingest-work-") as work:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(code_root,)) as pool:
-            results = list(pool.map(_ingest_shard, shards, [work] * len(shards)))
+            results = list(pool.map(_ingest_shard, shards, [work] * len(shards), [splitter] * len(shards)))
     wall = time.perf_counter() - t0
     total = {k: sum(r[k] for r in results) for k in ("pages", "articles", "documents", "units")}
     return {"shards": len(shards), "wall_s": wall, **total, "worker_rss_mb": max(r["rss_mb"] for r in results)}
@@ -107,7 +108,7 @@ def child_gensim(dump: str, workers: int) -> dict:
 def _child_main(args) -> None:
     _paths(args.code_root)
     if args.child == "ours":
-        res = child_ours(args.dump, args.child_workers, args.pages_per_shard, args.code_root)
+        res = child_ours(args.dump, args.child_workers, args.pages_per_shard, args.code_root, args.child_splitter)
     else:
         res = child_gensim(args.dump, args.child_workers)
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -119,9 +120,9 @@ def _child_main(args) -> None:
 # -- driver ---------------------------------------------------------------------
 
 
-def _run_child(kind: str, dump: Path, workers: int, args) -> dict:
+def _run_child(kind: str, dump: Path, workers: int, args, splitter: str = "parser") -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--dump", str(dump), "--child-workers", str(workers),
-           "--pages-per-shard", str(args.pages_per_shard)]
+           "--pages-per-shard", str(args.pages_per_shard), "--child-splitter", splitter]
     if args.code_root:
         cmd += ["--code-root", args.code_root]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -154,7 +155,10 @@ def main() -> None:
     ap.add_argument("--pages-per-shard", type=int, default=100)
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--code-root", default=None, help="checkout whose tasks/ to run (default: this one)")
+    ap.add_argument("--splitters", nargs="*", default=["parser", "senter"], choices=["parser", "senter"],
+                    help="units.sentence_splitter values to measure (RSS: the first)")
     ap.add_argument("--skip-gensim", action="store_true")
+    ap.add_argument("--child-splitter", default="parser", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "gensim"], help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
     ap.add_argument("--child-workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -171,37 +175,45 @@ def main() -> None:
         t0 = time.perf_counter()
         multistream, plain = build_dumps(args.copies, tmp / "main")
         result["build_s"] = round(time.perf_counter() - t0, 1)
-        ours = {w: _run_child("ours", multistream, w, args) for w in args.workers}
-        gensim = {} if args.skip_gensim else {w: _run_child("gensim", plain, w, args) for w in args.workers}
+        # Alternating ours and gensim at each worker count, so that a slow spell of a shared machine hits both.
+        ours: dict = {sp: {} for sp in args.splitters}
+        gensim: dict = {}
+        for w in args.workers:
+            for sp in args.splitters:
+                ours[sp][w] = _run_child("ours", multistream, w, args, sp)
+            if not args.skip_gensim:
+                gensim[w] = _run_child("gensim", plain, w, args)
         rss_base, _ = build_dumps(1, tmp / "rss1", pages=args.rss_pages)
         rss_10x, _ = build_dumps(10, tmp / "rss10", pages=args.rss_pages)
-        rss = {"1x": _run_child("ours", rss_base, 1, args), "10x": _run_child("ours", rss_10x, 1, args)}
-    result.update(ours={str(k): v for k, v in ours.items()}, gensim={str(k): v for k, v in gensim.items()},
-                  rss={"base_pages": args.rss_pages, **rss})
+        sp0 = args.splitters[0]
+        rss = {"1x": _run_child("ours", rss_base, 1, args, sp0), "10x": _run_child("ours", rss_10x, 1, args, sp0)}
+    result.update(ours={sp: {str(k): v for k, v in r.items()} for sp, r in ours.items()},
+                  gensim={str(k): v for k, v in gensim.items()}, rss={"base_pages": args.rss_pages, "splitter": sp0, **rss})
     w_lo, w_hi = min(args.workers), max(args.workers)
-    result["scaling"] = round(ours[w_lo]["wall_s"] / ours[w_hi]["wall_s"], 2) if w_hi != w_lo else None
-    result["vs_gensim"] = {str(w): round(ours[w]["articles_per_s"] / gensim[w]["articles_per_s"], 2) for w in gensim}
+    result["scaling"] = {sp: round(r[w_lo]["wall_s"] / r[w_hi]["wall_s"], 2) if w_hi != w_lo else None for sp, r in ours.items()}
+    result["vs_gensim"] = {sp: {str(w): round(r[w]["articles_per_s"] / gensim[w]["articles_per_s"], 2) for w in gensim}
+                           for sp, r in ours.items()}
     result["rss_10x_over_1x"] = round(rss["10x"]["peak_rss_mb"] / rss["1x"]["peak_rss_mb"], 2)
-    per_core = ours[w_lo]["articles_per_s_per_core"]
-    result["full_english_core_hours"] = round(FULL_ENGLISH_ARTICLES / per_core / 3600, 1)
+    result["full_english_core_hours"] = {sp: round(FULL_ENGLISH_ARTICLES / r[w_lo]["articles_per_s_per_core"] / 3600, 1)
+                                         for sp, r in ours.items()}
     if gensim:
         result["full_english_core_hours_gensim"] = round(FULL_ENGLISH_ARTICLES / gensim[w_lo]["articles_per_s_per_core"] / 3600, 1)
     print(json.dumps(result, indent=2))
 
-    pages = ours[w_lo]["pages"]
+    pages = ours[sp0][w_lo]["pages"]
     print(f"\n{pages} pages ({args.copies} copies of the excerpt), {args.pages_per_shard} pages per shard; "
           f"ours = extract_docs + select_units (paper mode), gensim = segment_wiki\n")
     print("| run | workers | articles | wall s | CPU s | peak RSS MiB | articles/s | articles/s/core | vs gensim |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for w, r in ours.items():
-        vs = result["vs_gensim"].get(str(w), "")
-        print(f"| ours | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | {vs}x |")
+    for sp, w, r in [(sp, w, r) for sp, rs in ours.items() for w, r in rs.items()]:
+        vs = result["vs_gensim"][sp].get(str(w), "")
+        print(f"| ours, {sp} | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | {vs}x |")
     for w, r in gensim.items():
         print(f"| gensim | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | 1x |")
     for size, r in rss.items():
-        print(f"| ours, RSS {size} ({r['pages']} pages) | 1 | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | |")
-    print(f"\nscaling {w_lo} -> {w_hi} workers: {result['scaling']}x; peak RSS 10x / 1x: {result['rss_10x_over_1x']}; "
-          f"full English dump ({FULL_ENGLISH_ARTICLES:,} articles): {result['full_english_core_hours']} core-hours"
+        print(f"| ours, {sp0}, RSS {size} ({r['pages']} pages) | 1 | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | |")
+    print(f"\nscaling {w_lo} -> {w_hi} workers: {result['scaling']}; peak RSS 10x / 1x: {result['rss_10x_over_1x']}; "
+          f"full English dump ({FULL_ENGLISH_ARTICLES:,} articles), core-hours: {result['full_english_core_hours']}"
           + (f" (gensim segment_wiki: {result['full_english_core_hours_gensim']})" if gensim else ""))
 
 
