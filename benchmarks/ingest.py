@@ -79,14 +79,16 @@ def child_ours(dump: str, workers: int, pages_per_shard: int, code_root: str | N
     from tasks.shard import ShardConfig, plan_shards
 
     t0 = time.perf_counter()
-    shards = plan_shards(dump, ShardConfig(pages_per_shard=pages_per_shard))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-work-") as work:
+        # A plain .xml.bz2 is split in one pass into a multistream copy in the work folder, as the flow does.
+        shards = plan_shards(dump, ShardConfig(pages_per_shard=pages_per_shard), work_dir=work)
+        plan_s = time.perf_counter() - t0
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(code_root,)) as pool:
             results = list(pool.map(_ingest_shard, shards, [work] * len(shards), [splitter] * len(shards)))
     wall = time.perf_counter() - t0
     total = {k: sum(r[k] for r in results) for k in ("pages", "articles", "documents", "units")}
-    return {"shards": len(shards), "wall_s": wall, **total, "worker_rss_mb": max(r["rss_mb"] for r in results)}
+    return {"shards": len(shards), "plan_s": plan_s, "wall_s": wall, **total, "worker_rss_mb": max(r["rss_mb"] for r in results)}
 
 
 def child_gensim(dump: str, workers: int) -> dict:
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--splitters", nargs="*", default=["parser", "senter"], choices=["parser", "senter"],
                     help="units.sentence_splitter values to measure (RSS: the first)")
     ap.add_argument("--skip-gensim", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="only the memory points (1x and 10x, multistream and plain)")
     ap.add_argument("--child-splitter", default="parser", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "gensim"], help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
@@ -178,22 +181,31 @@ def main() -> None:
         # Alternating ours and gensim at each worker count, so that a slow spell of a shared machine hits both.
         ours: dict = {sp: {} for sp in args.splitters}
         gensim: dict = {}
-        for w in args.workers:
+        for w in ([] if args.skip_speed else args.workers):
             for sp in args.splitters:
                 ours[sp][w] = _run_child("ours", multistream, w, args, sp)
             if not args.skip_gensim:
                 gensim[w] = _run_child("gensim", plain, w, args)
-        rss_base, _ = build_dumps(1, tmp / "rss1", pages=args.rss_pages)
-        rss_10x, _ = build_dumps(10, tmp / "rss10", pages=args.rss_pages)
+        rss_base, rss_base_plain = build_dumps(1, tmp / "rss1", pages=args.rss_pages)
+        rss_10x, rss_10x_plain = build_dumps(10, tmp / "rss10", pages=args.rss_pages)
         sp0 = args.splitters[0]
-        rss = {"1x": _run_child("ours", rss_base, 1, args, sp0), "10x": _run_child("ours", rss_10x, 1, args, sp0)}
+        rss = {"1x": _run_child("ours", rss_base, 1, args, sp0), "10x": _run_child("ours", rss_10x, 1, args, sp0),
+               "1x plain": _run_child("ours", rss_base_plain, 1, args, sp0),
+               "10x plain": _run_child("ours", rss_10x_plain, 1, args, sp0)}
     result.update(ours={sp: {str(k): v for k, v in r.items()} for sp, r in ours.items()},
                   gensim={str(k): v for k, v in gensim.items()}, rss={"base_pages": args.rss_pages, "splitter": sp0, **rss})
     w_lo, w_hi = min(args.workers), max(args.workers)
+    result["rss_10x_over_1x"] = {kind: round(rss[f"10x{kind}"]["peak_rss_mb"] / rss[f"1x{kind}"]["peak_rss_mb"], 2)
+                                 for kind in ("", " plain")}
+    # Linear growth of a plain dump: planning (the one-pass split) and planning + extraction at 10x over 1x
+    # (10 is linear, 100 quadratic; the whole run also holds a fixed start-up of models and imports).
+    result["plain_10x_over_1x"] = {k: round(rss["10x plain"][k] / rss["1x plain"][k], 2) for k in ("plan_s", "wall_s")}
+    if args.skip_speed:
+        print(json.dumps(result, indent=2))
+        return
     result["scaling"] = {sp: round(r[w_lo]["wall_s"] / r[w_hi]["wall_s"], 2) if w_hi != w_lo else None for sp, r in ours.items()}
     result["vs_gensim"] = {sp: {str(w): round(r[w]["articles_per_s"] / gensim[w]["articles_per_s"], 2) for w in gensim}
                            for sp, r in ours.items()}
-    result["rss_10x_over_1x"] = round(rss["10x"]["peak_rss_mb"] / rss["1x"]["peak_rss_mb"], 2)
     result["full_english_core_hours"] = {sp: round(FULL_ENGLISH_ARTICLES / r[w_lo]["articles_per_s_per_core"] / 3600, 1)
                                          for sp, r in ours.items()}
     if gensim:
@@ -211,8 +223,9 @@ def main() -> None:
     for w, r in gensim.items():
         print(f"| gensim | {w} | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | 1x |")
     for size, r in rss.items():
-        print(f"| ours, {sp0}, RSS {size} ({r['pages']} pages) | 1 | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | |")
+        print(f"| ours, {sp0}, RSS {size} ({r['pages']} pages, plan {r['plan_s']:.1f} s) | 1 | {r['articles']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['articles_per_s']:.1f} | {r['articles_per_s_per_core']:.1f} | |")
     print(f"\nscaling {w_lo} -> {w_hi} workers: {result['scaling']}; peak RSS 10x / 1x: {result['rss_10x_over_1x']}; "
+          f"plain dump 10x / 1x: {result['plain_10x_over_1x']}; "
           f"full English dump ({FULL_ENGLISH_ARTICLES:,} articles), core-hours: {result['full_english_core_hours']}"
           + (f" (gensim segment_wiki: {result['full_english_core_hours_gensim']})" if gensim else ""))
 

@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 
 import mwparserfromhell
+from mwparserfromhell.parser import tokens as _tok
+from mwparserfromhell.parser.builder import Builder
 from mwparserfromhell.nodes import (
     Argument,
     Comment,
@@ -141,11 +143,157 @@ class _State:
 
 def template_name(template: Template) -> str:
     """Normalised template name: lower case, underscores as spaces, no 'Template:' prefix."""
-    name = str(template.name).strip().replace("_", " ").lower()
+    return _normal_template_name(str(template.name))
+
+
+def _normal_template_name(raw: str) -> str:
+    name = raw.strip().replace("_", " ").lower()
     name = re.sub(r"\s+", " ", name)
     if name.startswith("template:"):
         name = name[len("template:") :].strip()
     return name
+
+
+def _is_rendered_template(name: str) -> bool:
+    return name in _RENDER_FIRST_ARG or name in _RENDER_LAST_ARG or name.startswith("lang-") or name in _RENDER_CONVERT
+
+
+# --------------------------------------------------------------------------
+# Parsing without building what is never rendered.
+#
+# mwparserfromhell tokenizes in C and builds the node tree in Python; building
+# was most of the parse time, and most of what it built (infoboxes and other
+# templates, tables, <math>, [[File:...]] links ...) renders as nothing. So the
+# token list is walked once first: a template, table, dropped tag or media link
+# at the top level is a balanced run of tokens (the tokenizer emits a construct it cannot close as
+# text), and it is cut out before the builder runs, its name counted as the
+# renderer would have counted it. The nodes left are those the whole tree
+# would have had at the top level, so rendering them gives the same text.
+
+_OPENS = (_tok.TemplateOpen, _tok.ArgumentOpen, _tok.WikilinkOpen, _tok.ExternalLinkOpen, _tok.HeadingStart,
+          _tok.CommentStart, _tok.TagOpenOpen, _tok.HTMLEntityStart)
+_CLOSES = (_tok.TemplateClose, _tok.ArgumentClose, _tok.WikilinkClose, _tok.ExternalLinkClose, _tok.HeadingEnd,
+           _tok.CommentEnd, _tok.TagCloseSelfclose, _tok.TagCloseClose, _tok.HTMLEntityEnd)
+try:
+    from mwparserfromhell.parser._tokenizer import CTokenizer as _Tokenizer
+except ImportError:  # no C extension: the pure-Python tokenizer emits the same tokens
+    from mwparserfromhell.parser.tokenizer import Tokenizer as _Tokenizer
+
+
+def _construct_end(tokens: list, start: int) -> int:
+    """Index of the token closing the construct opened at ``start``; -1 if none."""
+    depth = 0
+    for k in range(start, len(tokens)):
+        t = tokens[k]
+        if isinstance(t, _OPENS):
+            depth += 1
+        elif isinstance(t, _CLOSES):
+            depth -= 1
+            if depth == 0:
+                return k
+    return -1
+
+
+def _template_name_tokens(tokens: list, start: int, end: int) -> str | None:
+    """The raw name of the template opened at ``start`` when it is plain text, else None."""
+    parts = []
+    for k in range(start + 1, end):
+        t = tokens[k]
+        if isinstance(t, (_tok.TemplateParamSeparator, _tok.TemplateClose)):
+            break
+        if not isinstance(t, _tok.Text):
+            return None
+        parts.append(t.text)
+    return "".join(parts)
+
+
+def _media_link(tokens: list, start: int, end: int) -> bool | None:
+    """For the wikilink opened at ``start``: None unless it is a plain-text [[File:/Image:/Media:...]]
+    link; else whether it has a caption (the renderer drops such a link and counts its caption)."""
+    head = tokens[start + 1] if start + 1 < end else None
+    if not isinstance(head, _tok.Text) or not isinstance(tokens[start + 2], (_tok.WikilinkSeparator, _tok.WikilinkClose)):
+        return None
+    title = head.text.strip()
+    if title.startswith(":") or ":" not in title or title.split(":", 1)[0].strip().lower() not in _MEDIA_PREFIXES:
+        return None
+    return isinstance(tokens[start + 2], _tok.WikilinkSeparator)
+
+
+@dataclass
+class _Cut:
+    """What _parse cut out of a token list, as the renderer would have counted it."""
+
+    names: list[tuple[int, str]] = field(default_factory=list)  # (index of the next kept top-level node, template name)
+    tables: int = 0
+    captions: int = 0
+
+
+def _parse(wikitext: str):
+    """(the top-level nodes left, _Cut)."""
+    tokens = _Tokenizer().tokenize(wikitext, 0, False)  # a tokenizer holds its state: one per call (threads)
+    kept: list = []
+    top = 0  # top-level nodes kept so far: the builder makes one of each top-level token or construct
+    cut = _Cut()
+    i, n = 0, len(tokens)
+    while i < n:
+        t = tokens[i]
+        if isinstance(t, (_tok.TemplateOpen, _tok.TagOpenOpen)):
+            end = _construct_end(tokens, i)
+            if end < 0:
+                kept.extend(tokens[i:])  # (not seen: the tokenizer balances what it emits)
+                break
+            if isinstance(t, _tok.TemplateOpen):
+                raw = _template_name_tokens(tokens, i, end)
+                name = None if raw is None else _normal_template_name(raw)
+                if name is not None and not _is_rendered_template(name):
+                    cut.names.append((top, name))
+                    i = end + 1
+                    continue
+            else:
+                head = tokens[i + 1] if i + 1 < end else None
+                # The name is one Text token (else the builder's str(tag) may differ: leave it to it).
+                plain = isinstance(head, _tok.Text) and not isinstance(tokens[i + 2], _tok.Text)
+                tag = head.text.strip().lower() if plain else None
+                if tag == "table" or tag in _DROP_TAGS:
+                    cut.tables += tag == "table"
+                    i = end + 1
+                    continue
+            kept.extend(tokens[i : end + 1])
+            top += 1
+            i = end + 1
+            continue
+        if isinstance(t, _OPENS):  # a link, heading, ... is kept whole, with what is inside it
+            end = _construct_end(tokens, i)
+            if end < 0:
+                kept.extend(tokens[i:])
+                break
+            media = _media_link(tokens, i, end) if isinstance(t, _tok.WikilinkOpen) else None
+            if media is not None:
+                cut.captions += media
+                i = end + 1
+                continue
+            kept.extend(tokens[i : end + 1])
+            top += 1
+            i = end + 1
+            continue
+        kept.append(t)
+        top += 1
+        i += 1
+    return Builder().build(kept).nodes, cut
+
+
+def _render_parsed(nodes, cut: _Cut, out: list[str], st: _State) -> None:
+    """_render over the nodes _parse left, counting what it cut in page order."""
+    st.tables += cut.tables
+    st.captions += cut.captions
+    names = cut.names
+    j = 0
+    for k, node in enumerate(nodes):
+        while j < len(names) and names[j][0] <= k:
+            st.templates.append(names[j][1])
+            j += 1
+        _render([node], out, st)
+    st.templates.extend(name for _, name in names[j:])
 
 
 def _render_template(tpl: Template, name: str, out: list[str], st: _State) -> None:
@@ -317,10 +465,10 @@ def _paragraphs(text: str, st: _State) -> tuple[list[str], int]:
 
 def _clean_whole(wikitext: str) -> CleanResult:
     st = _State()
-    code = mwparserfromhell.parse(wikitext)
+    nodes, cut = _parse(wikitext)
     out: list[str] = []
-    _render(code.nodes, out, st)
-    return _finish(out, st, len(wikitext), code.nodes)[0]
+    _render_parsed(nodes, cut, out, st)
+    return _finish(out, st, len(wikitext), nodes)[0]
 
 
 def _finish(out: list[str], st: _State, parsed: int, nodes=None) -> tuple[CleanResult, list[str]]:
@@ -439,11 +587,11 @@ def clean_wikitext(wikitext: str, max_chars: int | None = None) -> CleanResult:
             break  # the rest is the last section: the whole page it is
         # Sections from `start` to `cut` (the segment starts at a line start,
         # as a page does, so it parses as it does inside the page).
-        code = mwparserfromhell.parse(wikitext[start:cut])
-        if not _segment_is_closed(code.nodes):
+        nodes, removed = _parse(wikitext[start:cut])
+        if not _segment_is_closed(nodes):
             continue  # a construct is open at the cut: take the next section with it
         before = len(out)
-        _render(code.nodes, out, st)
+        _render_parsed(nodes, removed, out, st)
         rendered += sum(len(x) for x in out[before:])
         start = cut
         if rendered < max_chars:
