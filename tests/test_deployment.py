@@ -172,7 +172,7 @@ def test_missing_dataset_path_fails_the_run_at_once(stack, tmp_path):
     )
     run = stack.wait_for_run(parse_run_id(proc.stdout), timeout=600)
     assert run["state"]["type"] == "FAILED", run["state"]
-    logs = stack.run_logs(run["id"])
+    logs = stack.wait_for_logs(run["id"], str(missing), "not a dataset")
     assert str(missing) in logs and "not a dataset" in logs, logs
     assert not (out / "models").exists()  # refused before any training work
 

@@ -164,6 +164,16 @@ class PrefectStack:
         except Exception as exc:  # diagnostics only
             return f"(no run logs: {exc})"
 
+    def wait_for_logs(self, run_id: str, *needles: str, timeout: float = 30.0) -> str:
+        """The run's logs once they hold every needle (or at the timeout): a run's last log
+        lines reach the API in a batch that can land after its final state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = self.run_logs(run_id)
+            if all(n in logs for n in needles) or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.5)
+
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         r = self.client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
         r.raise_for_status()
