@@ -28,7 +28,6 @@ import html
 import re
 from dataclasses import dataclass, field
 
-import mwparserfromhell
 from mwparserfromhell.parser import tokens as _tok
 from mwparserfromhell.parser.builder import Builder
 from mwparserfromhell.nodes import (
