@@ -50,7 +50,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -402,24 +402,20 @@ def recognised_sentences(doc) -> list:
     return [doc[a:b] for a, b in spans]
 
 
-def _sentences_of(docs: Iterable, pronouns: frozenset[str], features=sentence_features) -> list[Sentence]:
-    out = []
-    for doc in docs:
-        for sent in (recognised_sentences(doc) if features is split_features else doc.sents):
-            s = features(sent, pronouns)
-            if s.text:
-                out.append(s)
-    return out
+def _sentences_of(doc, pronouns: frozenset[str], senter: bool) -> list[Sentence]:
+    """One paragraph's sentences: from the recogniser (no parse yet) or from the parser."""
+    spans, features = (recognised_sentences(doc), split_features) if senter else (doc.sents, sentence_features)
+    return [s for s in (features(sent, pronouns) for sent in spans) if s.text]
 
 
 def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_size: int,
-           features=sentence_features) -> dict[int, list[Sentence]]:
+           senter: bool = False) -> dict[int, list[Sentence]]:
     """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept."""
     out: dict[int, list[Sentence]] = {}
     # A spaCy pipeline is not documented as thread-safe: one parse at a time per process.
     with _PARSE_LOCK:
         for doc, i in nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1):
-            out.setdefault(i, []).extend(_sentences_of([doc], pronouns, features))
+            out.setdefault(i, []).extend(_sentences_of(doc, pronouns, senter))
     return out
 
 
@@ -492,7 +488,8 @@ def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) 
 
 def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     nlp = load_nlp(config.spacy_model)
-    splitter, features = (load_senter(config.spacy_model), split_features) if config.sentence_splitter == "senter" else (nlp, sentence_features)
+    senter = config.sentence_splitter == "senter"
+    splitter = load_senter(config.spacy_model) if senter else nlp
     tokenizer = load_tokenizer(config.tokenizer_path)
     pronouns = frozenset(p.lower() for p in config.pronouns)
     funnel = run.funnel
@@ -528,7 +525,7 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
             n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
             batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
             art.parsed += n
-        parsed = _parse(splitter, batch, pronouns, config.batch_size, features)
+        parsed = _parse(splitter, batch, pronouns, config.batch_size, senter)
         still = []
         for i in todo:
             art = articles[i]
@@ -546,8 +543,7 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
 
     # The senter splitter's sentences get a parse where the subject rule needs one:
     # the candidates of documents long enough to be kept.
-    _parse_subjects(nlp, [s for parts, _ in results.values() for part in parts
-                          if len(part) >= config.min_doc_sentences and sum(x.tokens for x in part) >= config.min_doc_tokens
+    _parse_subjects(nlp, [s for parts, _ in results.values() for part in parts if _too_short(part, config) is None
                           for s in part if needs_parse(s, config, pronouns)], pronouns, config.batch_size)
 
     doc_cols: dict[str, list[Any]] = {n: [] for n in DOCUMENTS_SCHEMA.names}
@@ -576,15 +572,22 @@ def _cut_documents_counted(sentences: list[Sentence], tokenizer, config: UnitCon
     return _cut_documents(sentences, config, funnel)
 
 
+def _too_short(part: list[Sentence], config: UnitConfig) -> str | None:
+    """Why a document is dropped before its candidates are looked at (paper: < 3 sentences or < 200 tokens)."""
+    if len(part) < config.min_doc_sentences:
+        return "too_few_sentences"
+    if sum(s.tokens for s in part) < config.min_doc_tokens:
+        return "too_few_tokens"
+    return None
+
+
 def _emit_document(art: _Article, part_no: int, part: list[Sentence], config: UnitConfig, pronouns, funnel: Funnel, doc_cols, unit_cols) -> bool:
     funnel.seen(DOC_STAGE)
     tokens = sum(s.tokens for s in part)
     funnel.add(SENTENCE_STAGE, "kept", len(part))
-    if len(part) < config.min_doc_sentences:
-        funnel.drop(DOC_STAGE, "too_few_sentences")
-        return False
-    if tokens < config.min_doc_tokens:
-        funnel.drop(DOC_STAGE, "too_few_tokens")
+    reason = _too_short(part, config)
+    if reason:
+        funnel.drop(DOC_STAGE, reason)
         return False
     candidates = []
     for idx, s in enumerate(part):

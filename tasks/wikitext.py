@@ -235,50 +235,48 @@ def _parse(wikitext: str):
     cut = _Cut()
     i, n = 0, len(tokens)
     while i < n:
-        t = tokens[i]
-        if isinstance(t, (_tok.TemplateOpen, _tok.TagOpenOpen)):
-            end = _construct_end(tokens, i)
-            if end < 0:
-                kept.extend(tokens[i:])  # (not seen: the tokenizer balances what it emits)
-                break
-            if isinstance(t, _tok.TemplateOpen):
-                raw = _template_name_tokens(tokens, i, end)
-                name = None if raw is None else _normal_template_name(raw)
-                if name is not None and not _is_rendered_template(name):
-                    cut.names.append((top, name))
-                    i = end + 1
-                    continue
-            else:
-                head = tokens[i + 1] if i + 1 < end else None
-                # The name is one Text token (else the builder's str(tag) may differ: leave it to it).
-                plain = isinstance(head, _tok.Text) and not isinstance(tokens[i + 2], _tok.Text)
-                tag = head.text.strip().lower() if plain else None
-                if tag == "table" or tag in _DROP_TAGS:
-                    cut.tables += tag == "table"
-                    i = end + 1
-                    continue
-            kept.extend(tokens[i : end + 1])
+        if not isinstance(tokens[i], _OPENS):
+            kept.append(tokens[i])
             top += 1
-            i = end + 1
+            i += 1
             continue
-        if isinstance(t, _OPENS):  # a link, heading, ... is kept whole, with what is inside it
-            end = _construct_end(tokens, i)
-            if end < 0:
-                kept.extend(tokens[i:])
-                break
-            media = _media_link(tokens, i, end) if isinstance(t, _tok.WikilinkOpen) else None
-            if media is not None:
-                cut.captions += media
-                i = end + 1
-                continue
-            kept.extend(tokens[i : end + 1])
+        end = _construct_end(tokens, i)
+        if end < 0:
+            kept.extend(tokens[i:])  # (not seen: the tokenizer balances what it emits)
+            break
+        if not _cut_out(tokens, i, end, top, cut):
+            kept.extend(tokens[i : end + 1])  # kept whole, with what is inside it
             top += 1
-            i = end + 1
-            continue
-        kept.append(t)
-        top += 1
-        i += 1
+        i = end + 1
     return Builder().build(kept).nodes, cut
+
+
+def _cut_out(tokens: list, start: int, end: int, top: int, cut: _Cut) -> bool:
+    """Whether the construct tokens[start:end + 1] renders as nothing; if so it is counted into ``cut``."""
+    t = tokens[start]
+    if isinstance(t, _tok.TemplateOpen):
+        raw = _template_name_tokens(tokens, start, end)
+        name = None if raw is None else _normal_template_name(raw)
+        if name is None or _is_rendered_template(name):
+            return False
+        cut.names.append((top, name))
+        return True
+    if isinstance(t, _tok.TagOpenOpen):
+        head = tokens[start + 1] if start + 1 < end else None
+        # The name is one Text token (else the builder's str(tag) may differ: leave it to it).
+        plain = isinstance(head, _tok.Text) and not isinstance(tokens[start + 2], _tok.Text)
+        tag = head.text.strip().lower() if plain else None
+        if tag != "table" and tag not in _DROP_TAGS:
+            return False
+        cut.tables += tag == "table"
+        return True
+    if isinstance(t, _tok.WikilinkOpen):
+        media = _media_link(tokens, start, end)
+        if media is None:
+            return False
+        cut.captions += media
+        return True
+    return False
 
 
 def _render_parsed(nodes, cut: _Cut, out: list[str], st: _State) -> None:
@@ -537,9 +535,7 @@ def _rest_may_change_kind(rest: str) -> bool:
     if "{{" not in rest:
         return False
     for m in _TEMPLATE_OPEN.finditer(rest):
-        name = re.sub(r"\s+", " ", m.group(1).strip().replace("_", " ").lower())
-        if name.startswith("template:"):
-            name = name[len("template:") :].strip()
+        name = _normal_template_name(m.group(1))
         if not name or is_disambiguation_template(name) or is_set_index_template(name):
             return True  # (an empty name: a computed one, e.g. {{ {{x}} }})
     return False
