@@ -7,15 +7,15 @@ their wikitext as plain prose (tasks/wikitext.py) and writes
 not become an article is counted under a drop reason.
 
 Only an article's lead is rendered by default (``max_chars``: whole sections
-from the top until the clean text holds that many characters): the document
-rule uses the first ~3,000 characters in the paper's mode and ~8,000 with 3
-documents per article, and parsing whole articles with mwparserfromhell was
-most of the stage's time. The text kept is exactly the start of the whole
-article's clean text (tasks/wikitext.py says why), and a page is still
-recognised as a disambiguation / set-index page by templates anywhere in it.
-``cut_articles.json`` lists the page ids whose text is a lead, so that
-select_units can report a document that wanted more of its page; the
-``clean_wikitext`` removal counts cover the part rendered.
+from the top until the clean text holds that many characters): the paper's
+one 500-token document per article uses the first ~3,000 characters, and
+cleaning the rest of the page was most of the stage's time. The text kept is
+exactly the start of the whole article's clean text (tasks/wikitext.py says
+why), and a page is still recognised as a disambiguation / set-index page by
+templates anywhere in it. ``cut_articles.json`` lists the page ids whose text
+is a lead, and the shard they came from: select_units reads such a page whole
+when its documents want more than its lead, so the budget changes speed, not
+output. The ``clean_wikitext`` removal counts cover the part rendered.
 """
 
 from __future__ import annotations
@@ -54,13 +54,14 @@ class ExtractConfig(BaseModel):
         "the funnel and listed with their titles and reasons in bad_pages.json. 0: the first one fails the shard, "
         "naming the page. (Broken XML cannot be skipped: the parser cannot resume after it.)")
     max_chars: int | None = Field(
-        12_000,
+        4_000,
         ge=1,
         le=100_000_000,
         description=(
             "Render only an article's lead: whole sections from the top until the clean text holds this many characters "
-            "(select_units uses ~3,000 in the paper's 1 document per article, ~8,000 for 3); empty: whole articles. "
-            "The text kept is exactly the start of the whole article's clean text."
+            "(about 8 per document token: 4,000 for the paper's one 500-token document per article, 12,000 for 3); "
+            "empty: whole articles. The text kept is exactly the start of the whole article's clean text, and "
+            "select_units reads a page whole when its documents want more than its lead, so this sets only the speed."
         ),
     )
 
@@ -195,8 +196,25 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
         raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
     run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]), articles_cut=len(cut), bad_pages=len(bad))
     # Which articles hold only a lead (select_units reports a document that ran out of it).
-    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA), CUT_FILE: {"max_chars": budget, "page_ids": cut},
+    # The shard is kept so that select_units can read a page whole when its documents want more than its lead.
+    return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA),
+            CUT_FILE: {"max_chars": budget, "page_ids": cut, "shard": shard.model_dump(mode="json")},
             "bad_pages.json": bad}
 
 
 extract_docs_task = extract_docs.task
+
+
+def whole_page_texts(shard: Shard, page_ids: set[int]) -> dict[int, str]:
+    """The whole clean text of these pages of ``shard`` (for articles whose lead was too short)."""
+    out: dict[int, str] = {}
+    for page, revision in _iter_shard_pages(shard):
+        if page.id in page_ids:
+            out[page.id] = wikitext.clean_wikitext((revision.text if revision is not None else None) or "").text
+            if len(out) == len(page_ids):
+                break
+    missing = sorted(page_ids - out.keys())
+    if missing:
+        raise PipelineInputError(shard.dump_path, f"pages {missing[:5]} of {shard.name} are not in the dump any more "
+                                 "(select_units reads a page whole when its documents want more than its lead)")
+    return out

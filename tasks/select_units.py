@@ -17,19 +17,25 @@ no list or caption debris), and an article whose words are not English is
 dropped (the parser and the recipe are English).
 
 Tokens are counted with the encoder's WordPiece tokenizer, without special
-tokens. spaCy runs the dependency parser only (it also sets sentence
-boundaries); the tagger, attribute ruler, NER and lemmatizer gave the same
-candidates and cost ~30% more time.
+tokens.
 
-``sentence_splitter: senter`` (opt-in) splits with spaCy's sentence
-recogniser instead (about 13x cheaper than the parser here), joins a piece
-that does not end in final punctuation to the next one, and parses only the
-candidates whose subject rule the parse can change: those holding a listed
-pronoun (every candidate with ``require_subject``), each as one sentence. On
-the embedded dump its units are 97% those of the parser (348 shared of 356
-and 351): it mends parser splits such as "tutored | Alexander the Great"
-and misses some boundaries the parser finds ("2161 m3/s. The Peace River"),
-so it is not the default.
+Sentences (``sentence_splitter: senter``, the default) come from spaCy's
+sentence recogniser, about 13x cheaper than its dependency parser here, with
+two repairs (recognised_sentences): a piece that does not end in final
+punctuation, or that starts in lower case, is joined to the one before; and
+a sentence holding a stop that may end an abbreviation ('m3/s. The', 'Bell.
+Later') is parsed and cut where the parser cuts. The parser then runs only
+on the candidates whose subject rule it can change: those holding a listed
+pronoun (every candidate with ``require_subject``), each as one sentence.
+Against the parser splitter on the embedded dump (paper mode: 346 shared
+units of 356 and 346) the differences are the parser's: cuts inside a
+sentence with no stop ("tutored | Alexander the Great", "'acid' | (as in
+...)", "NOTE: | Since"), fragments that start in lower case ("when the last
+leap second was added, ..."), and the documents that lose their third
+candidate with those fragments (docs/ARCHITECTURE.md lists them).
+``sentence_splitter: parser`` (the dependency parser splits and parses every
+paragraph; the tagger, attribute ruler, NER and lemmatizer gave the same
+candidates and cost ~30% more time) is kept for comparison.
 
 A document's text is its kept sentences joined by one space; ``sentence_spans``
 and every unit's ``char_start``/``char_end`` index into that text.
@@ -47,6 +53,7 @@ threads); worker processes parse in parallel.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -62,6 +69,11 @@ from pydantic import BaseModel, Field
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
 from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError
 from tasks.contracts import DOCUMENTS_SCHEMA, UNITS_SCHEMA
+from tasks import extract_docs as extract_docs_module
+from tasks import shard as shard_module
+from tasks import wikitext
+from tasks.extract_docs import CUT_FILE, whole_page_texts
+from tasks.shard import Shard
 from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"
@@ -69,7 +81,7 @@ ARTICLE_STAGE = "select_units.articles"
 SENTENCE_STAGE = "select_units.sentences"
 DOC_STAGE = "select_units.documents"
 CANDIDATE_STAGE = "select_units.candidates"
-LEAD_STAGE = "select_units.leads"  # articles whose lead (ExtractConfig.max_chars) was too short for their documents
+LEAD_STAGE = "select_units.leads"  # lead-only articles (ExtractConfig.max_chars) read whole, and why
 
 PAPER_PRONOUNS = ["this", "these", "it", "that", "those", "they", "he", "she", "we", "you", "i"]
 # Components the candidate rules do not use (the parser alone sets sentences and dependencies).
@@ -110,11 +122,11 @@ class UnitConfig(BaseModel):
     tokenizer_path: str | None = Field(None, description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens); empty: the embedded all-MiniLM-L6-v2, which has bert-base-uncased's vocab.")
     spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
     sentence_splitter: Literal["parser", "senter"] = Field(
-        "parser",
-        description="senter: spaCy's sentence recogniser splits paragraphs, and the dependency parser runs only on the "
-        "candidate sentences whose subject rule it can change (those holding a listed pronoun; all candidates with "
-        "require_subject), each parsed as one sentence. parser: the dependency parser splits and parses every paragraph "
-        "(about 4x the time of the whole stage).")
+        "senter",
+        description="senter: spaCy's sentence recogniser splits paragraphs (the parser settles stops that may end an "
+        "abbreviation), and the dependency parser runs only on the candidate sentences whose subject rule it can "
+        "change (those holding a listed pronoun; all candidates with require_subject), each parsed as one sentence. "
+        "parser: the dependency parser splits and parses every paragraph (about 1.7x the time of the whole stage).")
     batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
     chars_per_token_budget: int = Field(6, ge=2, le=100, description="WordPiece-count an article's paragraphs in windows of (tokens still needed)*this characters, to choose how many to parse next.")
 
@@ -356,7 +368,7 @@ class _Article:
     title: str
     source_dump: str
     paragraphs: list[str]
-    cut: bool  # its text is a lead (ExtractConfig.max_chars): the page had more
+    shard: Shard | None  # its text is a lead (ExtractConfig.max_chars) of a page of this shard
     sentences: list[Sentence] = field(default_factory=list)
     para_tokens: list[int] = field(default_factory=list)  # WordPiece tokens of paragraphs[:len(para_tokens)]
     parsed: int = 0  # paragraphs parsed so far
@@ -386,36 +398,80 @@ def _next_slice(art: _Article, need: int, tokenizer, chars_per_token: int) -> in
     return n - art.parsed
 
 
-def recognised_sentences(doc) -> list:
-    """The sentence recogniser's sentences, each joined to the one before while that one
-    does not end in final punctuation: the recogniser splits after openers and inside words
-    ('frequently "[' + 'contemplated] the ...', 'Non' + '-visual astronomy ...'), and a
-    sentence of running prose ends in . ! or ? (the paragraph's last one aside)."""
-    spans: list[list[int]] = []  # [start, end) token offsets
+def recognised_sentences(docs: list, parser=None, batch_size: int = 64) -> list[list]:
+    """Each Doc's sentences from the sentence recogniser, mended where it is often wrong:
+
+    * a piece is joined to the one before while that one does not end in final
+      punctuation (the recogniser splits after openers and inside words:
+      'frequently "[' + 'contemplated] the ...', 'Non' + '-visual astronomy'),
+      or when it starts with a lower-case letter ('etc.)' + 'along with ...');
+    * the recogniser misses boundaries after a stop that could end an
+      abbreviation ('2161 m3/s. The Peace River', 'Linear B. The', 'Bell.
+      Later'): a sentence holding such a stop before a capitalised word or a
+      number is parsed by ``parser``, and cut where the parser starts a
+      sentence there (as the parser splitter would).
+    """
+    spans = [_joined_spans(doc) for doc in docs]
+    unsure = [(d, k) for d, doc_spans in enumerate(spans) for k, (a, b) in enumerate(doc_spans)
+              if parser is not None and _possible_stops(docs[d], a, b)]
+    pieces = {}  # (doc, span) -> the parser's cuts of that span
+    texts = (docs[d][spans[d][k][0] : spans[d][k][1]].text for d, k in unsure)
+    for (d, k), sentence_doc in zip(unsure, parser.pipe(texts, batch_size=batch_size) if unsure else ()):
+        a, b = spans[d][k]
+        if len(sentence_doc) == b - a:  # (else it was tokenised differently on its own: keep the recogniser's sentence)
+            cuts = [a] + [i + 1 for i in _possible_stops(docs[d], a, b) if sentence_doc[i + 1 - a].is_sent_start] + [b]
+            pieces[d, k] = list(zip(cuts, cuts[1:]))
+    return [[docs[d][a:b] for k, span in enumerate(doc_spans) for a, b in pieces.get((d, k), [span])]
+            for d, doc_spans in enumerate(spans)]
+
+
+def _joined_spans(doc) -> list[tuple[int, int]]:
+    """The recogniser's sentences as [start, end) token offsets, joined as recognised_sentences says."""
+    spans: list[list[int]] = []
     open_ = False  # the last span does not end in final punctuation
     for sent in doc.sents:
-        if spans and open_:
+        if spans and (open_ or sent.text[:1].islower()):
             spans[-1][1] = sent.end
         else:
             spans.append([sent.start, sent.end])
         open_ = not ends_with_final_punctuation(sent.text)
-    return [doc[a:b] for a, b in spans]
+    return [(a, b) for a, b in spans]
+
+
+def _possible_stops(doc, start: int, end: int) -> list[int]:
+    """Tokens inside [start, end) ending in . ! or ? before a space and a capitalised word or a number,
+    or an opening bracket or quote and one ('5 plus 2. (Incidentally, ...')."""
+    stops = []
+    for i in range(start + 1, end - 1):
+        if doc[i].text.endswith(_FINAL) and doc[i].whitespace_:
+            after = doc[i + 1].text if doc[i + 1].text not in _OPENERS_OK or i + 2 >= end else doc[i + 2].text
+            if after[:1].isupper() or after[:1].isdigit():
+                stops.append(i)
+    return stops
 
 
 def _sentences_of(doc, pronouns: frozenset[str], senter: bool) -> list[Sentence]:
-    """One paragraph's sentences: from the recogniser (no parse yet) or from the parser."""
-    spans, features = (recognised_sentences(doc), split_features) if senter else (doc.sents, sentence_features)
-    return [s for s in (features(sent, pronouns) for sent in spans) if s.text]
+    """One paragraph's sentences from the parser."""
+    return [s for s in (sentence_features(sent, pronouns) for sent in doc.sents) if s.text]
 
 
 def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_size: int,
-           senter: bool = False) -> dict[int, list[Sentence]]:
-    """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept."""
+           parser=None) -> dict[int, list[Sentence]]:
+    """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept.
+
+    ``nlp`` is the parser, or the sentence recogniser with ``parser`` for the boundaries it may miss."""
     out: dict[int, list[Sentence]] = {}
     # A spaCy pipeline is not documented as thread-safe: one parse at a time per process.
     with _PARSE_LOCK:
-        for doc, i in nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1):
-            out.setdefault(i, []).extend(_sentences_of(doc, pronouns, senter))
+        stream = nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1)
+        if parser is None:
+            for doc, i in stream:
+                out.setdefault(i, []).extend(_sentences_of(doc, pronouns, False))
+            return out
+        while chunk := list(itertools.islice(stream, batch_size)):
+            docs = [doc for doc, _ in chunk]
+            for (_, i), sents in zip(chunk, recognised_sentences(docs, parser, batch_size)):
+                out.setdefault(i, []).extend(s for s in (split_features(sent, pronouns) for sent in sents) if s.text)
     return out
 
 
@@ -434,16 +490,40 @@ def _parse_subjects(nlp, sentences: list[Sentence], pronouns: frozenset[str], ba
             s.subject_pronoun, s.has_subject = _subjects(doc[:], pronouns)
 
 
-def _cut_files(files: list[Path]) -> set[tuple[str, int]]:
-    """(articles file, page id) of the articles whose text is only a lead (extract_docs' cut_articles.json)."""
+def _cut_files(files: list[Path]) -> dict[tuple[str, int], Shard]:
+    """(articles file, page id) -> shard, for the articles whose text is only a lead (extract_docs' cut_articles.json)."""
     import json
 
-    cut = set()
+    cut: dict[tuple[str, int], Shard] = {}
     for f in files:
-        marker = f.parent / "cut_articles.json"
+        marker = f.parent / CUT_FILE
         if marker.is_file():
-            cut.update((str(f), int(pid)) for pid in json.loads(marker.read_text(encoding="utf-8")).get("page_ids", []))
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            if not info.get("page_ids"):
+                continue
+            if "shard" not in info:
+                raise PipelineInputError(marker, "lists lead-only articles but not their shard (written by an older extract_docs: rerun it)")
+            shard = Shard.model_validate(info["shard"])
+            cut.update(((str(f), int(pid)), shard) for pid in info["page_ids"])
     return cut
+
+
+def _read_whole(arts: list[_Article], funnel: Funnel, reason: str) -> None:
+    """Replace these lead-only articles' paragraphs with those of their whole page, one pass per shard."""
+    by_shard: dict[Shard, list[_Article]] = {}
+    for art in arts:
+        by_shard.setdefault(art.shard, []).append(art)
+    for shard, group in by_shard.items():
+        texts = whole_page_texts(shard, {a.page_id for a in group})
+        for art in group:
+            # The lead's paragraphs start the whole page's, so the sentences parsed so far stay valid.
+            art.paragraphs = _paragraphs_of(texts[art.page_id])
+            art.shard = None
+            funnel.add(LEAD_STAGE, reason)
+
+
+def _paragraphs_of(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
 
 
 def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel) -> tuple[list[list[Sentence]], bool]:
@@ -478,7 +558,8 @@ def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel
 
 
 @stage(STAGE, UnitConfig, reads={"article_dirs_or_files": article_files},
-       writes={"documents.parquet": DOCUMENTS_SCHEMA, "units.parquet": UNITS_SCHEMA})
+       writes={"documents.parquet": DOCUMENTS_SCHEMA, "units.parquet": UNITS_SCHEMA},
+       code=[extract_docs_module.__file__, wikitext.__file__, shard_module.__file__])  # it may read a page whole
 def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) -> dict:
     """Documents and candidate units of one shard's articles (documents.parquet, units.parquet)."""
     if config.min_unit_tokens > config.max_unit_tokens:
@@ -496,18 +577,26 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     cut = _cut_files(files)
 
     articles: list[_Article] = []
+    unsure: list[_Article] = []  # leads whose English ratio is near the threshold: decided on the whole page
     for f in files:
         table = pq.read_table(f, columns=["page_id", "revision_id", "title", "text", "source_dump"])
         for row in table.to_pylist():
             funnel.seen(ARTICLE_STAGE)
-            if config.english_only and english_ratio(row["text"]) < config.min_english_ratio:
-                funnel.drop(ARTICLE_STAGE, "not_english")
-                continue
-            paragraphs = [p for p in row["text"].split("\n\n") if p.strip()]
-            if not paragraphs:
-                funnel.drop(ARTICLE_STAGE, "empty_text")
-                continue
-            articles.append(_Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], paragraphs, (str(f), row["page_id"]) in cut))
+            art = _Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], _paragraphs_of(row["text"]),
+                           cut.get((str(f), row["page_id"])))
+            if config.english_only and art.shard is not None and english_ratio(row["text"]) < 2 * config.min_english_ratio:
+                unsure.append(art)
+            articles.append(art)
+    _read_whole(unsure, funnel, "read_whole_page_for_english_ratio")
+    kept_articles = []
+    for art in articles:
+        if config.english_only and english_ratio("\n\n".join(art.paragraphs)) < config.min_english_ratio:
+            funnel.drop(ARTICLE_STAGE, "not_english")
+        elif not art.paragraphs:
+            funnel.drop(ARTICLE_STAGE, "empty_text")
+        else:
+            kept_articles.append(art)
+    articles = kept_articles
 
     # Sentences are parsed in rounds, a few paragraphs per article per round
     # (one nlp.pipe over all articles each round), until each article's
@@ -525,8 +614,8 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
             n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
             batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
             art.parsed += n
-        parsed = _parse(splitter, batch, pronouns, config.batch_size, senter)
-        still = []
+        parsed = _parse(splitter, batch, pronouns, config.batch_size, nlp if senter else None)
+        still, short_leads = [], []
         for i in todo:
             art = articles[i]
             art.sentences += parsed.get(i, [])
@@ -534,12 +623,12 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
             parts, still_open = _cut_documents_counted(art.sentences, tokenizer, config, sub)
             if still_open and art.parsed < len(art.paragraphs):
                 still.append(i)  # the slice ran out before the documents were full: parse another one
-                continue
-            if still_open and art.cut:
-                # The text was only a lead and the documents wanted more of the page.
-                funnel.add(LEAD_STAGE, "documents_open_at_end_of_lead")
-            results[i] = (parts, sub)
-        todo = still
+            elif still_open and art.shard is not None:
+                short_leads.append(i)  # the text was only a lead and the documents want more of the page
+            else:
+                results[i] = (parts, sub)
+        _read_whole([articles[i] for i in short_leads], funnel, "read_whole_page_for_documents")
+        todo = still + short_leads
 
     # The senter splitter's sentences get a parse where the subject rule needs one:
     # the candidates of documents long enough to be kept.
