@@ -516,8 +516,11 @@ def _read_whole(arts: list[_Article], funnel: Funnel, reason: str) -> None:
     for shard, group in by_shard.items():
         texts = whole_page_texts(shard, {a.page_id for a in group})
         for art in group:
-            # The lead's paragraphs start the whole page's, so the sentences parsed so far stay valid.
-            art.paragraphs = _paragraphs_of(texts[art.page_id])
+            whole = _paragraphs_of(texts[art.page_id])
+            if whole[: len(art.paragraphs)] != art.paragraphs:
+                # (the lead is always the start of the whole text: should that fail, start the article again)
+                art.sentences, art.para_tokens, art.parsed = [], [], 0
+            art.paragraphs = whole  # the sentences parsed so far are those of the whole page's first paragraphs
             art.shard = None
             funnel.add(LEAD_STAGE, reason)
 
