@@ -450,11 +450,6 @@ def _possible_stops(doc, start: int, end: int) -> list[int]:
     return stops
 
 
-def _sentences_of(doc, pronouns: frozenset[str], senter: bool) -> list[Sentence]:
-    """One paragraph's sentences from the parser."""
-    return [s for s in (sentence_features(sent, pronouns) for sent in doc.sents) if s.text]
-
-
 def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_size: int,
            parser=None) -> dict[int, list[Sentence]]:
     """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept.
@@ -466,7 +461,7 @@ def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_
         stream = nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1)
         if parser is None:
             for doc, i in stream:
-                out.setdefault(i, []).extend(_sentences_of(doc, pronouns, False))
+                out.setdefault(i, []).extend(s for s in (sentence_features(sent, pronouns) for sent in doc.sents) if s.text)
             return out
         while chunk := list(itertools.islice(stream, batch_size)):
             docs = [doc for doc, _ in chunk]
