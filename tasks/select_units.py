@@ -474,13 +474,14 @@ def _parse_subjects(nlp, sentences: list[Sentence], pronouns: frozenset[str], ba
     """Parse each sentence as one sentence (its boundaries are the recogniser's) and set its subject features."""
     if not sentences:
         return
-    docs = []
-    for s in sentences:
-        doc = nlp.make_doc(s.text)
-        for k, token in enumerate(doc):
-            token.is_sent_start = k == 0  # the parser keeps preset boundaries: one root per sentence
-        docs.append(doc)
+    # The tokenizer too: spaCy's tokenizer writes to its cache, and shards of one process run in threads.
     with _PARSE_LOCK:
+        docs = []
+        for s in sentences:
+            doc = nlp.make_doc(s.text)
+            for k, token in enumerate(doc):
+                token.is_sent_start = k == 0  # the parser keeps preset boundaries: one root per sentence
+            docs.append(doc)
         for s, doc in zip(sentences, nlp.pipe(docs, batch_size=batch_size)):
             s.subject_pronoun, s.has_subject = _subjects(doc[:], pronouns)
 

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.params import BuildDatasetParams, ParamsError, PipelineParams, resolve_params
+from tasks.extract_docs import ExtractConfig
 from gear_cli import Device, RewriterBackend, app
 from tasks.evaluate import EvalParams
 from tasks.relevance import RelevanceConfig
@@ -48,6 +49,7 @@ def test_config_and_set_resolve_to_the_expected_params(tmp_path):
         {"units.docs_per_article": 2},
     )
     assert params == BuildDatasetParams(
+        extract=ExtractConfig(max_chars=12_000),  # the demo profile
         units=UnitConfig(docs_per_article=2),  # flag > --config > profile (3)
         rewrite=RewriteConfig(backend="openai", model=LLAMA, base_url=VLLM, concurrency=8, units_per_doc=5),
         relevance=RelevanceConfig(threshold=0.4, model="BAAI/bge-base-en-v1.5"),  # --set > --config
