@@ -413,14 +413,14 @@ def recognised_sentences(docs: list, parser=None, batch_size: int = 64) -> list[
       sentence there (as the parser splitter would).
     """
     spans = [_joined_spans(doc) for doc in docs]
-    unsure = [(d, k) for d, doc_spans in enumerate(spans) for k, (a, b) in enumerate(doc_spans)
-              if parser is not None and _possible_stops(docs[d], a, b)]
+    unsure = [(d, k, stops) for d, doc_spans in enumerate(spans) for k, (a, b) in enumerate(doc_spans)
+              if parser is not None and (stops := _possible_stops(docs[d], a, b))]
     pieces = {}  # (doc, span) -> the parser's cuts of that span
-    texts = (docs[d][spans[d][k][0] : spans[d][k][1]].text for d, k in unsure)
-    for (d, k), sentence_doc in zip(unsure, parser.pipe(texts, batch_size=batch_size) if unsure else ()):
+    texts = (docs[d][spans[d][k][0] : spans[d][k][1]].text for d, k, _ in unsure)
+    for (d, k, stops), sentence_doc in zip(unsure, parser.pipe(texts, batch_size=batch_size) if unsure else ()):
         a, b = spans[d][k]
         if len(sentence_doc) == b - a:  # (else it was tokenised differently on its own: keep the recogniser's sentence)
-            cuts = [a] + [i + 1 for i in _possible_stops(docs[d], a, b) if sentence_doc[i + 1 - a].is_sent_start] + [b]
+            cuts = [a] + [i + 1 for i in stops if sentence_doc[i + 1 - a].is_sent_start] + [b]
             pieces[d, k] = list(zip(cuts, cuts[1:]))
     return [[docs[d][a:b] for k, span in enumerate(doc_spans) for a, b in pieces.get((d, k), [span])]
             for d, doc_spans in enumerate(spans)]
@@ -577,20 +577,24 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     cut = _cut_files(files)
 
     articles: list[_Article] = []
-    unsure: list[_Article] = []  # leads whose English ratio is near the threshold: decided on the whole page
+    ratios: list[float] = []  # each article's English ratio (1.0 when english_only is off)
+    unsure: list[int] = []  # leads whose English ratio is near the threshold: decided on the whole page
     for f in files:
         table = pq.read_table(f, columns=["page_id", "revision_id", "title", "text", "source_dump"])
         for row in table.to_pylist():
             funnel.seen(ARTICLE_STAGE)
             art = _Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], _paragraphs_of(row["text"]),
                            cut.get((str(f), row["page_id"])))
-            if config.english_only and art.shard is not None and english_ratio(row["text"]) < 2 * config.min_english_ratio:
-                unsure.append(art)
+            ratios.append(english_ratio(row["text"]) if config.english_only else 1.0)
+            if config.english_only and art.shard is not None and ratios[-1] < 2 * config.min_english_ratio:
+                unsure.append(len(articles))
             articles.append(art)
-    _read_whole(unsure, funnel, "read_whole_page_for_english_ratio")
+    _read_whole([articles[i] for i in unsure], funnel, "read_whole_page_for_english_ratio")
+    for i in unsure:
+        ratios[i] = english_ratio("\n\n".join(articles[i].paragraphs))
     kept_articles = []
-    for art in articles:
-        if config.english_only and english_ratio("\n\n".join(art.paragraphs)) < config.min_english_ratio:
+    for art, ratio in zip(articles, ratios):
+        if ratio < config.min_english_ratio:
             funnel.drop(ARTICLE_STAGE, "not_english")
         elif not art.paragraphs:
             funnel.drop(ARTICLE_STAGE, "empty_text")
