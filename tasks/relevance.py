@@ -17,7 +17,9 @@ against random (query, other document) pairs (benchmarks/relevance.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import ClassVar, Literal
 
@@ -57,7 +59,7 @@ def threshold_for(model: str, pooling: str = "mean") -> float:
 class RelevanceConfig(BaseModel):
     """The relevance scorer (FlagEmbedding) and its threshold."""
 
-    operational_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    operational_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "cpu_threads"})
 
     model: str | None = Field(
         None,
@@ -74,6 +76,13 @@ class RelevanceConfig(BaseModel):
     use_fp16: bool = Field(False, description="Half precision (GPU only; on CPU FlagEmbedding runs fp32).")
     device: str | None = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda:0'; empty = every visible GPU, else CPU.")
     batch_size: int = Field(64, ge=1, le=4096, description="Texts per forward pass.")
+    cpu_threads: int = Field(
+        1, ge=1, le=512,
+        description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
+        "task per shard). Scores differ in their last bits at another count (measured: 6e-8 between 1 and 2 "
+        "threads), so a build is byte-identical across runners and reruns only at the same value; the "
+        "process's own count is restored afterwards.",
+    )
     max_length: int = Field(512, ge=16, le=8192, description="Token limit of a document (longer ones are truncated).")
     query_max_length: int = Field(64, ge=8, le=512, description="Token limit of a query.")
     threshold: float | None = Field(
@@ -135,6 +144,44 @@ def _load_model(path: str, pooling: str, instruction: str | None, fp16: bool, de
     )
 
 
+class _TorchThreads:
+    """torch's intra-op thread count fixed while some scoring runs in this process.
+
+    The count is process-global and another stage of the same process (the
+    local rewriter's calibration, training's ``num_threads``) may have changed
+    it; a score must not depend on what ran before it. Scorers of one process
+    (shards on the threads runner) share the count; one that needs another
+    count waits until they finish."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self._count = 0
+        self._saved = 0
+
+    @contextlib.contextmanager
+    def fixed(self, n: int) -> Iterator[None]:
+        import torch
+
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0 or self._count == n)
+            if self._active == 0:
+                self._saved, self._count = torch.get_num_threads(), n
+                torch.set_num_threads(n)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    torch.set_num_threads(self._saved)
+                    self._cond.notify_all()
+
+
+TORCH_THREADS = _TorchThreads()
+
+
 class RelevanceScorer:
     """Cosine similarity of L2-normalised FlagEmbedding embeddings."""
 
@@ -150,12 +197,14 @@ class RelevanceScorer:
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         if not queries:
             return np.zeros((0, 0), np.float32)
-        return np.asarray(self.model.encode_queries(list(queries)), dtype=np.float32)
+        with TORCH_THREADS.fixed(self.config.cpu_threads):
+            return np.asarray(self.model.encode_queries(list(queries)), dtype=np.float32)
 
     def encode_documents(self, documents: Sequence[str]) -> np.ndarray:
         if not documents:
             return np.zeros((0, 0), np.float32)
-        return np.asarray(self.model.encode_corpus(list(documents)), dtype=np.float32)
+        with TORCH_THREADS.fixed(self.config.cpu_threads):
+            return np.asarray(self.model.encode_corpus(list(documents)), dtype=np.float32)
 
     def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
         """Score row i = cos(queries[i], documents[i]); each distinct text embedded once."""

@@ -155,3 +155,68 @@ def test_concurrent_model_loads_leave_torch_init_intact():
         t.join()
     assert not errors
     assert (torch.nn.init.normal_, torch.nn.init.zeros_, PreTrainedModel.init_weights) == originals
+
+
+def test_scoring_runs_at_its_own_thread_count_and_restores_the_processes(monkeypatch):
+    """Another stage of the same process may have changed torch's thread count
+    (the local rewriter calibrates it, training sets it); scores must not
+    depend on that: under the threads runner the triples' scores differed in
+    their last bit from worker processes' until scoring fixed the count."""
+    import torch
+
+    scorer = RelevanceScorer(RelevanceConfig(**FAST, cpu_threads=1))
+    seen = []
+    encode = scorer.model.encode_corpus
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(scorer.model, "encode_corpus", spy)
+    before = torch.get_num_threads()
+    try:
+        embeddings = []
+        for count in (3, 1):
+            torch.set_num_threads(count)
+            embeddings.append(scorer.encode_documents([" ".join(DOCS["albedo#0"][1])]))
+            assert torch.get_num_threads() == count
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+    assert np.array_equal(*embeddings)
+
+
+def test_scorers_in_threads_share_one_count_and_wait_for_another():
+    import threading
+
+    import torch
+
+    threads = rel._TorchThreads()
+    before = torch.get_num_threads()
+    log, inside = [], threading.Event()
+    release = threading.Event()
+
+    def hold(n):
+        with threads.fixed(n):
+            log.append(("in", n, torch.get_num_threads()))
+            inside.set()
+            release.wait(5)
+            log.append(("leaving", n))
+
+    first = threading.Thread(target=hold, args=(1,))
+    first.start()
+    inside.wait(5)
+    same = threading.Thread(target=hold, args=(1,))  # enters at once
+    other = threading.Thread(target=hold, args=(2,))  # waits for both
+    same.start(), other.start()
+    for _ in range(100):
+        if len(log) >= 2:
+            break
+        threading.Event().wait(0.01)
+    assert ("in", 1, 1) in log and not any(e[0] == "in" and e[1] == 2 for e in log)
+    release.set()
+    for t in (first, same, other):
+        t.join(5)
+    assert log.index(("in", 2, 2)) > max(i for i, e in enumerate(log) if e == ("leaving", 1))
+    assert log.count(("leaving", 1)) == 2
+    assert torch.get_num_threads() == before
