@@ -19,7 +19,7 @@ dropped (the parser and the recipe are English).
 Tokens are counted with the encoder's WordPiece tokenizer, without special
 tokens.
 
-Sentences (``sentence_splitter: senter``, opt-in: 1.9x the speed) come from spaCy's
+Sentences (``sentence_splitter: senter``, the default) come from spaCy's
 sentence recogniser, about 13x cheaper than its dependency parser here, with
 two repairs (recognised_sentences): a piece that does not end in final
 punctuation, or that starts in lower case, is joined to the one before; and
@@ -35,8 +35,7 @@ leap second was added, ..."), and the documents that lose their third
 candidate with those fragments (docs/ARCHITECTURE.md lists them).
 ``sentence_splitter: parser`` (the dependency parser splits and parses every
 paragraph; the tagger, attribute ruler, NER and lemmatizer gave the same
-candidates and cost ~30% more time) stays the default until the threads
-runner's test gives the same triples with senter as worker processes do.
+candidates and cost ~30% more time) is kept for comparison.
 
 A document's text is its kept sentences joined by one space; ``sentence_spans``
 and every unit's ``char_start``/``char_end`` index into that text.
@@ -123,7 +122,7 @@ class UnitConfig(BaseModel):
     tokenizer_path: str | None = Field(None, description="Folder or hub name of the encoder's WordPiece tokenizer (counts tokens); empty: the embedded all-MiniLM-L6-v2, which has bert-base-uncased's vocab.")
     spacy_model: str = Field(SPACY_MODEL, description="spaCy pipeline (package name or path) for sentences and the dependency parse.")
     sentence_splitter: Literal["parser", "senter"] = Field(
-        "parser",
+        "senter",
         description="senter: spaCy's sentence recogniser splits paragraphs (the parser settles stops that may end an "
         "abbreviation), and the dependency parser runs only on the candidate sentences whose subject rule it can "
         "change (those holding a listed pronoun; all candidates with require_subject), each parsed as one sentence. "

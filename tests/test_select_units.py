@@ -269,7 +269,7 @@ def test_concurrent_calls_in_threads(hand_made, tmp_path):
 # Content hashes of the embedded dump's outputs. parser: before the fast path
 # (whole articles from extract_docs, 6 characters per token of spaCy budget,
 # transformers' tokenizer), so the fast path and the lead budget change nothing.
-# senter: with the recogniser's repairs (its differences from the
+# senter: the default since the recogniser's repairs (its differences from the
 # parser are listed in docs/ARCHITECTURE.md).
 REFERENCE = {
     ("parser", 1): {"documents.parquet": "e7b4c635a45e9178", "units.parquet": "66a39a19718a53f8", "funnel.json": "ceaed48027928e95"},
@@ -295,7 +295,7 @@ def _content_hash(path: Path) -> str:
 @pytest.mark.parametrize("docs_per_article", [1, 3])
 def test_embedded_outputs_are_the_reference(embedded, ingest_work_dir, docs_per_article, splitter):
     articles, out = embedded
-    if (splitter, docs_per_article) != ("parser", 1):
+    if (splitter, docs_per_article) != ("senter", 1):
         out = select_units([articles], UnitConfig(docs_per_article=docs_per_article, sentence_splitter=splitter), ingest_work_dir)
     reference = REFERENCE[splitter, docs_per_article]
     assert {name: _content_hash(out / name) for name in reference} == reference
@@ -370,8 +370,8 @@ def test_senter_parses_only_the_candidates_the_subject_rule_can_change(config, t
 
 
 def test_senter_units_match_the_parsers_on_the_embedded_dump(embedded, ingest_work_dir, config):
-    articles, parser_out = embedded
-    senter_out = select_units([articles], config.model_copy(update={"sentence_splitter": "senter"}), ingest_work_dir)
+    articles, senter_out = embedded
+    parser_out = select_units([articles], config.model_copy(update={"sentence_splitter": "parser"}), ingest_work_dir)
     units = {name: {(u["doc_id"], u["text"]) for u in pq.read_table(out / "units.parquet").to_pylist()}
              for name, out in (("parser", parser_out), ("senter", senter_out))}
     common = units["parser"] & units["senter"]
