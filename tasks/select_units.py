@@ -297,9 +297,12 @@ def is_repeated(text: str, max_run: int) -> bool:
     words = text.lower().split()
     n_words = len(words)
     for n in range(1, 5):
-        for i in range(0, n_words - n * max_run + 1):
-            phrase = words[i : i + n]
-            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, max_run)):
+        # An n-word phrase repeated max_run times is a run of n * (max_run - 1)
+        # positions whose word equals the word n later: one pass per n.
+        need, run = n * (max_run - 1), 0
+        for p in range(n_words - n):
+            run = run + 1 if words[p] == words[p + n] else 0
+            if run >= need:
                 return True
     return False
 

@@ -111,6 +111,22 @@ def test_repeated_phrases():
     assert not is_repeated("The river flows through the river valley of the river", 3)
 
 
+def test_repeated_phrases_match_the_definition():
+    """is_repeated's one-pass scan against the rule as written: some 1-4 word phrase, max_run times in a row."""
+    import random
+
+    def by_definition(text, max_run):
+        w = text.lower().split()
+        return any(all(w[i + k * n : i + (k + 1) * n] == w[i : i + n] for k in range(1, max_run))
+                   for n in range(1, 5) for i in range(len(w) - n * max_run + 1))
+
+    rng = random.Random(12)
+    for _ in range(5000):
+        words = [rng.choice("ab" if rng.random() < 0.7 else "abcde") for _ in range(rng.randint(0, 16))]
+        text, max_run = " ".join(words), rng.randint(2, 5)
+        assert is_repeated(text, max_run) == by_definition(text, max_run), (text, max_run)
+
+
 def test_paper_defaults():
     c = UnitConfig()
     assert (c.max_doc_tokens, c.min_doc_sentences, c.min_doc_tokens) == (500, 3, 200)
