@@ -227,23 +227,54 @@ def test_unpaired_bold_and_italic_ticks_are_formatting(text, expected):
     assert strip_residual_markup(text) == expected
 
 
-def test_cutting_unrendered_tokens_renders_what_the_whole_tree_renders():
-    """tasks.wikitext._parse cuts templates, tables, dropped tags and media links out of the token
-    list before the builder runs: on every embedded page the text and every count, template names
-    in order included, are those of rendering mwparserfromhell's whole tree."""
+def _tree_and_token_renderings(text: str):
+    """(text, counts) of rendering mwparserfromhell's whole tree, and of wikitext's token walk."""
     import mwparserfromhell
 
     from tasks import wikitext
 
-    cut_any = 0
+    tree_st, tree_out = wikitext._State(), []
+    wikitext._render(mwparserfromhell.parse(text).nodes, tree_out, tree_st)
+    st, out = wikitext._State(), []
+    wikitext._render_tokens(*wikitext._parse(text), out, st)
+    return ("".join(tree_out), tree_st), ("".join(out), st)
+
+
+def test_the_token_walk_renders_what_the_whole_tree_renders():
+    """On every embedded page the text and every count, template names in order included, are
+    those of rendering mwparserfromhell's whole tree."""
+    from tasks import wikitext
+
     for title, text in _embedded_pages():
-        text = wikitext.strip_refs_and_comments(text)
-        whole_st, whole_out = wikitext._State(), []
-        wikitext._render(mwparserfromhell.parse(text).nodes, whole_out, whole_st)
-        st, out = wikitext._State(), []
-        nodes, cut = wikitext._parse(text)
-        wikitext._render_parsed(nodes, cut, out, st)
-        assert "".join(out) == "".join(whole_out), title
-        assert st == whole_st, title
-        cut_any += bool(cut.names or cut.tables or cut.captions)
-    assert cut_any > 90  # (of 106 articles)
+        tree, walked = _tree_and_token_renderings(wikitext.strip_refs_and_comments(text))
+        assert walked == tree, title
+
+
+def test_the_token_walk_renders_what_the_tree_renders_on_broken_markup():
+    """Random cuts of real pages leave links, templates, tags and tables open at every depth (the
+    tokenizer then emits odd token runs); the walk still renders what the tree renders."""
+    import random
+
+    from tasks import wikitext
+
+    pages = [wikitext.strip_refs_and_comments(text) for _, text in _embedded_pages()]
+    rng = random.Random(7)
+    for _ in range(300):
+        page = rng.choice(pages)
+        a = rng.randrange(len(page))
+        piece = page[a : a + rng.randint(50, 3_000)]
+        piece += rng.choice(["", "]]", "}}", "</i>", "|", "''", "[[x|", "{{a|b=[[c"])
+        tree, walked = _tree_and_token_renderings(piece)
+        assert walked == tree, piece
+
+
+@pytest.mark.parametrize("text", [
+    "[[a|b|c]] [[x|y [[z]]]] [[{{t}}|lab]] [[File:x.jpg|thumb|cap [[y]]]] [[de:Foo]] [[:Category:C|cc]] [[#Sec]] [[P#s]]",
+    "<b>bold <i>it</i></b> <nowiki>[[raw]]</nowiki> <br/> <ref>r</ref> <span class=\"x\" title={{t}}>in span</span>",
+    "* item\n# num\n; term : def\n&amp; &#x41; &#66; &nbsp;x",
+    "[http://e.org title ''it''] [http://e.org] http://bare.org {{nowrap|kept [[w]]}} {{lang|fr|mot}} {{convert|3|km}}",
+    "{{{arg|d}}} <!-- c --> == H {{t}} == {| class=x\n| a\n|} <math>x</math> <poem>p</poem>",
+])
+def test_the_token_walk_on_every_kind_of_construct(text):
+    tree, walked = _tree_and_token_renderings(text)
+    assert walked == tree
