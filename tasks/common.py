@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -40,6 +41,18 @@ _EDGE = 4 * 1024 * 1024
 # those swaps in place, so later loads keep uninitialised weights on the meta
 # device. Every model load in the stages holds this lock.
 MODEL_LOAD_LOCK = threading.RLock()
+
+
+def freeze_long_lived() -> None:
+    """Put every object alive now (modules, loaded models) out of the cyclic garbage collector's reach.
+
+    Ingestion allocates millions of short-lived containers (tokens, nodes,
+    spans), and each full collection walked spaCy's pipelines and every import
+    again: 12% of a worker's time for extract_docs + select_units
+    (benchmarks/ingest.py). Objects frozen are still freed by reference
+    counting; a full collection first, so that no garbage is frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 class PipelineInputError(RuntimeError):

@@ -20,6 +20,7 @@ output. The ``clean_wikitext`` removal counts cover the part rendered.
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from tasks import shard as shard_mod
 from tasks import wikitext
-from tasks.common import PipelineInputError
+from tasks.common import PipelineInputError, freeze_long_lived
 from tasks.contracts import ARTICLES_SCHEMA
 from tasks.shard import Shard, open_shard
 from tasks.stage import StageRun, stage
@@ -122,6 +123,12 @@ def _bad_xml(path: str, exc: BaseException, current: tuple, last_done: tuple) ->
     return PipelineInputError(path, reason, record=where)
 
 
+@functools.cache
+def _freeze_imports() -> None:
+    """Once per process, before its first shard: what is alive then (imports) lives as long as it."""
+    freeze_long_lived()
+
+
 def _shard_files(shard: Shard) -> list[str]:
     return [shard.dump_path] + ([shard.index_path] if shard.index_path else [])
 
@@ -136,6 +143,7 @@ def _shard_files(shard: Shard) -> list[str]:
 )
 def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
     """One shard's pages -> ``articles.parquet`` (cached on the dump's content, the shard, config and code)."""
+    _freeze_imports()
     funnel = run.funnel
     bad: list[dict[str, Any]] = []  # pages skipped under max_bad_pages, with their reason
     cols: dict[str, list[Any]] = {name: [] for name in ARTICLES_SCHEMA.names}

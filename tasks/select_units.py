@@ -53,6 +53,7 @@ threads); worker processes parse in parallel.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import re
@@ -67,7 +68,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
-from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError
+from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError, freeze_long_lived
 from tasks.contracts import DOCUMENTS_SCHEMA, UNITS_SCHEMA
 from tasks import extract_docs as extract_docs_module
 from tasks import shard as shard_module
@@ -161,7 +162,9 @@ _PARSE_LOCK = threading.Lock()
 def _load_nlp(model: str):
     import spacy
 
-    return spacy.load(model, exclude=list(SPACY_EXCLUDE))
+    nlp = spacy.load(model, exclude=list(SPACY_EXCLUDE))
+    freeze_long_lived()  # a pipeline lives as long as its process
+    return nlp
 
 
 @cache
@@ -172,6 +175,7 @@ def _load_senter(model: str):
     if "senter" not in nlp.component_names:
         raise StageConfigError(f"spaCy pipeline {model!r} has no 'senter' component: set units.sentence_splitter to 'parser'")
     nlp.enable_pipe("senter")
+    freeze_long_lived()
     return nlp
 
 
@@ -200,6 +204,40 @@ class WordPieceCounter:
     def __call__(self, texts, add_special_tokens: bool = False):
         encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return {"input_ids": [e.ids for e in encs]}
+
+    def token_spans(self, texts) -> list[TokenSpans]:
+        """Each text's WordPiece tokens as character offsets and word (pre-token) numbers."""
+        out = []
+        for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
+            offsets = e.offsets
+            out.append(TokenSpans([a for a, _ in offsets], [b for _, b in offsets], e.word_ids))
+        return out
+
+
+@dataclass
+class TokenSpans:
+    """A paragraph's WordPiece tokens: where each starts and ends, and which word (pre-token) it is part of.
+
+    BERT's normalizer works character by character and its pre-tokenizer cuts
+    at whitespace and punctuation, so a sentence's tokens are the paragraph's
+    tokens inside it, unless a word runs across its edge: count() says None
+    then, and the sentence is counted on its own."""
+
+    starts: list[int]
+    ends: list[int]
+    words: list[int | None]
+
+    def count(self, start: int, end: int) -> int | None:
+        """Tokens in text[start:end], or None when a word crosses either edge."""
+        lo, hi = bisect.bisect_left(self.starts, start), bisect.bisect_left(self.starts, end)
+        n = len(self.starts)
+        if lo > 0 and (self.ends[lo - 1] > start or (lo < n and self.words[lo - 1] == self.words[lo])):
+            return None
+        if hi > lo and self.ends[hi - 1] > end:
+            return None
+        if 0 < hi < n and self.words[hi - 1] == self.words[hi]:
+            return None
+        return hi - lo
 
 
 def _wordpiece_tokenizer(folder: Path) -> WordPieceCounter | None:
@@ -388,6 +426,7 @@ class _Article:
     shard: Shard | None  # its text is a lead (ExtractConfig.max_chars) of a page of this shard
     sentences: list[Sentence] = field(default_factory=list)
     para_tokens: list[int] = field(default_factory=list)  # WordPiece tokens of paragraphs[:len(para_tokens)]
+    para_spans: list[TokenSpans | None] = field(default_factory=list)  # and where they are (None: not known)
     parsed: int = 0  # paragraphs parsed so far
 
 
@@ -407,7 +446,13 @@ def _next_slice(art: _Article, need: int, tokenizer, chars_per_token: int) -> in
                 chars += len(p)
                 if chars > max(need, 64) * chars_per_token:
                     break
-            art.para_tokens += count_tokens(tokenizer, window)
+            if hasattr(tokenizer, "token_spans"):
+                spans = tokenizer.token_spans(window)
+                art.para_tokens += [len(x.starts) for x in spans]
+                art.para_spans += spans
+            else:
+                art.para_tokens += count_tokens(tokenizer, window)
+                art.para_spans += [None] * len(window)
         total += art.para_tokens[n]
         n += 1
         if total > need:
@@ -476,26 +521,38 @@ def _possible_stops(doc, start: int, end: int, text: str | None = None) -> list[
 
 
 def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_size: int,
-           parser=None) -> dict[int, list[Sentence]]:
+           parser=None, token_spans: Sequence[TokenSpans | None] | None = None) -> dict[int, list[Sentence]]:
     """(paragraph, article index) -> each article's sentences, in order; spaCy Docs are not kept.
 
-    ``nlp`` is the parser, or the sentence recogniser with ``parser`` for the boundaries it may miss."""
+    ``nlp`` is the parser, or the sentence recogniser with ``parser`` for the boundaries it may miss.
+    ``token_spans``: each paragraph's WordPiece tokens where known; a sentence's count is read off them."""
     out: dict[int, list[Sentence]] = {}
     # A spaCy pipeline is not documented as thread-safe: one parse at a time per process.
     with _PARSE_LOCK:
         stream = nlp.pipe(batches, as_tuples=True, batch_size=batch_size, n_process=1)
-        if parser is None:
-            for doc, i in stream:
-                out.setdefault(i, []).extend(s for s in (sentence_features(sent, pronouns) for sent in doc.sents) if s.text)
-            return out
         start = 0  # index in batches of the chunk's first paragraph
         while chunk := list(itertools.islice(stream, batch_size)):
-            docs = [doc for doc, _ in chunk]
             texts = [batches[start + k][0] for k in range(len(chunk))]  # (a Doc's text is its input's)
+            spans = token_spans[start : start + len(chunk)] if token_spans else [None] * len(chunk)
             start += len(chunk)
-            for (doc, i), text, sents in zip(chunk, texts, recognised_sentences(docs, parser, batch_size, texts)):
-                marks = pronoun_tokens(doc, pronouns)
-                out.setdefault(i, []).extend(s for s in (split_features(sent, pronouns, marks, text) for sent in sents) if s.text)
+            if parser is None:
+                found = [[sentence_features(sent, pronouns) for sent in doc.sents] for doc, _ in chunk]
+                sentences = [[(s, sent) for s, sent in zip(f, doc.sents)] for f, (doc, _) in zip(found, chunk)]
+            else:
+                docs = [doc for doc, _ in chunk]
+                sentences = []
+                for doc, text, sents in zip(docs, texts, recognised_sentences(docs, parser, batch_size, texts)):
+                    marks = pronoun_tokens(doc, pronouns)
+                    sentences.append([(split_features(sent, pronouns, marks, text), sent) for sent in sents])
+            for (_, i), text, paragraph_spans, found in zip(chunk, texts, spans, sentences):
+                kept = out.setdefault(i, [])
+                for s, sent in found:
+                    if not s.text:
+                        continue
+                    if paragraph_spans is not None:
+                        a = sent.start_char + len(text[sent.start_char : sent.end_char]) - len(text[sent.start_char : sent.end_char].lstrip())
+                        s.tokens = paragraph_spans.count(a, a + len(s.text)) or 0  # (0: counted on its own later)
+                    kept.append(s)
     return out
 
 
@@ -544,7 +601,7 @@ def _read_whole(arts: list[_Article], funnel: Funnel, reason: str) -> None:
             whole = _paragraphs_of(texts[art.page_id])
             if whole[: len(art.paragraphs)] != art.paragraphs:
                 # (the lead is always the start of the whole text: should that fail, start the article again)
-                art.sentences, art.para_tokens, art.parsed = [], [], 0
+                art.sentences, art.para_tokens, art.para_spans, art.parsed = [], [], [], 0
             art.paragraphs = whole  # the sentences parsed so far are those of the whole page's first paragraphs
             art.shard = None
             funnel.add(LEAD_STAGE, reason)
@@ -640,13 +697,15 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     todo = list(range(len(articles)))
     while todo:
         batch: list[tuple[str, int]] = []
+        batch_spans: list[TokenSpans | None] = []
         for i in todo:
             art = articles[i]
             kept = sum(s.tokens for s in art.sentences)
             n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
             batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
+            batch_spans += art.para_spans[art.parsed : art.parsed + n]
             art.parsed += n
-        parsed = _parse(splitter, batch, pronouns, config.batch_size, nlp if senter else None)
+        parsed = _parse(splitter, batch, pronouns, config.batch_size, nlp if senter else None, batch_spans)
         still, short_leads = [], []
         for i in todo:
             art = articles[i]

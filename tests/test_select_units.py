@@ -415,3 +415,21 @@ def test_senter_repairs_lower_case_starts_and_settles_abbreviation_stops_with_th
     ]
     # Without the parser the recogniser's sentences are only joined.
     assert len(recognised_sentences([senter(text)])[0]) < 4
+
+
+def test_a_sentences_tokens_are_read_off_its_paragraphs(tokenizer):
+    """TokenSpans.count gives what counting the sentence on its own gives, for every run of whole
+    words of a paragraph with accents, CJK, ligatures, zero-width and non-breaking characters, and
+    says None where a word is cut."""
+    import re
+
+    text = "Café naïve Straße 10km. 中文 测试, it's e.g.\u00a0U.S.A. fine. x\u200by ﬁne İstanbul (2001–2003) internationalisation."
+    spans = tokenizer.token_spans([text])[0]
+    assert len(spans.starts) == count_tokens(tokenizer, [text])[0]
+    edges = [0] + [m.end() for m in re.finditer(r"\s+", text)] + [len(text)]
+    for i, a in enumerate(edges):
+        for b in edges[i + 1 :]:
+            piece = text[a:b].rstrip()
+            assert spans.count(a, a + len(piece)) == count_tokens(tokenizer, [piece])[0], piece
+    word = text.index("internationalisation")
+    assert spans.count(0, word + 5) is None and spans.count(word + 5, len(text)) is None
