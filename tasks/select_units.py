@@ -47,8 +47,10 @@ round) of the fewest paragraphs whose tokens can fill the documents, until
 they are closed. Sentences and documents are those of parsing the whole
 text. Token counts use the ``tokenizers`` library on the encoder's
 tokenizer.json (the same ids as transformers' AutoTokenizer, without its
-import). Parsing is serialised per process (a lock around nlp.pipe, for
-threads); worker processes parse in parallel.
+import); a paragraph is tokenized once, and each of its sentences' counts is
+read off the paragraph's token offsets (TokenSpans). Parsing is serialised
+per process (a lock around nlp.pipe, for threads); worker processes parse in
+parallel.
 """
 
 from __future__ import annotations
