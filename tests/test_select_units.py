@@ -319,6 +319,23 @@ def test_embedded_outputs_are_the_reference(embedded, ingest_work_dir, docs_per_
         assert "select_units.leads" not in Funnel.load(out / "funnel.json").to_dict()  # the paper's lead suffices
 
 
+def test_a_tokenizer_without_offsets_gives_the_reference(embedded, tmp_path, monkeypatch):
+    """Sentences are counted on their own when the tokenizer cannot give its paragraphs' token
+    offsets (transformers' AutoTokenizer here): the same documents and units."""
+    from transformers import AutoTokenizer
+
+    import tasks.select_units as su
+
+    auto = AutoTokenizer.from_pretrained(str(su.embedded_encoder_path()))
+    auto.model_max_length = 1 << 30
+    assert not hasattr(auto, "token_spans")
+    monkeypatch.setattr(su, "load_tokenizer", lambda path: auto)
+    articles, _ = embedded
+    out = select_units([articles], UnitConfig(), tmp_path)
+    reference = REFERENCE["senter", 1]
+    assert {name: _content_hash(out / name) for name in reference} == reference
+
+
 @pytest.mark.parametrize("docs_per_article", [1, 3])
 def test_a_lead_too_short_for_its_documents_is_read_whole(tmp_path, docs_per_article):
     """The lead budget sets only the speed: a page whose documents want more than its lead is read whole."""
