@@ -295,3 +295,28 @@ def test_ref_spans_are_those_of_a_lazy_match_without_a_ref_opener_inside():
     for _ in range(20_000):
         text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
         assert wikitext._REF_SPAN_FLAT.sub("", text) == lazy.sub("", text), text
+
+
+# Constructs of MediaWiki pages the embedded excerpt has few or none of (parser functions, entities,
+# galleries, HTML blocks, wiki-markup lists and rules, interwiki links, template arguments, stray markup).
+SNIPPETS = ["<nowiki/>", "{{!}}", "{{#if:{{{a|}}}|yes [[L]]|no}}", "<span style=\"x\">in ''span''</span>", "<div class=a>div [[b|c]]</div>",
+ "<gallery>\nFile:a.jpg|cap\n</gallery>", "&nbsp;", "&#x263A;", "&amp;", "[[File:a.png|thumb|cap with [[link]] and {{t}}]]",
+ "[[Category:X|sort]]", "[[wikt:word|word]]", "[[w:en:Foo]]", "__NOTOC__", "<poem>\nline\n</poem>", "<blockquote>quote ''q''</blockquote>",
+ "{| class=wikitable\n|-\n| a || b\n|}", "----", "* item [[x]]\n", "# n\n", "; t : d\n", ": indent\n", "<small>small</small>", "<sup>1</sup>",
+ "<br />", "<br>", "</br>", "<ref>r</ref>", "<references/>", "<math>x^2</math>", "<nowiki>[[x]]</nowiki>", "<pre>p</pre>",
+ "{{lang|fr|''mot''}}", "{{nowrap|a [[b]]}}", "{{convert|5|km|mi}}", "{{ill|A|de|B}}", "{{Infobox\n|a=[[b]]\n}}", "'''''bi'''''",
+ "''it", "'''bold", "[http://x.org]", "[http://x.org label [[y]]]", "http://bare.org/x", "<!-- c -->", "== H ==\n", "=== H3 ===\n",
+ "[[:File:x.png|see]]", "[[#anchor|a]]", "[[Page#sec]]", "[[ Page with space ]]", "[[a|]]", "[[a|b|c]]", "<i>i</i>", "<b>b</b>",
+ "<li>li</li>", "<ul><li>x</li></ul>", "<center>c</center>", "<abbr title=\"t\">ab</abbr>", "{{{1}}}", "{{{1|def [[x]]}}}",
+ "<onlyinclude>o</onlyinclude>", "<noinclude>n</noinclude>", "<includeonly>i</includeonly>", "<score>s</score>", "<syntaxhighlight lang=py>x</syntaxhighlight>",
+ "<span>unclosed", "</span>", "<ref name=x/>", "[[", "]]", "{{", "}}", "{|", "|}", "|", "!", "<", ">", "''", "'''", "\n\n", " text ", "Prose."]
+
+
+def test_the_token_walk_renders_what_the_tree_renders_on_mixed_constructs():
+    import random
+
+    rng = random.Random(11)
+    for _ in range(1_500):
+        piece = "".join(rng.choice(SNIPPETS) for _ in range(rng.randint(1, 15)))
+        tree, walked = _tree_and_token_renderings(piece)
+        assert walked == tree, piece
