@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -374,6 +375,10 @@ def train(cfg: TrainConfig) -> Path:
     if metrics is not None:
         metrics.close()
     if distributed:
+        # DDP's reducer holds the process group. Freed after destroy_process_group, it would destroy
+        # the group while holding the GIL that gloo's worker threads need to finish (a hang at exit).
+        del ddp_trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return model_dir

@@ -48,6 +48,7 @@ def ddp_grad_worker(rank: int, world: int, model_dir: str, port: int, out_file: 
 
     With world == 1 it runs the whole batch without a process group.
     """
+    import gc
     import os
 
     import torch.distributed as dist
@@ -87,4 +88,8 @@ def ddp_grad_worker(rank: int, world: int, model_dir: str, port: int, out_file: 
         torch.save({"grads": grads, "loss": out.loss.detach(), "queue": trainer.doc_queue.clone(),
                     "ids": trainer.id_queue.clone()}, out_file)
     if world > 1:
+        # The reducer must go before the process group: freed after it, it destroys the group
+        # while holding the GIL that gloo's worker threads need (the test hung at exit).
+        del wrapped, out
+        gc.collect()
         dist.destroy_process_group()
