@@ -706,6 +706,7 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
             n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
             batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
             batch_spans += art.para_spans[art.parsed : art.parsed + n]
+            art.para_spans[art.parsed : art.parsed + n] = [None] * n  # (used once, by this parse)
             art.parsed += n
         parsed = _parse(splitter, batch, pronouns, config.batch_size, nlp if senter else None, batch_spans)
         still, short_leads = [], []
