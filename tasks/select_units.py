@@ -538,8 +538,7 @@ def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_
             spans = token_spans[start : start + len(chunk)] if token_spans else [None] * len(chunk)
             start += len(chunk)
             if parser is None:
-                found = [[sentence_features(sent, pronouns) for sent in doc.sents] for doc, _ in chunk]
-                sentences = [[(s, sent) for s, sent in zip(f, doc.sents)] for f, (doc, _) in zip(found, chunk)]
+                sentences = [[(sentence_features(sent, pronouns), sent) for sent in doc.sents] for doc, _ in chunk]
             else:
                 docs = [doc for doc, _ in chunk]
                 sentences = []
@@ -552,7 +551,8 @@ def _parse(nlp, batches: list[tuple[str, int]], pronouns: frozenset[str], batch_
                     if not s.text:
                         continue
                     if paragraph_spans is not None:
-                        a = sent.start_char + len(text[sent.start_char : sent.end_char]) - len(text[sent.start_char : sent.end_char].lstrip())
+                        raw = text[sent.start_char : sent.end_char]
+                        a = sent.start_char + len(raw) - len(raw.lstrip())  # where s.text (stripped) starts
                         s.tokens = paragraph_spans.count(a, a + len(s.text)) or 0  # (0: counted on its own later)
                     kept.append(s)
     return out

@@ -13,8 +13,9 @@ renders as words, an HTML entity, <nowiki>) is built into one, alone. It
 renders what the whole parse tree renders (tested), and cleaning whole
 articles of the embedded dump takes 0.54x the time of building the tree for
 what renders (calling ``Wikicode.remove()`` per node was slower again, 15.9 s
-against 4.2 s). mwparserfromhell leaves markup it cannot parse as plain text (on the embedded dump: eleven ``<ref>`` spans, a
-``{{cite}}`` and a ``[[File:]]`` link), so a regex fallback runs over the
+against 4.2 s). mwparserfromhell leaves markup it cannot parse as plain
+text (on the embedded dump: eleven ``<ref>`` spans, a ``{{cite}}`` and a
+``[[File:]]`` link), so a regex fallback runs over the
 result, and a paragraph that still holds markup after it is dropped and
 counted: the output never contains ``{{ }} [[ ]] <ref {| |}``.
 
@@ -177,11 +178,10 @@ def _is_rendered_template(name: str) -> bool:
 # every count, template names in page order included, are those of rendering
 # the whole tree (tested on every embedded page and on random cuts of them).
 
-_T = _tok
-_OPENS = (_T.TemplateOpen, _T.ArgumentOpen, _T.WikilinkOpen, _T.ExternalLinkOpen, _T.HeadingStart,
-          _T.CommentStart, _T.TagOpenOpen, _T.HTMLEntityStart)
-_CLOSES = (_T.TemplateClose, _T.ArgumentClose, _T.WikilinkClose, _T.ExternalLinkClose, _T.HeadingEnd,
-           _T.CommentEnd, _T.TagCloseSelfclose, _T.TagCloseClose, _T.HTMLEntityEnd)
+_OPENS = (_tok.TemplateOpen, _tok.ArgumentOpen, _tok.WikilinkOpen, _tok.ExternalLinkOpen, _tok.HeadingStart,
+          _tok.CommentStart, _tok.TagOpenOpen, _tok.HTMLEntityStart)
+_CLOSES = (_tok.TemplateClose, _tok.ArgumentClose, _tok.WikilinkClose, _tok.ExternalLinkClose, _tok.HeadingEnd,
+           _tok.CommentEnd, _tok.TagCloseSelfclose, _tok.TagCloseClose, _tok.HTMLEntityEnd)
 _OPEN_TYPES, _CLOSE_TYPES = frozenset(_OPENS), frozenset(_CLOSES)
 try:
     from mwparserfromhell.parser._tokenizer import CTokenizer as _Tokenizer
@@ -190,7 +190,8 @@ except ImportError:  # no C extension: the pure-Python tokenizer emits the same 
 
 
 class _NeedsNode(Exception):
-    """A token the walk does not expect where it is: the enclosing construct is built instead."""
+    """The walk cannot render this construct from its tokens (it needs its node, or holds a token
+    where the walk does not expect one): the construct is built and rendered by _render instead."""
 
 
 def _matching_closers(tokens: list) -> dict[int, int]:
@@ -211,7 +212,7 @@ def _plain_text(tokens: list, start: int, end: int) -> str | None:
     parts = []
     for k in range(start, end):
         t = tokens[k]
-        if type(t) is not _T.Text:
+        if type(t) is not _tok.Text:
             return None
         parts.append(t["text"])
     return "".join(parts)
@@ -233,24 +234,12 @@ def _template_name_tokens(tokens: list, start: int, end: int) -> str | None:
     parts = []
     for k in range(start + 1, end):
         t = tokens[k]
-        if isinstance(t, (_T.TemplateParamSeparator, _T.TemplateClose)):
+        if isinstance(t, (_tok.TemplateParamSeparator, _tok.TemplateClose)):
             break
-        if type(t) is not _T.Text:
+        if type(t) is not _tok.Text:
             return None
         parts.append(t["text"])
     return "".join(parts)
-
-
-def _media_link(tokens: list, start: int, end: int) -> bool | None:
-    """For the wikilink opened at ``start``: None unless it is a plain-text [[File:/Image:/Media:...]]
-    link; else whether it has a caption (the renderer drops such a link and counts its caption)."""
-    head = tokens[start + 1] if start + 1 < end else None
-    if type(head) is not _T.Text or not isinstance(tokens[start + 2], (_T.WikilinkSeparator, _T.WikilinkClose)):
-        return None
-    title = head["text"].strip()
-    if title.startswith(":") or ":" not in title or title.split(":", 1)[0].strip().lower() not in _MEDIA_PREFIXES:
-        return None
-    return isinstance(tokens[start + 2], _T.WikilinkSeparator)
 
 
 def _parse(wikitext: str):
@@ -268,7 +257,7 @@ def _render_tokens(tokens: list, match: dict[int, int], out: list[str], st: _Sta
     while i < n:
         t = tokens[i]
         kind = type(t)
-        if kind is _T.Text:
+        if kind is _tok.Text:
             text = t["text"]  # (a token is a dict: item access skips its __getattr__)
             if check_closed and _OPEN_MARKUP.search(text):
                 return False
@@ -290,7 +279,7 @@ def _walk(tokens: list, match: dict[int, int], start: int, end: int, out: list[s
     while i < end:
         t = tokens[i]
         kind = type(t)
-        if kind is _T.Text:
+        if kind is _tok.Text:
             out.append(t["text"])
             i += 1
         elif kind in _OPEN_TYPES and match.get(i, end) < end:
@@ -298,10 +287,6 @@ def _walk(tokens: list, match: dict[int, int], start: int, end: int, out: list[s
             i = match[i] + 1
         else:
             raise _NeedsNode  # a separator or closer where the enclosing construct's rules put it
-
-
-def _build_and_render(tokens: list, start: int, end: int, out: list[str], st: _State) -> None:
-    _render(Builder().build(tokens[start : end + 1]).nodes, out, st)
 
 
 def _render_construct(tokens: list, match: dict[int, int], start: int, end: int, out: list[str], st: _State) -> None:
@@ -313,12 +298,12 @@ def _render_construct(tokens: list, match: dict[int, int], start: int, end: int,
         del out[mark[0] :]
         del st.templates[mark[1] :]
         st.list_items, st.captions, st.headings, st.tables = mark[2:]
-        _build_and_render(tokens, start, end, out, st)
+        _render(Builder().build(tokens[start : end + 1]).nodes, out, st)
 
 
 def _render_construct_tokens(tokens: list, match: dict[int, int], start: int, end: int, out: list[str], st: _State) -> None:
     kind = type(tokens[start])
-    if kind is _T.TemplateOpen:
+    if kind is _tok.TemplateOpen:
         raw = _template_name_tokens(tokens, start, end)
         if raw is None:
             raise _NeedsNode
@@ -326,8 +311,8 @@ def _render_construct_tokens(tokens: list, match: dict[int, int], start: int, en
         if _is_rendered_template(name):
             raise _NeedsNode
         st.templates.append(name)
-    elif kind is _T.WikilinkOpen:
-        sep = _find(tokens, match, start + 1, end, (_T.WikilinkSeparator,))
+    elif kind is _tok.WikilinkOpen:
+        sep = _find(tokens, match, start + 1, end, (_tok.WikilinkSeparator,))
         title = _plain_text(tokens, start + 1, sep)
         if title is None:
             raise _NeedsNode
@@ -339,23 +324,23 @@ def _render_construct_tokens(tokens: list, match: dict[int, int], start: int, en
             _walk(tokens, match, sep + 1, end, out, st)
         else:
             out.append(shown)
-    elif kind is _T.TagOpenOpen:
+    elif kind is _tok.TagOpenOpen:
         _render_tag_tokens(tokens, match, start, end, out, st)
-    elif kind is _T.ExternalLinkOpen:
-        sep = _find(tokens, match, start + 1, end, (_T.ExternalLinkSeparator,))
+    elif kind is _tok.ExternalLinkOpen:
+        sep = _find(tokens, match, start + 1, end, (_tok.ExternalLinkSeparator,))
         if sep < end:
             _walk(tokens, match, sep + 1, end, out, st)
-    elif kind is _T.HeadingStart:
+    elif kind is _tok.HeadingStart:
         st.headings += 1
         out.append("\n")
-    elif kind in (_T.CommentStart, _T.ArgumentOpen):
+    elif kind in (_tok.CommentStart, _tok.ArgumentOpen):
         return
     else:  # an HTML entity (normalized by its node)
         raise _NeedsNode
 
 
 def _render_tag_tokens(tokens: list, match: dict[int, int], start: int, end: int, out: list[str], st: _State) -> None:
-    head_end = _find(tokens, match, start + 1, end, (_T.TagAttrStart, _T.TagCloseOpen, _T.TagCloseSelfclose))
+    head_end = _find(tokens, match, start + 1, end, (_tok.TagAttrStart, _tok.TagCloseOpen, _tok.TagCloseSelfclose))
     name = _plain_text(tokens, start + 1, head_end)
     if name is None:
         raise _NeedsNode
@@ -372,12 +357,12 @@ def _render_tag_tokens(tokens: list, match: dict[int, int], start: int, end: int
         return
     if tag in _DROP_TAGS:
         return
-    body = _find(tokens, match, head_end, end, (_T.TagCloseOpen, _T.TagCloseSelfclose))
-    if body >= end or isinstance(tokens[body], _T.TagCloseSelfclose):
+    body = _find(tokens, match, head_end, end, (_tok.TagCloseOpen, _tok.TagCloseSelfclose))
+    if body >= end or isinstance(tokens[body], _tok.TagCloseSelfclose):
         return  # self-closing (or, not seen, no contents)
     if tag == "nowiki":
         raise _NeedsNode  # its contents are shown as written
-    close = _find(tokens, match, body + 1, end, (_T.TagOpenClose,))
+    close = _find(tokens, match, body + 1, end, (_tok.TagOpenClose,))
     if close >= end:
         raise _NeedsNode
     _walk(tokens, match, body + 1, close, out, st)
