@@ -150,6 +150,23 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=1)
 
 
+def _bad_input(exc: BaseException) -> None:
+    """Input the command cannot use (a file, a column, a query): one line, status 2."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    typer.echo(f"error: {reason}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _input_or_exit(check):
+    """``check()``, or exit 2 with its one-line reason when it rejects the input."""
+    from tasks.common import PipelineInputError
+
+    try:
+        return check()
+    except PipelineInputError as exc:
+        _bad_input(exc)
+
+
 def _given(**flags: Any) -> dict[str, Any]:
     """Dotted parameter key -> value of the flags that were given (``__`` in a name stands for ``.``)."""
     out = {}
@@ -262,12 +279,15 @@ def evaluate(
     set_: SetOpt = None,
     model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (model_dirs). Default: the newest GeAR run under OUTPUT_DIR/models, "
                  "and the newest lm_weight-0 run there as the contrastive-only row.")] = None,
-    dataset: Annotated[Optional[Path], typer.Option(help="Dataset (as for `gear train`). Default: latest under OUTPUT_DIR.")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="A built dataset (as for `gear train`), or a labelled Parquet/JSONL "
+                 "file (or a folder of test and train files) with query, document and unit columns. Default: latest under OUTPUT_DIR.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The set's name in the tables (dataset_name). Default: RIR for a "
+                    "built dataset, else the file's stem or the folder's name.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where the report goes and where the newest model and dataset are looked up. Default: models and dataset from data/, the report to the output_dir parameter (data/eval).")] = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Evaluate a model on retrieval, localisation and generation; writes report.md/json."""
-    flags = _given(model_dirs=[str(model)] if model else None, output_dir=output_dir)
+    flags = _given(model_dirs=[str(model)] if model else None, dataset=dataset, dataset_name=name, output_dir=output_dir)
     params = _params_or_exit("evaluate", profile, config, set_, flags, dry_run=False)
     # What `gear evaluate` finds by itself when neither flags nor --config/--set name it:
     # train-gear's newest run and build-dataset's newest dataset under OUTPUT_DIR (default data).
@@ -290,6 +310,10 @@ def evaluate(
 
         typer.echo(dump_yaml(params), nl=False)
         raise typer.Exit(code=0)
+    if dataset is not None:  # a set named on the command line is checked before any model loads
+        from tasks.evaluate.loaders import check_dataset
+
+        _input_or_exit(lambda: check_dataset(params.dataset))
     try:
         from tasks.common import PipelineInputError
 

@@ -112,7 +112,12 @@ class EvalParams(BaseModel):
         None, description="Optional GeAR model trained with lm_weight 0 (the paper's 'GeAR w/o L_LM' row)."
     )
     dataset: str | None = Field(
-        None, description="RIR dataset: a version folder with train/test.parquet, or a datasets folder with LATEST."
+        None,
+        description="Labelled set: a built dataset (its output folder, datasets/ folder or version folder), or a "
+        "Parquet/JSONL file, or a folder of test (and train) files, with query, document and unit columns.",
+    )
+    dataset_name: str | None = Field(
+        None, description="The set's name in the tables; empty = RIR for a built dataset, else the file or folder name."
     )
     squad_json: list[str] = Field([], description="SQuAD-format JSON files (QA sets: EM/F1).")
     beir_dirs: list[str] = Field(

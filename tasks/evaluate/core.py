@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import PipelineInputError, write_json
-from tasks.contracts import resolve_dataset
 from tasks.evaluate.config import EvalParams, SystemSpec
-from tasks.evaluate.loaders import EvalSet, load_beir, load_squad, load_triples
+from tasks.evaluate.loaders import EvalSet, dataset_source, load_beir, load_dataset, load_squad
 from tasks.stage import StageRun, stage
 
 # The numbers depend on this package and on the model code that ranks, pools
@@ -30,7 +29,7 @@ def _system_files(system: SystemSpec) -> list[Path]:
 
 
 def _set_files(params: EvalParams) -> list[Path]:
-    paths = [resolve_dataset(params.dataset)] if params.dataset else []
+    paths = [dataset_source(params.dataset)] if params.dataset else []
     return paths + [Path(p) for p in params.squad_json] + [Path(p) for p in params.beir_dirs]
 
 
@@ -38,7 +37,7 @@ def load_sets(params: EvalParams) -> list[EvalSet]:
     sets: list[EvalSet] = []
     n, seed = params.max_test_queries, params.seed
     if params.dataset:
-        sets.append(load_triples(params.dataset, n, seed))
+        sets.append(load_dataset(params.dataset, n, seed, params.dataset_name))
     sets += [load_squad(p, n, seed) for p in params.squad_json]
     sets += [load_beir(p, max_queries=n, seed=seed) for p in params.beir_dirs]
     if not sets:

@@ -1,4 +1,5 @@
-"""Evaluation sets: the RIR triples, SQuAD-format JSON and BEIR folders.
+"""Evaluation sets: the RIR triples, labelled sets made by hand (Parquet or
+JSONL rows of query, document and unit), SQuAD-format JSON and BEIR folders.
 
 Each loader returns an ``EvalSet``: a corpus (doc_id -> text), the test
 queries with their relevant documents, and, where the data has them, the
@@ -12,13 +13,15 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.common import Funnel, PipelineInputError
+from tasks.common import Funnel, PipelineInputError, is_complete
+from tasks.assets import SPACY_MODEL
 from tasks.contracts import resolve_dataset
 
 TRIPLE_COLUMNS = ("query", "doc_id", "document", "unit", "unit_index", "sentence_spans")
@@ -137,6 +140,229 @@ def load_triples(
 
 
 # --------------------------------------------------------------------------
+# Labelled sets made by hand: (query, document, unit) rows in Parquet or JSONL.
+
+LABELLED_COLUMNS = ("query", "document", "unit")
+LABELLED_SUFFIXES = (".parquet", ".jsonl")
+BUILT_SET_NAME = "RIR"  # what build-rir-dataset makes; any other set is named after its file or folder
+
+
+def _labelled_split_files(folder: Path) -> dict[str, Path]:
+    """{split: file} of a hand-made folder: train and test, each .parquet or .jsonl."""
+    out = {}
+    for split in ("train", "test"):
+        for suffix in LABELLED_SUFFIXES:
+            if (folder / f"{split}{suffix}").is_file():
+                out[split] = folder / f"{split}{suffix}"
+                break
+    return out
+
+
+def dataset_source(path: str | Path) -> Path:
+    """The file or folder a ``dataset`` parameter names, whose content keys the cached results:
+    a labelled file; a hand-made folder (test.parquet or test.jsonl, optional train, no
+    completion marker needed); else a built dataset's version folder (``resolve_dataset``:
+    the folder, a datasets/ folder or a build output folder)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in LABELLED_SUFFIXES:
+            raise PipelineInputError(path, f"a labelled set is a {' or '.join(LABELLED_SUFFIXES)} file")
+        return path
+    if path.is_dir() and not is_complete(path):
+        files = _labelled_split_files(path)
+        if "test" in files:
+            return path
+        if files:
+            raise PipelineInputError(path, "no test.parquet or test.jsonl here (the queries to evaluate)")
+    return resolve_dataset(path)
+
+
+def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineInputError(path, f"invalid JSON: {exc.msg}", f"line {n}") from exc
+            except UnicodeDecodeError as exc:
+                raise PipelineInputError(path, "not UTF-8 text", f"line {n}") from exc
+            if not isinstance(row, dict):
+                raise PipelineInputError(path, f"expected a JSON object, got {type(row).__name__}", f"line {n}")
+            row["_record"] = f"line {n}"
+            rows.append(row)
+    return rows
+
+
+def read_labelled_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a labelled Parquet or JSONL file, each with ``query``, ``document`` and
+    ``unit`` text (checked here: a missing column or a value that is not text is an error
+    naming the file, the column and the row) and ``_record`` (where it is, for messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineInputError(path, "labelled set file does not exist")
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+            raise PipelineInputError(path, f"unreadable Parquet: {exc}") from exc
+        for column in LABELLED_COLUMNS:
+            if column not in table.column_names:
+                raise PipelineInputError(path, f"missing column {column!r} (needs {', '.join(LABELLED_COLUMNS)})")
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            row["_record"] = f"row {i}"
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl_rows(path)
+        for row in rows:
+            for column in LABELLED_COLUMNS:
+                if column not in row:
+                    raise PipelineInputError(path, f"missing column {column!r} (needs {', '.join(LABELLED_COLUMNS)})",
+                                             row["_record"])
+    else:
+        raise PipelineInputError(path, f"a labelled set is a {' or '.join(LABELLED_SUFFIXES)} file")
+    for row in rows:
+        for column in LABELLED_COLUMNS:
+            if not isinstance(row[column], str):
+                raise PipelineInputError(path, f"column {column!r} should be text, got {type(row[column]).__name__}",
+                                         row["_record"])
+        for column in ("query", "document"):
+            if not row[column].strip():
+                raise PipelineInputError(path, f"empty {column}", row["_record"])
+        if row.get("doc_id") is not None and not isinstance(row["doc_id"], (str, int)):
+            raise PipelineInputError(path, f"column 'doc_id' should be text, got {type(row['doc_id']).__name__}",
+                                     row["_record"])
+    return rows
+
+
+def check_dataset(path: str | Path) -> Path:
+    """Fail early, before any model loads, on a dataset that cannot be evaluated: the
+    source (``dataset_source``) with, for a labelled set, every row's columns checked."""
+    source = dataset_source(path)
+    if source.is_file():
+        read_labelled_rows(source)
+    elif not is_complete(source):
+        for file in _labelled_split_files(source).values():
+            read_labelled_rows(file)
+    return source
+
+
+def locate_unit(document: str, unit: str, spans: list[tuple[int, int]]) -> int | None:
+    """Index of the sentence holding ``unit``: the unit is looked up verbatim, then with any
+    run of whitespace matching any other and case ignored (hand-copied text rarely keeps the
+    line breaks); the sentence that overlaps the match most wins. None when not found."""
+    unit = unit.strip()
+    if not unit or not spans:
+        return None
+    start = document.find(unit)
+    if start >= 0:
+        end = start + len(unit)
+    else:
+        match = re.search(r"\s+".join(map(re.escape, unit.split())), document, re.IGNORECASE)
+        if match is None:
+            return None
+        start, end = match.span()
+    overlaps = [min(e, end) - max(s, start) for s, e in spans]
+    best = max(range(len(spans)), key=overlaps.__getitem__)
+    return best if overlaps[best] > 0 else None
+
+
+def _row_spans(row: dict[str, Any], path: Path) -> list[tuple[int, int]] | None:
+    spans = row.get("sentence_spans")
+    if spans is None:
+        return None
+    try:
+        return [(int(s["start"]), int(s["end"])) if isinstance(s, dict) else (int(s[0]), int(s[1])) for s in spans]
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise PipelineInputError(path, f"sentence_spans should be (start, end) pairs: {exc}", row["_record"]) from exc
+
+
+def load_labelled(
+    files: dict[str, Path], max_queries: int | None = None, seed: int = 0, name: str | None = None,
+    source: str | Path | None = None,
+) -> EvalSet:
+    """A labelled set: ``files`` is {"test": file} or {"train": file, "test": file}.
+
+    Corpus = every document of the files (so train documents are distractors), queries =
+    the test rows (a seeded sample of ``max_queries``). ``doc_id`` is optional (one id per
+    distinct document text); ``title`` is ignored. The unit's sentence comes from the row's
+    ``sentence_spans`` and ``unit_index`` when it has both, else the document is split by
+    ``split_sentences`` and the unit looked up in it (``locate_unit``). A query whose unit is
+    not found stays a retrieval query and is counted under ``locate_units``
+    (``unit_not_in_document``), not scored for localisation or generation.
+    """
+    test_file = files["test"]
+    funnel = Funnel()
+    documents: dict[str, str] = {}
+    given_spans: dict[str, list[tuple[int, int]]] = {}
+    by_text: dict[str, str] = {}
+    test_rows: list[dict[str, Any]] = []
+    for split in ("train", "test"):
+        if split not in files:
+            continue
+        path = files[split]
+        rows = read_labelled_rows(path)
+        for row in rows:
+            text = row["document"]
+            if row.get("doc_id") is not None:
+                doc_id = str(row["doc_id"])
+            else:
+                doc_id = by_text.setdefault(text, f"d{len(by_text) + 1}")
+                while doc_id in documents and documents[doc_id] != text:  # a given id took this name
+                    doc_id = by_text[text] = f"{doc_id}+"
+            if documents.setdefault(doc_id, text) != text:
+                raise PipelineInputError(path, "doc_id reused for a different document text", f"{row['_record']}, doc_id {doc_id}")
+            spans = _row_spans(row, path)
+            if spans is not None:
+                given_spans.setdefault(doc_id, spans)
+            row["_doc_id"], row["_spans"] = doc_id, spans
+        if split == "test":
+            test_rows = rows
+    if not test_rows:
+        raise PipelineInputError(test_file, "no rows to evaluate")
+    funnel.add("load_labelled", "documents", len(documents))
+    funnel.seen("load_labelled", len(test_rows))
+    rows = sample(test_rows, max_queries, seed)
+    if len(rows) < len(test_rows):
+        funnel.drop("load_labelled", "over_max_test_queries", len(test_rows) - len(rows))
+    funnel.kept("load_labelled", len(rows))
+    spans: dict[str, list[tuple[int, int]]] = {}
+    queries = []
+    funnel.seen("locate_units", len(rows))
+    for i, row in enumerate(rows):
+        doc_id, text = row["_doc_id"], row["document"]
+        if doc_id not in spans:
+            spans[doc_id] = given_spans.get(doc_id) or split_sentences(text)
+        unit_index = row.get("unit_index")
+        if row["_spans"] is not None and isinstance(unit_index, int) and not isinstance(unit_index, bool):
+            if not 0 <= unit_index < len(spans[doc_id]):
+                raise PipelineInputError(test_file, f"unit_index {unit_index} outside {len(spans[doc_id])} sentences",
+                                         row["_record"])
+        else:  # an index without the spans it counts in means nothing here
+            unit_index = locate_unit(text, row["unit"], spans[doc_id])
+        if unit_index is None:
+            funnel.drop("locate_units", "empty_unit" if not row["unit"].strip() else "unit_not_in_document")
+        else:
+            funnel.kept("locate_units")
+        queries.append(EvalQuery(f"q{i}", row["query"], {doc_id: 1}, doc_id, unit_index, row["unit"]))
+    return EvalSet(name or test_file.stem, "rir", str(source or test_file), documents, queries, spans, funnel)
+
+
+def load_dataset(path: str | Path, max_queries: int | None = None, seed: int = 0, name: str | None = None) -> EvalSet:
+    """The set a ``dataset`` parameter names (``dataset_source``): a built dataset is read by
+    ``load_triples`` and called RIR; a labelled file or hand-made folder by ``load_labelled``
+    and called after the file (its stem) or the folder. ``name`` overrides either."""
+    source = dataset_source(path)
+    if source.is_file():
+        return load_labelled({"test": source}, max_queries, seed, name or source.stem)
+    if is_complete(source):
+        return load_triples(source, max_queries, seed, name or BUILT_SET_NAME)
+    return load_labelled(_labelled_split_files(source), max_queries, seed, name or source.name, source)
+
+
+# --------------------------------------------------------------------------
 # SQuAD-format JSON.
 
 
@@ -151,27 +377,12 @@ def _require(obj: Any, key: str, kind: type, path: Path, record: str) -> Any:
     return value
 
 
-_NLP = None
-
-
 def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Sentence character spans (end exclusive, trailing space trimmed) by spaCy's senter."""
-    global _NLP
-    if _NLP is None:
-        import spacy
+    """Sentence character spans (end exclusive, trailing space trimmed) by spaCy's senter
+    (``gear_model.sentences``, which search uses too)."""
+    from gear_model.sentences import split_sentences as senter_spans
 
-        from tasks.assets import SPACY_MODEL
-
-        _NLP = spacy.load(SPACY_MODEL, exclude=["parser", "ner", "lemmatizer", "attribute_ruler", "tagger"])
-        _NLP.enable_pipe("senter")
-    spans = []
-    for sent in _NLP(text).sents:
-        start, end = sent.start_char, sent.end_char
-        while end > start and text[end - 1].isspace():
-            end -= 1
-        if end > start:
-            spans.append((start, end))
-    return spans
+    return senter_spans(text, SPACY_MODEL)
 
 
 def load_squad(path: str | Path, max_queries: int | None = None, seed: int = 0, name: str | None = None) -> EvalSet:

@@ -340,6 +340,7 @@ def render_markdown(report: dict) -> str:
                 parts.append(f"- query: {ex['query']!r}\n  - gold: {ex['gold']!r}\n  - generated: {ex['generated']!r}")
             parts.append("")
     parts += ["## Data", "", markdown_table(data_rows(report)), ""]
+    parts += ["Left out (the loaders' funnel):", "", *left_out_lines(report), ""] if left_out_lines(report) else []
     parts += ["## Speed", "", markdown_table(speed_rows(report)), ""]
     parts += ["Plots (training loss, localisation by layer and per epoch) and the Figure 3 attention example: report.html", ""]
     return "\n".join(parts)
@@ -351,6 +352,18 @@ def data_rows(report: dict) -> list[dict[str, str]]:
          "Unit queries": str(v["sizes"]["unit_queries"]), "Source": v["source"]}
         for s, v in report["sets"].items()
     ]
+
+
+def left_out_lines(report: dict) -> list[str]:
+    """One line per count a set's loader dropped (e.g. a labelled unit not found in its
+    document: still a retrieval query, left out of localisation and generation)."""
+    out = []
+    for s, v in report["sets"].items():
+        for stage, counts in (v.get("funnel") or {}).items():
+            for key, n in counts.items():
+                if key.startswith("dropped:") and n:
+                    out.append(f"- {s}, {stage}: {key.removeprefix('dropped:').replace('_', ' ')}: {n}")
+    return out
 
 
 def speed_rows(report: dict) -> list[dict[str, str]]:
