@@ -39,6 +39,13 @@ class GearConfig:
     # Weight of the LM loss; 0 = contrastive-only ("GeAR w/o L_LM") and the
     # decoder forward is skipped.
     lm_weight: float = 1.0
+    # BLIP's label smoothing of the LM targets (0: the paper's plain cross-entropy).
+    lm_label_smoothing: float = 0.0
+    # Weight of the optional localisation loss L_loc (not in the paper; 0 =
+    # off): cross-entropy of the unit among its document's sentences, scored
+    # as localisation scores them (attention mass per token at the
+    # localisation layer). Needs the triples' sentence spans.
+    loc_weight: float = 0.0
     # Token lengths used for training; inference defaults (documents) use
     # ``inference_max_doc_length``.
     max_query_length: int = 512

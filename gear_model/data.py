@@ -12,6 +12,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from gear_model.losses import doc_keys
 
 REQUIRED_COLUMNS = ("query", "document", "unit", "doc_id")
+# Read when present: what the localisation loss (``GearConfig.loc_weight``) needs.
+SENTENCE_COLUMNS = ("sentence_spans", "unit_index")
 
 
 def train_parquet(path: str | Path) -> Path:
@@ -74,6 +76,10 @@ class TriplesDataset(Dataset):
 
     ``stats`` counts rows per outcome (``fits``, ``windowed``,
     ``dropped_unit_too_long_for_doc_window``, ``dropped_unit_longer_than_max_unit_length``).
+
+    When the file has ``sentence_spans`` and ``unit_index`` (the triples
+    schema), each row carries them too, moved with the document window
+    (``has_sentences``).
     """
 
     def __init__(self, path: str | Path, tokenizer=None, max_doc_length: int = 512, max_unit_length: int = 512):
@@ -88,6 +94,11 @@ class TriplesDataset(Dataset):
             if bad:
                 raise ValueError(f"{self.path}: row {bad[0]} has an empty {c!r} ({len(bad)} such rows)")
         rows = list(zip(*(cols[c] for c in REQUIRED_COLUMNS), strict=True))
+        self.has_sentences = all(c in table.column_names for c in SENTENCE_COLUMNS)
+        if self.has_sentences:
+            spans = [[(sp["start"], sp["end"]) for sp in row] for row in table.column("sentence_spans").to_pylist()]
+            rows = [(*row, spans[i], index) for i, (row, index) in
+                    enumerate(zip(rows, table.column("unit_index").to_pylist(), strict=True))]
         self.stats: dict[str, int] = {}
         if tokenizer is not None:
             spans = None
@@ -106,7 +117,7 @@ class TriplesDataset(Dataset):
         doc_offsets = dict(zip(docs, tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]))
         unit_lengths = [len(ids) for ids in tokenizer([r[2] for r in rows], add_special_tokens=False)["input_ids"]]
         for i, row in enumerate(rows):
-            query, document, unit, doc_id = row
+            query, document, unit, doc_id = row[:4]
             if unit_lengths[i] > max_unit_length - 2:
                 counts["dropped_unit_longer_than_max_unit_length"] += 1
                 continue
@@ -128,15 +139,42 @@ class TriplesDataset(Dataset):
                 kept.append(row)
             else:
                 counts["windowed"] += 1
-                kept.append((query, document[offsets[a][0] : offsets[b - 1][1]], unit, doc_id))
+                cut, end = offsets[a][0], offsets[b - 1][1]
+                windowed = (query, document[cut:end], unit, doc_id)
+                if self.has_sentences:
+                    windowed += window_sentences(row[4], row[5], cut, end)
+                kept.append(windowed)
         self.stats = counts
         return kept
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, str]:
-        return dict(zip(REQUIRED_COLUMNS, self.rows[i], strict=True))
+    def __getitem__(self, i: int) -> dict:
+        names = REQUIRED_COLUMNS + SENTENCE_COLUMNS if self.has_sentences else REQUIRED_COLUMNS
+        return dict(zip(names, self.rows[i], strict=True))
+
+
+def window_sentences(spans: list[tuple[int, int]], unit_index: int, cut: int, end: int) -> tuple[list, int]:
+    """Sentence spans and unit index of the document window [cut, end), in the
+    window's own characters; a sentence the window cuts keeps its inner part."""
+    kept, index = [], -1
+    for i, (s, e) in enumerate(spans):
+        if e > cut and s < end:
+            if i == unit_index:
+                index = len(kept)
+            kept.append((max(s, cut) - cut, min(e, end) - cut))
+    return kept, index
+
+
+def token_sentences(offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """(doc_tokens,) long: the sentence each token starts in, -1 for special
+    and padding tokens (offset (0, 0)) and for tokens outside every span."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    out = torch.full((len(offsets),), -1, dtype=torch.long)
+    for i, (s, e) in enumerate(spans):
+        out[(ends > starts) & (starts >= s) & (starts < e)] = i
+    return out
 
 
 class Collate:
@@ -146,15 +184,23 @@ class Collate:
         self.tokenizer = tokenizer
         self.lengths = (max_query_length, max_doc_length, max_unit_length)
 
-    def __call__(self, rows: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         q_len, d_len, u_len = self.lengths
+        with_sentences = "sentence_spans" in rows[0]
         out = {}
         for name, key, length in (("query", "query", q_len), ("doc", "document", d_len), ("unit", "unit", u_len)):
             enc = self.tokenizer(
-                [r[key] for r in rows], padding=True, truncation=True, max_length=length, return_tensors="pt"
+                [r[key] for r in rows], padding=True, truncation=True, max_length=length, return_tensors="pt",
+                return_offsets_mapping=with_sentences and name == "doc",
             )
             out[f"{name}_ids"] = enc["input_ids"]
             out[f"{name}_mask"] = enc["attention_mask"]
+            if "offset_mapping" in enc:
+                # Sentence of each document token and the unit's sentence: the localisation loss's inputs.
+                out["doc_sentence"] = torch.stack(
+                    [token_sentences(enc["offset_mapping"][i], r["sentence_spans"]) for i, r in enumerate(rows)]
+                )
+                out["unit_sentence"] = torch.tensor([r["unit_index"] for r in rows], dtype=torch.long)
         out["doc_key"] = doc_keys([r["doc_id"] for r in rows])
         return out
 

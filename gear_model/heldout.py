@@ -1,11 +1,13 @@
 """Held-out evaluation during training (the paper's Fig. 4a/b curves).
 
 Reads a dataset's test.parquet once and, given the model, measures unit
-localisation (rank the document's sentences by the fusion cross-attention,
-``GearModel.localize``) and, on a few queries, generation ROUGE. The full
-tables with baselines and intervals are evaluate-gear's job; this is the
-cheap signal a training run records per epoch, and what the learning-curve
-benchmark plots.
+localisation at every fusion layer (rank the document's sentences by the
+fusion cross-attention, as ``GearModel.localize`` does), with 95% bootstrap
+intervals; whether the model reads the document (``diagnostics``: the
+attention lift on the unit by layer, d_doc and d_pair); and, on a few
+queries, generation ROUGE. The full tables with baselines are
+evaluate-gear's job; this is the cheap signal a training run records at
+step 0 and per epoch, and what the learning-curve benchmark plots.
 
 With one relevant sentence per query, Recall@k is "true unit ranked in the
 top k" and AP@k is the reciprocal rank when within k (MRR@k), so they are
@@ -20,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from gear_model.diagnostics import attention_lift, bootstrap_interval, document_dependence, is_punctuation_only
+from gear_model.model import pool_sentences, sentence_membership
 
 COLUMNS = ("query", "document", "unit", "unit_index", "sentence_spans")
 KS = (1, 3, 5, 10)
@@ -40,32 +45,64 @@ class HeldOut:
         if len(rows) > max_queries:  # a seeded sample, the same at every evaluation
             rows = random.Random(seed).sample(rows, max_queries)
         self.rows = rows
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def localization(self, model, layer: int | None = None, pooling: str = "mean") -> dict[str, Any]:
-        by_doc: dict[str, list[dict]] = {}
-        for r in self.rows:  # each document is encoded once for all its queries
-            by_doc.setdefault(r["document"], []).append(r)
-        ranks = []
-        for document, rows in by_doc.items():
-            spans = [(s["start"], s["end"]) for s in rows[0]["sentence_spans"]]
-            scores = model.localize_many([r["query"] for r in rows], document, spans, layer, pooling=pooling)
-            for r, row_scores in zip(rows, scores):
-                order = np.argsort(-row_scores, kind="stable")
-                ranks.append(int(np.nonzero(order == r["unit_index"])[0][0]))
-        ranks_arr = np.array(ranks)
-        sentences = np.array([len(r["sentence_spans"]) for r in self.rows])
-        out: dict[str, Any] = {}
-        for k in KS:
-            out[f"recall@{k}"] = float((ranks_arr < k).mean()) if len(ranks) else 0.0
-            out[f"map@{k}"] = float(np.where(ranks_arr < k, 1.0 / (ranks_arr + 1), 0.0).mean()) if len(ranks) else 0.0
-            # What a uniformly random ordering of each document's sentences would score.
-            out[f"random_recall@{k}"] = float((np.minimum(k, sentences) / sentences).mean()) if len(ranks) else 0.0
+    def measure(self, model, pooling: str = "mean", generation_queries: int = 0, max_new_tokens: int = 48,
+                resamples: int = 1000) -> dict[str, Any]:
+        """Everything one held-out evaluation records (see the module docstring)."""
+        out = self.localization(model, pooling, resamples)
+        out["document_dependence"] = document_dependence(
+            model, [r["query"] for r in self.rows], [r["document"] for r in self.rows], [r["unit"] for r in self.rows],
+            seed=self.seed,
+        )
+        out["generation"] = self.generation(model, generation_queries, max_new_tokens)
         return out
 
-    def generation(self, model, n: int, max_new_tokens: int = 48) -> dict[str, float] | None:
+    def localization(self, model, pooling: str = "mean", resamples: int = 1000) -> dict[str, Any]:
+        """R@k / MAP@k at every fusion layer (intervals on R@k), the lift by
+        layer, the best layer by R@3, and ``localization``: the model's
+        default layer, with the random ranking's expected scores beside it."""
+        by_doc: dict[str, list[int]] = {}
+        for i, r in enumerate(self.rows):  # each document is encoded once for all its queries
+            by_doc.setdefault(r["document"], []).append(i)
+        n_layers = model.n_layers
+        ranks = np.zeros((len(self.rows), n_layers), dtype=np.int64)
+        lifts = np.full((len(self.rows), n_layers), np.nan)
+        for document, idx in by_doc.items():
+            rows = [self.rows[i] for i in idx]
+            spans = [(s["start"], s["end"]) for s in rows[0]["sentence_spans"]]
+            weights, offsets = model.doc_token_weights([r["query"] for r in rows], document, all_layers=True)
+            scores = pool_sentences(weights, sentence_membership(offsets, spans), pooling)  # (n, layers, sentences)
+            for j, (i, r) in enumerate(zip(idx, rows)):
+                order = np.argsort(-scores[j], axis=-1, kind="stable")
+                ranks[i] = np.argmax(order == r["unit_index"], axis=-1)
+                lifts[i] = attention_lift(weights[j], offsets, spans[r["unit_index"]])
+        by_layer = {str(l + 1): self._metrics(ranks[:, l], resamples) for l in range(n_layers)}
+        default = model.resolve_layer(None)
+        best = max(range(1, n_layers + 1), key=lambda l: (by_layer[str(l)].get("recall@3", 0.0), -l))
+        sentences = np.array([len(r["sentence_spans"]) for r in self.rows])
+        out: dict[str, Any] = {**by_layer[str(default)]}
+        for k in KS:  # what a uniformly random ordering of each document's sentences would score
+            out[f"random_recall@{k}"] = float((np.minimum(k, sentences) / sentences).mean()) if len(sentences) else 0.0
+        return {
+            "localization": out, "localization_by_layer": by_layer, "best_layer": best,
+            "lift_by_layer": {str(l + 1): float(np.nanmean(lifts[:, l])) if np.isfinite(lifts[:, l]).any() else None
+                              for l in range(n_layers)},
+        }
+
+    def _metrics(self, ranks: np.ndarray, resamples: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"ci": {}}
+        for k in KS:
+            hits = (ranks < k).astype(np.float64)
+            out[f"recall@{k}"] = float(hits.mean()) if len(ranks) else 0.0
+            out[f"map@{k}"] = float(np.where(ranks < k, 1.0 / (ranks + 1), 0.0).mean()) if len(ranks) else 0.0
+            out["ci"][f"recall@{k}"] = bootstrap_interval(hits, resamples, self.seed)
+        return out
+
+    def generation(self, model, n: int, max_new_tokens: int = 48) -> dict[str, Any] | None:
         if n <= 0 or not self.rows:
             return None
         from rouge_score import rouge_scorer
@@ -73,9 +110,14 @@ class HeldOut:
         scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
         totals = {"rouge1": 0.0, "rougeL": 0.0}
         rows = self.rows[:n]
+        punctuation_only, examples = 0, []
         for r in rows:
             generated = model.generate(r["query"], r["document"], max_new_tokens=max_new_tokens)
             result = scorer.score(r["unit"], generated)
             for name in totals:
                 totals[name] += result[name].fmeasure
-        return {name: 100.0 * v / len(rows) for name, v in totals.items()}
+            punctuation_only += is_punctuation_only(generated)
+            if len(examples) < 3:
+                examples.append({"query": r["query"], "unit": r["unit"], "generated": generated})
+        return {**{name: 100.0 * v / len(rows) for name, v in totals.items()},
+                "punctuation_only": punctuation_only, "n": len(rows), "examples": examples}

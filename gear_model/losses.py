@@ -16,7 +16,9 @@ Contrastive loss, per direction (query->doc and doc->query):
   weight ``alpha`` (ramped 0 -> 0.4 by the trainer);
 - loss = mean over queries of the cross-entropy with the mixed targets, the
   two directions averaged.
-Total loss = itc + lm_weight * lm; lm_weight 0 skips the fusion and decoder.
+Total loss = itc + lm_weight * lm (+ loc_weight * loc, the optional
+localisation loss that is not in the paper: ``localisation_loss``);
+lm_weight 0 skips the decoder, and the fusion too unless loc_weight > 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from gear_model.fusion import eager_attention
 from gear_model.model import GearModel, mean_pool
 
 NO_DOC = -1  # doc id of queue slots that hold no real entry yet
@@ -71,11 +74,38 @@ def positive_targets(local_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.Te
     return pos / pos.sum(1, keepdim=True)
 
 
+def localisation_loss(
+    weights: torch.Tensor, query_words: torch.Tensor, doc_sentence: torch.Tensor, unit_sentence: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the unit among its document's sentences, each scored
+    as ``GearModel.localize(pooling="mean")`` scores it.
+
+    weights: (B, heads, Lq, Ld) cross-attention of the localisation layer;
+    query_words: (B, Lq) bool, the query's word tokens; doc_sentence: (B, Ld)
+    the sentence of each document token (-1: none); unit_sentence: (B,) the
+    unit's sentence (-1: not in the document window, row ignored).
+    A sentence's probability is proportional to its attention mass per token,
+    so the loss trains exactly the ranking that localisation reads.
+    """
+    words = query_words.to(weights.dtype)
+    per_doc_token = (weights.mean(1) * words[..., None]).sum(1) / words.sum(1, keepdim=True).clamp(min=1)
+    n_sentences = int(doc_sentence.max().item()) + 1 if doc_sentence.numel() else 0
+    keep = unit_sentence >= 0
+    if n_sentences == 0 or not keep.any():
+        return weights.sum() * 0.0
+    member = F.one_hot(doc_sentence.clamp(min=0), n_sentences).to(weights.dtype) * (doc_sentence >= 0)[..., None]
+    mass = torch.einsum("bl,bls->bs", per_doc_token, member)
+    counts = member.sum(1)
+    scores = torch.log(mass / counts.clamp(min=1) + 1e-12).masked_fill(counts == 0, float("-inf"))
+    return F.cross_entropy(scores[keep], unit_sentence[keep])
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
     itc: torch.Tensor
     lm: torch.Tensor
+    loc: torch.Tensor
 
 
 class GearPretrainer(nn.Module):
@@ -86,6 +116,8 @@ class GearPretrainer(nn.Module):
         self.momentum = cfg.momentum
         self.momentum_eval_mode = momentum_eval_mode
         self.lm_weight = cfg.lm_weight
+        self.loc_weight = cfg.loc_weight
+        self.label_smoothing = cfg.lm_label_smoothing
         self.freeze_doc_encoder = freeze_doc_encoder
         # A frozen E_d in eval mode maps a document to the same states every
         # epoch, so they are computed once per distinct document (token ids).
@@ -98,10 +130,12 @@ class GearPretrainer(nn.Module):
         else:
             self.doc_encoder_m = copy.deepcopy(model.doc_encoder).requires_grad_(False)
         if self.lm_weight == 0:
-            # Contrastive-only baseline: the fusion and decoder stay as
-            # initialised and are not trained (nor seen by DDP).
-            model.fusion.requires_grad_(False)
+            # Contrastive-only baseline: the decoder (and, without the
+            # localisation loss, the fusion) stays as initialised and is not
+            # trained (nor seen by DDP).
             model.decoder.requires_grad_(False)
+            if self.loc_weight == 0:
+                model.fusion.requires_grad_(False)
 
         dim = model.query_encoder.config.hidden_size
         size = cfg.queue_size
@@ -201,14 +235,22 @@ class GearPretrainer(nn.Module):
         itc = (loss_q2d + loss_d2q) / 2
         self.enqueue(q_m_global, d_m_global, ids)
 
-        if self.lm_weight > 0:
-            fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)
-            lm = m.lm_loss(fused, q_mask, batch["unit_ids"], batch["unit_mask"])
-            loss = itc + self.lm_weight * lm
-        else:
-            lm = torch.zeros((), device=itc.device)
-            loss = itc
-        return LossOutput(loss=loss, itc=itc.detach(), lm=lm.detach())
+        zero = torch.zeros((), device=itc.device)
+        lm, loc, loss = zero, zero, itc
+        if self.lm_weight > 0 or self.loc_weight > 0:
+            if self.loc_weight > 0:
+                if "doc_sentence" not in batch:
+                    raise ValueError("loc_weight > 0 needs the triples' sentence_spans and unit_index columns")
+                with eager_attention(m.query_encoder.config):  # SDPA returns no attention weights
+                    fused, weights = m.fuse(q_ids, q_mask, d_states, d_mask, return_layer=m.resolve_layer(None))
+                loc = localisation_loss(weights, m.query_word_mask(q_ids), batch["doc_sentence"], batch["unit_sentence"])
+                loss = loss + self.loc_weight * loc
+            else:
+                fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)
+            if self.lm_weight > 0:
+                lm = m.lm_loss(fused, q_mask, batch["unit_ids"], batch["unit_mask"], label_smoothing=self.label_smoothing)
+                loss = loss + self.lm_weight * lm
+        return LossOutput(loss=loss, itc=itc.detach(), lm=lm.detach(), loc=loc.detach())
 
 
 def doc_keys(doc_ids: Sequence[str]) -> torch.Tensor:

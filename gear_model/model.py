@@ -52,6 +52,35 @@ class CrossAttention(NamedTuple):
     query_mask: np.ndarray
 
 
+def span_pairs(sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]]) -> np.ndarray:
+    """(n, 2) int64 [start, end) pairs from (start, end) pairs or {"start", "end"} dicts (the triples' SPAN)."""
+    pairs = [(s["start"], s["end"]) if isinstance(s, dict) else tuple(s) for s in sentence_spans]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def sentence_membership(offsets: np.ndarray, sentence_spans) -> np.ndarray:
+    """(n_sentences, doc_tokens) bool: a document token belongs to the sentence
+    its first character lies in; special tokens (offset (0, 0)) belong nowhere."""
+    spans = span_pairs(sentence_spans)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    real = ends > starts
+    return real[None] & (starts[None] >= spans[:, :1]) & (starts[None] < spans[:, 1:])
+
+
+def pool_sentences(per_token: np.ndarray, membership: np.ndarray, pooling: str = "sum") -> np.ndarray:
+    """Sentence scores (..., n_sentences) from per-document-token weights (..., doc_tokens):
+    the attention mass on each sentence (``sum``) or mass per token (``mean``);
+    a sentence with no token inside the (truncated) document scores 0."""
+    if pooling not in ("sum", "mean"):
+        raise ValueError(f"pooling must be 'sum' or 'mean', not {pooling!r}")
+    member = membership.astype(np.float32)
+    mass = np.asarray(per_token, dtype=np.float32) @ member.T
+    if pooling == "mean":
+        counts = member.sum(1)
+        mass = np.where(counts > 0, mass / np.maximum(counts, 1), 0.0).astype(np.float32)
+    return mass
+
+
 def sentence_scores_from_attention(
     att: CrossAttention, sentence_spans: Sequence[tuple[int, int]] | Sequence[dict[str, int]], pooling: str = "sum"
 ) -> np.ndarray:
@@ -60,17 +89,7 @@ def sentence_scores_from_attention(
         raise ValueError(f"pooling must be 'sum' or 'mean', not {pooling!r}")
     per_query_token = att.weights.mean(0)  # (Lq, Ld)
     rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
-    per_doc_token = rows.mean(0)  # (Ld,)
-    starts, ends = att.offsets[:, 0], att.offsets[:, 1]
-    real = ends > starts  # special tokens have (0, 0)
-    scores = np.zeros(len(sentence_spans), dtype=np.float32)
-    for i, span in enumerate(sentence_spans):
-        start, end = (span["start"], span["end"]) if isinstance(span, dict) else span
-        inside = real & (starts >= start) & (starts < end)
-        if inside.any():
-            mass = float(per_doc_token[inside].sum())
-            scores[i] = mass / int(inside.sum()) if pooling == "mean" else mass
-    return scores
+    return pool_sentences(rows.mean(0), sentence_membership(att.offsets, sentence_spans), pooling)
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,6 +133,10 @@ class GearModel(nn.Module):
         self.decoder = BertLMHeadModel(dec_config)
 
         self.temp = nn.Parameter(torch.tensor(gear_config.temp_init))
+        # Names of the parameters that no checkpoint initialised (``from_encoder``
+        # fills it; a saved GeAR model has none): the parts a learning-rate
+        # multiplier for new modules is meant for.
+        self.fresh_parameters: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------
     # Construction, saving, loading.
@@ -125,8 +148,9 @@ class GearModel(nn.Module):
         """Initialise every part from a BERT checkpoint directory.
 
         E_q and E_d load the encoder weights; the decoder loads them too (its
-        cross-attention and LM-head transform start fresh, the LM head is tied
-        to its word embeddings, and ``[DEC]`` is added to its vocabulary); the
+        cross-attention, and the LM-head transform and bias when the checkpoint
+        has no MLM head, start fresh; the LM head is tied to its word
+        embeddings, and ``[DEC]`` is added to its vocabulary); the
         fusion cross-attention blocks start fresh (``"random"``, BERT's init
         as in BLIP), as copies of E_q's self-attention of the same layer
         (``"self_attention"``), or with identity query and key projections
@@ -145,10 +169,19 @@ class GearModel(nn.Module):
             enc = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
             model.query_encoder.load_state_dict(enc.state_dict())
             model.doc_encoder.load_state_dict(enc.state_dict())
-            dec = BertLMHeadModel.from_pretrained(str(bert_dir), is_decoder=True, add_cross_attention=True)
+            dec, loading = BertLMHeadModel.from_pretrained(
+                str(bert_dir), is_decoder=True, add_cross_attention=True, output_loading_info=True
+            )
             dec.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model.decoder.load_state_dict(dec.state_dict())
             model.decoder.tie_weights()
+        # What the checkpoint did not hold is new, whatever the cross-attention
+        # init copies into the fusion blocks (none of them was trained for fusion).
+        decoder_names = {name for name, _ in model.decoder.named_parameters()}
+        model.fresh_parameters = frozenset(
+            [f"fusion.{name}" for name, _ in model.fusion.named_parameters()]
+            + [f"decoder.{name}" for name in loading["missing_keys"] if name in decoder_names]
+        )
         if cross_attention_init == "self_attention":
             for cross, layer in zip(model.fusion.cross, model.query_encoder.encoder.layer, strict=True):
                 cross.load_state_dict(layer.attention.state_dict())
@@ -231,20 +264,29 @@ class GearModel(nn.Module):
         labels[:, 0] = -100
         return ids, labels
 
-    def lm_loss(self, fused, q_mask, unit_ids, unit_mask) -> torch.Tensor:
+    def lm_loss(self, fused, q_mask, unit_ids, unit_mask, per_row: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy of the unit given the fusion states.
 
         Averaged over each unit's tokens, then over the batch, so the loss does
-        not depend on how a global batch is split across processes.
+        not depend on how a global batch is split across processes
+        (``per_row``: one loss per row, not averaged over the batch).
         """
         ids, labels = self.decoder_inputs(unit_ids, unit_mask)
         logits = self.decoder(
             input_ids=ids, attention_mask=unit_mask, encoder_hidden_states=fused, encoder_attention_mask=q_mask
         ).logits
         logits, targets = logits[:, :-1].float(), labels[:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        per_token = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=-100, reduction="none", label_smoothing=label_smoothing
+        )
         n_tokens = (targets != -100).sum(1).clamp(min=1)
-        return (per_token.sum(1) / n_tokens).mean()
+        rows = per_token.sum(1) / n_tokens
+        return rows if per_row else rows.mean()
+
+    def query_word_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, Lq) bool: the query's word tokens (not [CLS], [SEP], [PAD] or [DEC])."""
+        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=input_ids.device)
+        return ~torch.isin(input_ids, special)
 
     # ------------------------------------------------------------------
     # Inference API (numpy in, numpy out; no gradients).
@@ -310,6 +352,41 @@ class GearModel(nn.Module):
         )
 
     @torch.no_grad()
+    def doc_token_weights(
+        self, queries: Sequence[str], document: str, layer: int | None = None, all_layers: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """How each query's attention spreads over the document's tokens, with
+        the document encoded once: the cross-attention weights of a fusion
+        layer averaged over heads, then over the query's word tokens.
+
+        Returns (weights, offsets): weights (n_queries, doc_tokens), or
+        (n_queries, n_layers, doc_tokens) with ``all_layers`` (index 0 =
+        layer 1); each row sums to 1 over the document's tokens, [CLS] and
+        [SEP] included. offsets (doc_tokens, 2) as in ``CrossAttention``.
+        """
+        self.eval()
+        n = len(queries)
+        q = self._tokenize(queries, self.gear_config.max_query_length).to(self.device)
+        d = self._tokenize([document], self.gear_config.inference_max_doc_length, return_offsets_mapping=True).to(self.device)
+        d_states = self.doc_states(d["input_ids"], d["attention_mask"])
+        return_layer = 0 if all_layers else self.resolve_layer(layer)
+        with eager_attention(self.query_encoder.config):
+            _, weights = self.fuse(
+                q["input_ids"], q["attention_mask"], d_states.expand(n, -1, -1), d["attention_mask"].expand(n, -1),
+                return_layer,
+            )
+        if not all_layers:
+            weights = weights[None]
+        per_query_token = weights.float().mean(2)  # (layers, n, Lq, Ld)
+        words = self.query_word_mask(q["input_ids"]).float()
+        empty = words.sum(1) == 0  # a query of special tokens only: every real token counts
+        words[empty] = q["attention_mask"][empty].float()
+        per_doc = (per_query_token * words[None, :, :, None]).sum(2) / words.sum(1)[None, :, None]
+        per_doc = per_doc.permute(1, 0, 2).cpu().numpy()  # (n, layers, Ld)
+        offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
+        return (per_doc if all_layers else per_doc[:, 0]), offsets
+
+    @torch.no_grad()
     def localize_many(
         self,
         queries: Sequence[str],
@@ -322,28 +399,8 @@ class GearModel(nn.Module):
         """``localize`` for several queries of one document, which is encoded
         once: (n_queries, n_sentences), or (n_queries, n_layers, n_sentences)
         with ``all_layers`` (layer index 0 = layer 1)."""
-        self.eval()
-        n = len(queries)
-        q = self._tokenize(queries, self.gear_config.max_query_length).to(self.device)
-        d = self._tokenize([document], self.gear_config.inference_max_doc_length, return_offsets_mapping=True).to(self.device)
-        d_states = self.doc_states(d["input_ids"], d["attention_mask"])
-        return_layer = 0 if all_layers else self.resolve_layer(layer)
-        with eager_attention(self.query_encoder.config):
-            _, weights = self.fuse(
-                q["input_ids"], q["attention_mask"], d_states.expand(n, -1, -1), d["attention_mask"].expand(n, -1),
-                return_layer,
-            )
-        weights = weights.float().cpu().numpy()
-        if not all_layers:
-            weights = weights[None]  # (layers, n, heads, Lq, Ld)
-        offsets = d["offset_mapping"][0].cpu().numpy().astype(np.int64)
-        out = np.zeros((n, len(weights), len(sentence_spans)), dtype=np.float32)
-        for i, ids in enumerate(q["input_ids"].tolist()):
-            query_mask = self._word_token_mask(ids)  # padded query slots drop out too
-            for l in range(len(weights)):
-                att = CrossAttention(weights[l, i], offsets, query_mask)
-                out[i, l] = sentence_scores_from_attention(att, sentence_spans, pooling)
-        return out if all_layers else out[:, 0]
+        weights, offsets = self.doc_token_weights(queries, document, layer, all_layers)
+        return pool_sentences(weights, sentence_membership(offsets, sentence_spans), pooling)
 
     @torch.no_grad()
     def localize(

@@ -66,22 +66,25 @@ def build_model(cfg: TrainConfig) -> GearModel:
     return GearModel.from_encoder(init, cfg.gear_config(), cross_attention_init=cfg.cross_attention_init)
 
 
-# Parts that the encoder checkpoint does not initialise: the fusion
-# cross-attention blocks and the decoder (its [DEC] row included).
-FUSION_PREFIX, DECODER_PREFIX = "model.fusion.", "model.decoder."
-
-
 def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: weight decay on matrices only (not biases, LayerNorm or
-    the temperature), and a multiple of lr for the new parts:
-    ``new_module_lr_mult`` for the fusion cross-attention, ``decoder_lr_mult``
-    (default the same) for the decoder. Group 0 is the pre-trained encoders'."""
-    part_mult = {"encoders": 1.0, "fusion": cfg.new_module_lr_mult, "decoder": cfg.decoder_lr_multiplier()}
+    the temperature), and a multiple of lr for what no checkpoint initialised
+    (``GearModel.fresh_parameters``): ``new_module_lr_mult`` for the fusion
+    cross-attention, ``decoder_lr_mult`` (default the same) for the decoder's
+    new parts (its cross-attention, and its LM-head transform and bias when
+    the checkpoint has no MLM head). The decoder's loaded body and the word
+    embeddings it ties to its LM head (the ``[DEC]`` row with them) train at
+    the base lr like the encoders: a multiplier meant for fresh weights
+    would wipe them. Group 0 is the pre-trained weights'."""
+    fresh = trainer.model.fresh_parameters
+    part_mult = {"pretrained": 1.0, "fusion": cfg.new_module_lr_mult, "decoder": cfg.decoder_lr_multiplier()}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in trainer.named_parameters():
-        if p.requires_grad:
-            part = "fusion" if name.startswith(FUSION_PREFIX) else "decoder" if name.startswith(DECODER_PREFIX) else "encoders"
-            groups.setdefault((part, p.dim() >= 2), []).append(p)
+        if not p.requires_grad:
+            continue
+        own = name.removeprefix("model.")
+        part = "pretrained" if own not in fresh else "fusion" if own.startswith("fusion.") else "decoder"
+        groups.setdefault((part, p.dim() >= 2), []).append(p)
     order = list(part_mult)
     return [
         {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * part_mult[part], "part": part}
@@ -167,7 +170,10 @@ def train(cfg: TrainConfig) -> Path:
     if len(dataset) == 0:
         raise ValueError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
     # A contrastive-only run never trains its fusion, so it has no localisation to follow.
-    heldout = HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed) if (master and cfg.eval_file and cfg.model.lm_weight > 0) else None
+    heldout = (
+        HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed)
+        if master and cfg.eval_file and (cfg.model.lm_weight > 0 or cfg.model.loc_weight > 0) else None
+    )
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
     collate = Collate(model.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length, cfg.model.max_unit_length)
     # drop_last: every step must enqueue a full global batch. Its own generator,
@@ -259,15 +265,20 @@ def train(cfg: TrainConfig) -> Path:
             record = {
                 "event": "eval", "step": step, "epoch": epoch, "reason": reason, "n_queries": len(heldout),
                 "layer": model.resolve_layer(None), "pooling": cfg.eval_pooling,
-                "localization": heldout.localization(model, None, cfg.eval_pooling),
-                "generation": heldout.generation(model, cfg.eval_generation_queries, cfg.model.max_unit_length),
+                **heldout.measure(model, cfg.eval_pooling, cfg.eval_generation_queries, cfg.model.max_unit_length),
             }
             record["eval_s"] = time.time() - t0
             log(record)
-            loc = record["localization"]
+            loc, best, dep = record["localization"], record["best_layer"], record["document_dependence"]
+            best_r3 = record["localization_by_layer"][str(best)]["recall@3"]
+            gen = record["generation"] or {}
             print(
-                f"eval step {step}: localisation R@1 {loc['recall@1']:.3f} R@3 {loc['recall@3']:.3f} "
-                f"(random {loc['random_recall@3']:.3f}) on {len(heldout)} held-out queries", flush=True,
+                f"eval step {step}: localisation R@3 {loc['recall@3']:.3f} at layer {record['layer']}, "
+                f"{best_r3:.3f} at best layer {best} (random {loc['random_recall@3']:.3f}); "
+                f"lift {record['lift_by_layer'][str(best)]:.2f}; LM {dep['lm']:.2f}, d_doc {dep['d_doc']:+.3f}, "
+                f"d_pair {dep['d_pair']:+.3f}"
+                + (f"; ROUGE-L {gen['rougeL']:.1f}" if gen else "") + f" on {len(heldout)} held-out queries",
+                flush=True,
             )
             trainer.train()
         if distributed:
@@ -290,8 +301,8 @@ def train(cfg: TrainConfig) -> Path:
         )
 
     # ---------------------------------------------------------------- loop
-    if cfg.eval_every and step == 0:
-        evaluate("start")  # the untrained point of the curve
+    if step == 0:
+        evaluate("start")  # the untrained point: what training adds is read against it
     stopped = False
     t_start = time.time()
     steps_this_run = 0
@@ -302,7 +313,7 @@ def train(cfg: TrainConfig) -> Path:
         while micro_in_epoch + cfg.grad_accum <= micro_per_epoch and step < total_steps:
             t0 = time.time()
             alpha = cfg.model.alpha * min(1.0, step / max(1.0, cfg.model.alpha_ramp_epochs * steps_per_epoch))
-            sums = torch.zeros(3, device=device)
+            sums = torch.zeros(4, device=device)
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
                 last = micro == cfg.grad_accum - 1
@@ -311,7 +322,7 @@ def train(cfg: TrainConfig) -> Path:
                     with autocast:
                         out = ddp_trainer(batch, alpha)
                     (out.loss / cfg.grad_accum).backward()
-                sums += torch.stack([out.loss.detach(), out.itc, out.lm]).float() / cfg.grad_accum
+                sums += torch.stack([out.loss.detach(), out.itc, out.lm, out.loc]).float() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             lr = scheduler.get_last_lr()[0]
@@ -329,9 +340,9 @@ def train(cfg: TrainConfig) -> Path:
                 dt = time.time() - t0
                 elapsed = time.time() - t_start
                 per_step = elapsed / steps_this_run
-                loss, itc, lm = sums.tolist()
+                loss, itc, lm, loc = sums.tolist()
                 record = {
-                    "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm,
+                    "event": "step", "step": step, "epoch": epoch, "loss": loss, "itc": itc, "lm": lm, "loc": loc,
                     "lr": lr, "lr_fusion": lr * cfg.new_module_lr_mult,
                     "lr_decoder": lr * cfg.decoder_lr_multiplier(),
                     "alpha": alpha, "temp": model.temp.item(), "step_time_s": dt,
@@ -341,7 +352,8 @@ def train(cfg: TrainConfig) -> Path:
                 log(record)
                 if master:
                     print(
-                        f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} (itc {itc:.4f} lm {lm:.4f}) "
+                        f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} (itc {itc:.4f} lm {lm:.4f}"
+                        + (f" loc {loc:.4f}) " if cfg.model.loc_weight > 0 else ") ") +
                         f"lr {lr:.2e} {record['samples_per_s']:.1f} samples/s eta {record['eta_s']:.0f}s",
                         flush=True,
                     )

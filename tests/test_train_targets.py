@@ -93,25 +93,51 @@ def test_dataset_windows_late_units_and_counts_drops(tokenizer, tmp_path):
         TriplesDataset(write_rows(tmp_path / "bad.parquet", [bad]), tokenizer, 64, 24)
 
 
-def test_new_modules_get_their_own_learning_rate(tiny_dir):
+def test_only_what_the_checkpoint_did_not_hold_gets_the_new_module_learning_rate(tiny_dir):
+    from transformers import BertLMHeadModel
+
     model = GearModel.from_encoder(tiny_dir, GearConfig(queue_size=8))
-    cfg = TrainConfig(lr=1e-4, new_module_lr_mult=20.0)
+    # What the checkpoint lacks, asked of transformers directly: the decoder's
+    # cross-attention and, with no MLM head in the tiny BERT, its LM-head transform and bias.
+    _, loading = BertLMHeadModel.from_pretrained(str(tiny_dir), is_decoder=True, add_cross_attention=True,
+                                                 output_loading_info=True)
+    decoder_new = {f"decoder.{k}" for k in loading["missing_keys"]} & {
+        f"decoder.{n}" for n, _ in model.decoder.named_parameters()}
+    assert decoder_new and all("crossattention" in n or n.startswith("decoder.cls.") for n in decoder_new)
+    fusion = {f"fusion.{n}" for n, _ in model.fusion.named_parameters()}
+    assert model.fresh_parameters == decoder_new | fusion
+
+    cfg = TrainConfig(lr=1e-4, new_module_lr_mult=20.0, decoder_lr_mult=30.0)
     groups = parameter_groups(GearPretrainer(model), cfg)
+    lr_of = {name: g["lr"] for g in groups for p in g["params"] for name, q in model.named_parameters() if q is p}
+    for name, lr in lr_of.items():
+        expected = 2e-3 if name in fusion else 3e-3 if name in decoder_new else 1e-4
+        assert lr == pytest.approx(expected), name
+    # The loaded decoder body and the tied word embeddings ([DEC] row included) stay at the base lr.
+    assert lr_of["decoder.bert.encoder.layer.0.attention.self.query.weight"] == pytest.approx(1e-4)
+    assert lr_of["decoder.bert.embeddings.word_embeddings.weight"] == pytest.approx(1e-4)
+    assert lr_of["decoder.cls.predictions.transform.dense.weight"] == pytest.approx(3e-3)
+    assert lr_of["decoder.bert.encoder.layer.1.crossattention.self.key.weight"] == pytest.approx(3e-3)
     by_id = {id(p): g for g in groups for p in g["params"]}
-    assert by_id[id(model.fusion.cross[0].self.query.weight)]["lr"] == pytest.approx(2e-3)
-    assert by_id[id(model.decoder.bert.embeddings.word_embeddings.weight)]["lr"] == pytest.approx(2e-3)
-    assert by_id[id(model.query_encoder.encoder.layer[0].attention.self.query.weight)]["lr"] == pytest.approx(1e-4)
-    assert by_id[id(model.doc_encoder.embeddings.word_embeddings.weight)]["lr"] == pytest.approx(1e-4)
     assert by_id[id(model.temp)]["weight_decay"] == 0.0 and by_id[id(model.temp)]["lr"] == pytest.approx(1e-4)
-    # The decoder can have its own multiplier.
-    split = parameter_groups(GearPretrainer(model), TrainConfig(lr=1e-4, new_module_lr_mult=2.0, decoder_lr_mult=30.0))
-    by_id = {id(p): g for g in split for p in g["params"]}
-    assert by_id[id(model.fusion.cross[0].self.query.weight)]["lr"] == pytest.approx(2e-4)
-    assert by_id[id(model.decoder.cls.predictions.transform.dense.weight)]["lr"] == pytest.approx(3e-3)
-    assert split[0]["part"] == "encoders"
+    assert groups[0]["part"] == "pretrained"
     # Every trainable parameter is in exactly one group.
     n = sum(len(g["params"]) for g in groups)
     assert n == len({id(p) for p in GearPretrainer(model).parameters() if p.requires_grad})
+
+
+def test_a_checkpoint_with_an_mlm_head_leaves_only_cross_attention_new(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    bert = BertForMaskedLM.from_pretrained(str(tiny_dir))  # adds an MLM head to the tiny checkpoint
+    bert.save_pretrained(tmp_path / "mlm")
+    AutoTokenizer.from_pretrained(str(tiny_dir)).save_pretrained(tmp_path / "mlm")
+    model = GearModel.from_encoder(tmp_path / "mlm", GearConfig(queue_size=8))
+    decoder_new = {n for n in model.fresh_parameters if n.startswith("decoder.")}
+    assert decoder_new and all("crossattention" in n for n in decoder_new)
+    # A saved GeAR model has nothing new: continuing it trains every part at the base lr.
+    model.save_pretrained(tmp_path / "gear")
+    assert GearModel.from_pretrained(tmp_path / "gear").fresh_parameters == frozenset()
 
 
 def test_frozen_doc_encoder_gets_no_gradient_and_no_momentum_copy(tiny_dir):
@@ -170,7 +196,16 @@ def test_heldout_scores_against_the_random_ranking(tiny_dir, tmp_path):
     path = write_rows(tmp_path / "test.parquet", rows)
     model = GearModel.from_encoder(tiny_dir, GearConfig())
     held = HeldOut(tmp_path, max_queries=100)
-    loc = held.localization(model)
+    measured = held.localization(model)
+    loc = measured["localization"]
+    # Every layer is scored, with an interval around each recall, and the default layer is one of them.
+    assert set(measured["localization_by_layer"]) == {"1", "2"} and measured["best_layer"] in (1, 2)
+    assert {k: v for k, v in measured["localization_by_layer"][str(model.resolve_layer(None))].items()
+            if k != "ci"} == {k: v for k, v in loc.items() if not k.startswith("random") and k != "ci"}
+    for layer in measured["localization_by_layer"].values():
+        low, high = layer["ci"]["recall@3"]
+        assert low <= layer["recall@3"] <= high
+    assert all(lift > 0 for lift in measured["lift_by_layer"].values())
     # Six sentences: a random order puts the unit in the top 3 half the time.
     assert loc["random_recall@3"] == pytest.approx(0.5) and loc["random_recall@1"] == pytest.approx(1 / 6)
     # Every query's unit is some rank: recall@10 covers all 6 sentences.
@@ -196,7 +231,10 @@ def test_training_records_heldout_evaluations(tiny_dir, tmp_path):
     assert [(r["step"], r["reason"]) for r in evals] == [
         (0, "start"), (2, "every"), (3, "epoch_end"), (4, "every"), (6, "epoch_end")]
     assert all(r["n_queries"] == 5 and 0 <= r["localization"]["recall@3"] <= 1 for r in evals)
-    assert all(set(r["generation"]) == {"rouge1", "rougeL"} for r in evals)
+    assert all({"rouge1", "rougeL", "punctuation_only"} <= set(r["generation"]) for r in evals)
+    # Every evaluation, step 0 included, says whether the document matters and where the attention goes.
+    assert all(set(r["document_dependence"]) >= {"d_doc", "d_pair", "lm"} and len(r["lift_by_layer"]) == 2
+               for r in evals)
     start = next(r for r in records if r["event"] == "start")
     assert start["length_fit"]["fits"] + start["length_fit"]["windowed"] == start["n_train"] == 12
     steps = [r for r in records if r["event"] == "step"]

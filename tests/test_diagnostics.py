@@ -1,0 +1,150 @@
+"""The held-out diagnostics (d_doc, d_pair, lift) and the optional localisation loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_gear_model_fixtures import make_tiny_bert
+
+from gear_model import GearConfig, GearModel, TrainConfig
+from gear_model.data import Collate, TriplesDataset, token_sentences, window_sentences
+from gear_model.diagnostics import attention_lift, document_dependence, is_punctuation_only, swap_order
+from gear_model.losses import GearPretrainer, localisation_loss
+from gear_model.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def document(d: int) -> tuple[str, list[tuple[int, int]]]:
+    sentences = [f"The castle {d} stands by river {d}.", f"Kings lived there in {1500 + d}.",
+                 f"A siege took the town number {d}.", f"Music festival {d} happens every summer."]
+    spans, pos = [], 0
+    for s in sentences:
+        spans.append((pos, pos + len(s)))
+        pos += len(s) + 1
+    return " ".join(sentences), spans
+
+
+def rows(n_docs: int, per_doc: int = 2) -> list[dict]:
+    out = []
+    for d in range(n_docs):
+        text, spans = document(d)
+        for k in range(per_doc):
+            i = (d + k) % len(spans)
+            unit = text[spans[i][0] : spans[i][1]]
+            out.append({"query": " ".join(unit.lower().split()[1:4]), "doc_id": f"doc{d}", "document": text,
+                        "unit": unit, "unit_index": i, "unit_start": spans[i][0], "unit_end": spans[i][1],
+                        "sentence_spans": [{"start": a, "end": b} for a, b in spans]})
+    return out
+
+
+def test_swap_order_gives_every_row_another_document():
+    docs = ["a", "a", "a", "b", "b", "c", "d"]
+    for seed in range(20):
+        order = swap_order(docs, seed)
+        assert sorted(order) == list(range(len(docs)))
+        assert all(docs[j] != docs[i] for i, j in enumerate(order))
+    assert sorted(swap_order(["x", "x", "x"], 0)) == [0, 1, 2]  # one document: nothing else to pair with
+
+
+def test_lift_is_one_for_uniform_attention_and_grows_with_mass_on_the_unit():
+    # [CLS], five real tokens of one character each, [SEP].
+    offsets = np.array([[0, 0], [0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [0, 0]])
+    uniform = np.array([0.1, 0.16, 0.16, 0.16, 0.16, 0.16, 0.1])
+    assert attention_lift(uniform, offsets, (4, 7)) == pytest.approx(1.0)
+    on_unit = np.array([0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0])
+    assert attention_lift(on_unit, offsets, (4, 7)) == pytest.approx(5 / 2)
+    assert np.isnan(attention_lift(uniform, offsets, (20, 30)))  # truncated away
+
+
+def test_document_dependence_is_zero_when_the_decoder_cannot_see_the_fusion(tiny_dir):
+    model = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24))
+    data = rows(4, per_doc=2)
+    args = ([r["query"] for r in data], [r["document"] for r in data], [r["unit"] for r in data])
+    seen = document_dependence(model, *args)
+    assert seen["n"] == 8 and seen["d_pair"] != 0.0  # a random decoder still reads its inputs
+    # Zero the decoder's cross-attention output: the unit's loss no longer depends on query or document.
+    with torch.no_grad():
+        for layer in model.decoder.bert.encoder.layer:
+            layer.crossattention.output.dense.weight.zero_()
+            layer.crossattention.output.dense.bias.zero_()
+    blind = document_dependence(model, *args)
+    assert blind["d_doc"] == pytest.approx(0.0, abs=1e-5) and blind["d_pair"] == pytest.approx(0.0, abs=1e-5)
+    assert blind["lm"] == pytest.approx(blind["lm_doc_swapped"], abs=1e-5)
+
+
+def test_punctuation_only():
+    assert is_punctuation_only("") and is_punctuation_only(". . . ,") and not is_punctuation_only("a .")
+
+
+def test_localisation_loss_is_log_n_for_uniform_attention_and_falls_as_the_unit_gains_mass():
+    # One query word (index 1), 9 document tokens: [CLS], 3 sentences of 2 tokens, [SEP], 2 padding.
+    doc_sentence = torch.tensor([[-1, 0, 0, 1, 1, 2, 2, -1, -1]])
+    query_words = torch.tensor([[False, True, False]])
+    uniform = torch.full((1, 2, 3, 9), 1 / 9)
+    assert localisation_loss(uniform, query_words, doc_sentence, torch.tensor([1])).item() == pytest.approx(math.log(3))
+    logits = torch.zeros(1, 2, 3, 9, requires_grad=True)
+    weights = logits.softmax(-1)
+    loss = localisation_loss(weights, query_words, doc_sentence, torch.tensor([1]))
+    loss.backward()
+    # More attention on the unit's tokens (sentence 1: tokens 3 and 4) lowers the loss.
+    assert (logits.grad[0, :, 1, 3:5] < 0).all() and (logits.grad[0, :, 1, [1, 2, 5, 6]] > 0).all()
+    # A row whose unit fell outside the document window is ignored.
+    assert localisation_loss(uniform, query_words, doc_sentence, torch.tensor([-1])).item() == 0.0
+
+
+def test_collate_marks_each_document_token_with_its_sentence(tiny_dir, tmp_path):
+    model = GearModel.from_encoder(tiny_dir, GearConfig())
+    data = rows(2, per_doc=1)
+    pq.write_table(pa.Table.from_pylist(data), tmp_path / "train.parquet")
+    dataset = TriplesDataset(tmp_path / "train.parquet", model.tokenizer, 64, 24)
+    assert dataset.has_sentences
+    batch = Collate(model.tokenizer, 16, 64, 24)([dataset[0], dataset[1]])
+    for i, r in enumerate(data):
+        enc = model.tokenizer(r["document"], return_offsets_mapping=True)
+        for t, (s, e) in enumerate(enc["offset_mapping"]):
+            expected = next((j for j, sp in enumerate(r["sentence_spans"]) if e > s and sp["start"] <= s < sp["end"]), -1)
+            assert batch["doc_sentence"][i, t].item() == expected
+    assert batch["unit_sentence"].tolist() == [r["unit_index"] for r in data]
+
+
+def test_a_document_window_moves_the_sentence_spans_with_it():
+    spans = [(0, 10), (11, 20), (21, 30), (31, 40)]
+    # Window [15, 35): sentences 1-3 overlap it, cut to the window and shifted to its start.
+    assert window_sentences(spans, 2, 15, 35) == ([(0, 5), (6, 15), (16, 20)], 1)
+    assert window_sentences(spans, 0, 15, 35)[1] == -1
+    offsets = torch.tensor([[0, 0], [0, 4], [5, 9], [11, 15], [0, 0]])
+    assert token_sentences(offsets, [(0, 10), (11, 20)]).tolist() == [-1, 0, 0, 1, -1]
+
+
+def test_training_with_the_localisation_loss_logs_it_and_trains_the_fusion_only(tiny_dir, tmp_path):
+    pq.write_table(pa.Table.from_pylist(rows(6, per_doc=2)), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows(3, per_doc=2)), tmp_path / "test.parquet")
+    cfg = TrainConfig(dataset=str(tmp_path / "train.parquet"), init_checkpoint=str(tiny_dir),
+                      output_dir=str(tmp_path / "run"), epochs=1, batch_size=4, lr=1e-3, save_every=0,
+                      num_threads=1, eval_file=str(tmp_path / "test.parquet"),
+                      model=GearConfig(queue_size=8, max_query_length=16, max_doc_length=64, max_unit_length=24,
+                                       lm_weight=0.0, loc_weight=1.0))
+    model = GearModel.from_encoder(tiny_dir, cfg.gear_config())
+    trainer = GearPretrainer(model)
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    assert all(p.requires_grad for p in model.fusion.parameters())
+    batch = Collate(model.tokenizer, 16, 64, 24)([TriplesDataset(tmp_path / "train.parquet", model.tokenizer, 64, 24)[i]
+                                                 for i in range(4)])
+    out = trainer(batch, alpha=0.0)
+    assert out.loc > 0 and out.lm == 0
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert steps and all(r["loc"] > 0 for r in steps)
+    # The held-out evaluation runs for a model whose fusion trains, even without the LM loss.
+    assert [r["step"] for r in records if r["event"] == "eval"] == [0, 3]
