@@ -376,6 +376,113 @@ def pipeline(
     typer.echo(report.read_text() if report.is_file() else f"report: {report_dir}")
 
 
+def _open_searcher(model: Path | None, corpus: Path | None, output_dir: Path | None):
+    """The searcher of `gear search` / `gear serve`: the model and corpus given, else the newest
+    under OUTPUT_DIR as `gear evaluate` finds them (models/: latest_models; the latest dataset's
+    documents); the index cached under OUTPUT_DIR/search_index. Bad input exits 2."""
+    from gear_model.search import GearSearcher, SearchInputError
+    from tasks.common import PipelineInputError
+
+    root = Path(output_dir or "data")
+    try:
+        from tasks.contracts import resolve_dataset
+        from tasks.evaluate.config import latest_models, resolve_model_dir
+
+        if model is None:
+            model_dir = latest_models(root / "models")[0]
+            if model_dir is None:
+                raise SearchInputError(f"{root / 'models'}: no trained GeAR model here (give --model)")
+        else:
+            model_dir = resolve_model_dir(str(model))
+        corpus = corpus or root
+        if corpus.is_dir() and not any((corpus / f"{split}{suffix}").is_file()
+                                       for split in ("train", "test") for suffix in (".parquet", ".jsonl")):
+            corpus = resolve_dataset(corpus)  # a build output or datasets/ folder: its latest version's documents
+        searcher = GearSearcher.from_model_dir(model_dir, corpus, cache_dir=root / "search_index")
+    except (SearchInputError, PipelineInputError) as exc:
+        _bad_input(exc)
+    index = searcher.index
+    typer.echo(f"{len(searcher.corpus)} documents, model {model_dir}, index {index.folder} "
+               f"({'reused' if index.reused else 'built'})", err=True)
+    return searcher
+
+
+def _print_hits(hits, context: int = 1, others: int = 2) -> None:
+    """Each hit: title and score, its top sentence highlighted between its neighbours, the
+    generated unit and the next-best sentences. Off a terminal (no colours) the top sentence
+    stands between » and «."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    opening, closing = ("", "") if console.is_terminal else ("» ", " «")
+    for rank, hit in enumerate(hits, 1):
+        console.print(Text.assemble((f"{rank}. {hit.title or hit.doc_id}", "bold"), f"  [{hit.doc_id}]  ",
+                                    (f"score {hit.score:.3f}", "cyan")))
+        top, doc = hit.sentences[0], hit.document
+        by_start = sorted(hit.sentences, key=lambda s: s.start)
+        at = next(i for i, s in enumerate(by_start) if s.start == top.start)
+        before, after = by_start[max(0, at - context):at], by_start[at + 1:at + 1 + context]
+        left = before[0].start if before else top.start
+        right = after[-1].end if after else top.end
+        line = Text("   … " if left > 0 else "   ", "dim")
+        line.append(doc[left:top.start], "dim")
+        line.append(f"{opening}{doc[top.start:top.end]}{closing}", "bold black on yellow")
+        line.append(doc[top.end:right], "dim")
+        line.append(" …" if doc[right:].strip() else "", "dim")
+        console.print(line)
+        if hit.generated:
+            console.print(Text.assemble("   generated: ", (hit.generated, "green")))
+        for s in hit.sentences[1:1 + others]:
+            console.print(Text.assemble("   ", (f"{s.score:.4f} ", "cyan"), s.text))
+        console.print()
+
+
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for (keywords or a question).")],
+    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (or a train-gear models/ folder). Default: the newest GeAR run under OUTPUT_DIR/models.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Documents: a Parquet/JSONL file with a document (or text) column and optional doc_id, title, sentence_spans; or a dataset folder. Default: the latest dataset under OUTPUT_DIR.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where the model and dataset are looked up and the index is cached (OUTPUT_DIR/search_index). Default: data.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Documents to return.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, best first: doc_id, title, score, generated, sentences (ranked best first: text, start, end, score).")] = False,
+) -> None:
+    """Search a corpus with a trained GeAR: top-k documents, each with its most relevant sentence highlighted."""
+    from gear_model.search import SearchInputError, check_query, check_top_k
+
+    try:  # before any model loads
+        check_query(query)
+        check_top_k(top_k)
+    except SearchInputError as exc:
+        _bad_input(exc)
+    searcher = _open_searcher(model, corpus, output_dir)
+    hits = searcher.search(query, top_k)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+    else:
+        _print_hits(hits)
+
+
+@app.command("serve")
+def serve(
+    model: Annotated[Optional[Path], typer.Option(help="GeAR model folder (as for `gear search`).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Documents (as for `gear search`).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="As for `gear search`. Default: data.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the page on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
+) -> None:
+    """A search page (and GET /api/search?q=&k=) over a trained GeAR and a corpus."""
+    searcher = _open_searcher(model, corpus, output_dir)
+    import uvicorn
+
+    from tasks.search_app import create_app
+
+    typer.echo(f"GeAR search on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(create_app(searcher), host=host, port=port, log_level="warning")
+
+
 @app.command("selftest", hidden=True)
 def selftest(
     warn: Annotated[bool, typer.Option(help="Also log a warning through the tasks logger.")] = False,

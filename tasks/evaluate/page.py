@@ -120,11 +120,13 @@ def plots_section(report: dict) -> list[str]:
     return parts
 
 
-def highlight(document: str, tokens: list[dict]) -> str:
-    """The document as HTML with the given character spans marked, darker = heavier."""
+def highlight(document: str, tokens: list[dict], scale: tuple[float, float] | None = None) -> str:
+    """The document as HTML with the given character spans marked, darker = heavier.
+    ``scale``: the (lowest, highest) weight the shades span; default the given tokens'
+    (a page cut into pieces passes the whole document's, so one shade means one weight)."""
     if not tokens:
         return html.escape(document)
-    hi, lo = max(t["weight"] for t in tokens), min(t["weight"] for t in tokens)
+    lo, hi = scale or (min(t["weight"] for t in tokens), max(t["weight"] for t in tokens))
     marks = sorted(tokens, key=lambda t: t["start"])
     out, pos = [], 0
     for t in marks:
