@@ -91,18 +91,35 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
         "n_train": start["n_train"],
         "length_fit": start.get("length_fit"),
         "lm_first_last": [round(steps[0]["lm"], 3), round(steps[-1]["lm"], 3)] if steps else None,
-        "curve": [
-            {
-                "step": r["step"],
-                "train_s": round(sum(s["step_time_s"] for s in steps if s["step"] <= r["step"]), 1),
-                "recall@1": round(r["localization"]["recall@1"], 3),
-                "recall@3": round(r["localization"]["recall@3"], 3),
-                "random_recall@3": round(r["localization"]["random_recall@3"], 3),
-                "rougeL": round(r["generation"]["rougeL"], 1) if r.get("generation") else None,
-            }
-            for r in evals
-        ],
+        "curve": [curve_point(r, steps) for r in evals],
         "n_heldout": evals[0]["n_queries"] if evals else 0,
+    }
+
+
+def curve_point(record: dict, steps: list[dict]) -> dict:
+    """One held-out evaluation: R@k at the default and the best layer (with
+    the interval), the lift on the unit there, the LM loss, d_doc and d_pair."""
+    loc, best = record["localization"], record.get("best_layer")
+    at_best = (record.get("localization_by_layer") or {}).get(str(best), {})
+    dep = record.get("document_dependence") or {}
+    gen = record.get("generation") or {}
+    return {
+        "step": record["step"],
+        "train_s": round(sum(s["step_time_s"] for s in steps if s["step"] <= record["step"]), 1),
+        "recall@1": round(loc["recall@1"], 3),
+        "recall@3": round(loc["recall@3"], 3),
+        "random_recall@3": round(loc["random_recall@3"], 3),
+        "best_layer": best,
+        "best_recall@3": round(at_best["recall@3"], 3) if at_best else None,
+        "best_recall@3_ci": [round(x, 3) for x in at_best["ci"]["recall@3"]] if at_best.get("ci") else None,
+        "lift_best": round(record["lift_by_layer"][str(best)], 2) if best else None,
+        "lift_by_layer": {k: round(v, 2) for k, v in (record.get("lift_by_layer") or {}).items() if v is not None},
+        "lm": round(dep["lm"], 3) if dep else None,
+        "d_doc": round(dep["d_doc"], 3) if dep else None,
+        "d_pair": round(dep["d_pair"], 3) if dep else None,
+        "rougeL": round(gen["rougeL"], 1) if gen else None,
+        "punctuation_only": gen.get("punctuation_only"),
+        "examples": [e["generated"] for e in gen.get("examples", [])][:2],
     }
 
 
@@ -127,12 +144,16 @@ def main() -> None:
     print(f"\nheld-out localisation R@3 (random {results[0]['curve'][0]['random_recall@3'] if results[0]['curve'] else '?'}, "
           f"{results[0]['n_heldout']} queries), by optimizer step")
     steps = sorted({c["step"] for r in results for c in r["curve"]})
-    print("| variant | s/step | " + " | ".join(f"step {s}" for s in steps) + " |")
-    print("|---|---:|" + "---:|" * len(steps))
-    for r in results:
-        by_step = {c["step"]: c["recall@3"] for c in r["curve"]}
-        cells = " | ".join(f"{by_step[s]:.3f}" if s in by_step else "" for s in steps)
-        print(f"| {r['variant']} | {r['s_per_step']} | {cells} |")
+    for title, key, fmt in (("R@3 at the default layer", "recall@3", ".3f"), ("R@3 at the best layer", "best_recall@3", ".3f"),
+                            ("lift on the unit at the best layer", "lift_best", ".2f"), ("d_doc (nats)", "d_doc", "+.3f"),
+                            ("held-out LM loss", "lm", ".2f"), ("ROUGE-L", "rougeL", ".1f")):
+        print(f"\n{title}, by optimizer step")
+        print("| variant | s/step | " + " | ".join(f"step {s}" for s in steps) + " |")
+        print("|---|---:|" + "---:|" * len(steps))
+        for r in results:
+            by_step = {c["step"]: c.get(key) for c in r["curve"]}
+            cells = " | ".join(format(by_step[s], fmt) if by_step.get(s) is not None else "" for s in steps)
+            print(f"| {r['variant']} | {r['s_per_step']} | {cells} |")
 
 
 if __name__ == "__main__":

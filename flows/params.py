@@ -135,6 +135,12 @@ class PipelineParams(BaseModel):
         title="Train the contrastive-only baseline",
         description="Also train the same model with LM weight 0 (the paper's 'GeAR w/o L_LM') for the tables.",
     )
+    localisation_loss_run: float = Field(
+        0.0, ge=0.0, le=100.0,
+        title="Also train GeAR + L_loc (not in the paper)",
+        description="If > 0, also train the GeAR model with the optional localisation loss at this weight "
+        "(train.loc_weight); it is reported as its own row beside the paper-recipe GeAR. 0: no extra run.",
+    )
     evaluate: EvalParams = Field(
         EvalParams(**_PIPELINE_EVALUATE),
         title="Evaluation",

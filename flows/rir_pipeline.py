@@ -20,12 +20,16 @@ def rir_pipeline(params: PipelineParams = PipelineParams()) -> str:
     """Returns the evaluation report folder (report.md, report.json, report.html)."""
     dataset_dir = build_rir_dataset(params.build)
     model_dir = train_gear(params.train.model_copy(update={"dataset": dataset_dir}))
+    model_dirs = [model_dir]
+    if params.localisation_loss_run > 0:
+        model_dirs.append(train_gear(params.train.model_copy(
+            update={"dataset": dataset_dir, "loc_weight": params.localisation_loss_run})))
     contrastive_dir = None
     if params.train_contrastive_baseline:
         contrastive_dir = train_gear(params.train.model_copy(update={"dataset": dataset_dir, "lm_weight": 0.0}))
     report_dir = evaluate_gear(
         params.evaluate.model_copy(
-            update={"model_dirs": [model_dir], "contrastive_model_dir": contrastive_dir, "dataset": dataset_dir}
+            update={"model_dirs": model_dirs, "contrastive_model_dir": contrastive_dir, "dataset": dataset_dir}
         )
     )
     return str(report_dir)

@@ -41,18 +41,38 @@ def swap_order(documents: Sequence[str], seed: int = 0) -> list[int]:
 
 
 @torch.no_grad()
+def document_states(model, documents: Sequence[str], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """E_d token states of each distinct document, unpadded (tokens, hidden)."""
+    model.eval()
+    distinct = sorted(set(documents), key=len)  # similar lengths share a batch: less padding
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, len(distinct), batch_size):
+        chunk = distinct[i : i + batch_size]
+        d = model._tokenize(chunk, model.gear_config.inference_max_doc_length).to(model.device)
+        states = model.doc_states(d["input_ids"], d["attention_mask"])
+        for j, text in enumerate(chunk):
+            out[text] = states[j, : int(d["attention_mask"][j].sum())]
+    return out
+
+
+@torch.no_grad()
 def lm_loss_per_row(model, queries: Sequence[str], documents: Sequence[str], units: Sequence[str],
-                    batch_size: int = 16) -> np.ndarray:
-    """Per-row LM loss (mean over the unit's tokens) of the unit given (query, document)."""
+                    batch_size: int = 16, states: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """Per-row LM loss (mean over the unit's tokens) of the unit given (query,
+    document); ``states``: the documents' E_d states when already computed."""
     model.eval()
     cfg = model.gear_config
+    states = states if states is not None else document_states(model, documents, batch_size)
     out = []
     for i in range(0, len(queries), batch_size):
         q = model._tokenize(queries[i : i + batch_size], cfg.max_query_length).to(model.device)
-        d = model._tokenize(documents[i : i + batch_size], cfg.inference_max_doc_length).to(model.device)
         u = model._tokenize(units[i : i + batch_size], cfg.max_unit_length).to(model.device)
-        d_states = model.doc_states(d["input_ids"], d["attention_mask"])
-        fused, _ = model.fuse(q["input_ids"], q["attention_mask"], d_states, d["attention_mask"])
+        docs = [states[d] for d in documents[i : i + batch_size]]
+        d_states = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
+        d_mask = torch.zeros(d_states.shape[:2], dtype=torch.long, device=model.device)
+        for j, x in enumerate(docs):
+            d_mask[j, : len(x)] = 1
+        fused, _ = model.fuse(q["input_ids"], q["attention_mask"], d_states, d_mask)
         out.append(model.lm_loss(fused, q["attention_mask"], u["input_ids"], u["attention_mask"], per_row=True).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
@@ -60,11 +80,14 @@ def lm_loss_per_row(model, queries: Sequence[str], documents: Sequence[str], uni
 def document_dependence(model, queries: Sequence[str], documents: Sequence[str], units: Sequence[str],
                         seed: int = 0) -> dict[str, float]:
     """Held-out LM loss with the true inputs, with the document swapped and
-    with query and document swapped; ``d_doc`` and ``d_pair`` are the rises."""
+    with query and document swapped; ``d_doc`` and ``d_pair`` are the rises.
+    Each distinct document is encoded once for all three."""
     order = swap_order(documents, seed)
-    true = lm_loss_per_row(model, queries, documents, units)
-    doc_swapped = lm_loss_per_row(model, queries, [documents[j] for j in order], units)
-    pair_swapped = lm_loss_per_row(model, [queries[j] for j in order], [documents[j] for j in order], units)
+    states = document_states(model, documents)
+    true = lm_loss_per_row(model, queries, documents, units, states=states)
+    doc_swapped = lm_loss_per_row(model, queries, [documents[j] for j in order], units, states=states)
+    pair_swapped = lm_loss_per_row(model, [queries[j] for j in order], [documents[j] for j in order], units,
+                                   states=states)
     return {
         "lm": float(true.mean()), "lm_doc_swapped": float(doc_swapped.mean()),
         "lm_pair_swapped": float(pair_swapped.mean()),

@@ -47,6 +47,13 @@ class HeldOut:
         self.rows = rows
         self.seed = seed
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], seed: int = 0) -> HeldOut:
+        """From rows already in memory (the ``COLUMNS`` keys), e.g. an evaluation set."""
+        held = cls.__new__(cls)
+        held.path, held.rows, held.seed = None, list(rows), seed
+        return held
+
     def __len__(self) -> int:
         return len(self.rows)
 

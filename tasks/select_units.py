@@ -409,6 +409,25 @@ def candidate_reason(s: Sentence, config: UnitConfig, pronouns: frozenset[str]) 
     return None
 
 
+def unit_rule_reasons(texts: Sequence[str], config: UnitConfig | None = None) -> list[str | None]:
+    """Why each sentence would not be a candidate unit under ``config``'s rules
+    (None: it would be one), each sentence parsed on its own as the senter
+    splitter parses candidates. For scoring rankings against the rules'
+    prior, outside the stage."""
+    config = config or UnitConfig()
+    pronouns = frozenset(config.pronouns)
+    nlp = load_nlp(config.spacy_model)
+    texts = [t.strip() for t in texts]
+    sentences = []
+    with _PARSE_LOCK:  # spaCy's tokenizer writes to its cache
+        for text, n in zip(texts, count_tokens(load_tokenizer(config.tokenizer_path), texts), strict=True):
+            doc = nlp.make_doc(text)
+            sentences.append(Sentence(text, _first_word(doc), None, None, tokens=n,
+                                      holds_pronoun=any(t.lower_ in pronouns for t in doc)))
+    _parse_subjects(nlp, [s for s in sentences if needs_parse(s, config, pronouns)], pronouns, config.batch_size)
+    return [candidate_reason(s, config, pronouns) for s in sentences]
+
+
 def english_ratio(text: str) -> float:
     words = _WORD.findall(text[:20_000].lower())
     return sum(w in _FUNCTION_WORDS for w in words) / len(words) if words else 0.0

@@ -77,6 +77,12 @@ class TrainParams(BaseModel):
     lr: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, demo 1e-4).")
     warmup_steps: int = Field(1000, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
     lm_weight: float = Field(1.0, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
+    loc_weight: float = Field(
+        0.0, ge=0, le=100,
+        description="Weight of the optional localisation loss L_loc (not in the paper; 0 = off): cross-entropy of the "
+        "unit among its document's sentences, scored by the localisation layer's attention mass per token.")
+    lm_label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Label smoothing of the LM targets (paper 0; BLIP 0.1).")
     queue_size: int = Field(57_600, ge=0, description="Momentum feature queue (paper 57,600, demo 64); must divide by batch_size x processes.")
     max_query_length: int = Field(512, ge=8, le=512, description="Query tokens (paper 512, demo 32).")
     max_doc_length: int = Field(512, ge=8, le=512, description="Document tokens (paper and demo 512: the documents are built up to 500; a unit beyond it is windowed in).")

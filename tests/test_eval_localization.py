@@ -170,3 +170,34 @@ def test_evaluate_localization_keeps_per_query_values_and_an_interval():
     assert r["ci"]["recall@3"] == [1.0, 1.0]  # every query hits: no spread
     again = evaluate_localization(s, scorer, ks=[1, 3], resamples=500, seed=3)
     assert again["ci"] == r["ci"]
+
+
+def test_unit_rule_prior_ranks_the_sentences_that_pass_the_unit_rules_first():
+    from tasks.evaluate.loaders import EvalQuery, EvalSet
+    from tasks.evaluate.localization import unit_rule_prior
+    from tasks.select_units import unit_rule_reasons
+
+    sentences = [
+        "The castle of Edinburgh stands on a rock above the old town.",  # passes: 8-20 tokens
+        "Yes.",  # too short
+        "It was built by the kings of Scotland in the twelfth century.",  # pronoun first word
+        "The old town grew along the ridge that runs down from the castle rock.",  # passes
+        "Edinburgh " + "and its many surrounding villages and small market towns " * 4 + "grew.",  # too long
+    ]
+    assert [r is None for r in unit_rule_reasons(sentences)] == [True, False, False, True, False]
+    document = " ".join(sentences)
+    spans, pos = [], 0
+    for s in sentences:
+        spans.append((pos, pos + len(s)))
+        pos += len(s) + 1
+    queries = [EvalQuery(qid="passing", query="castle rock", relevant={"d": 1}, doc_id="d", unit_index=0),
+               EvalQuery(qid="failing", query="kings", relevant={"d": 1}, doc_id="d", unit_index=2)]
+    eval_set = EvalSet(name="t", kind="rir", source="-", documents={"d": document}, queries=queries,
+                       sentence_spans={"d": spans})
+    prior = unit_rule_prior(eval_set, [1, 3])
+    per_query = prior["per_query"]
+    # Two sentences pass: a passing unit is first half the time and always in the top 3.
+    assert per_query["recall@1"] == pytest.approx([0.5, 0.0]) and per_query["recall@3"][0] == pytest.approx(1.0)
+    # A failing unit sits uniformly at rank 3, 4 or 5.
+    assert per_query["recall@3"][1] == pytest.approx(1 / 3) and per_query["map@3"][1] == pytest.approx(1 / 9)
+    assert per_query["map@1"][0] == pytest.approx(0.5) and per_query["map@3"][0] == pytest.approx((1 + 1 / 2) / 2)

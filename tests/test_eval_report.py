@@ -207,8 +207,9 @@ def test_html_is_the_whole_report_tables_plots_and_no_absolute_paths(results, tm
     page = render_html(report)
     for heading in ("Table 1: document retrieval", "Table 2: unit localisation", "Table 3: information generation"):
         assert f"<h2>{heading}</h2>" in page
-    # 3 retrieval + 2 localisation + 1 by-layer + 1 generation + the data table
-    assert page.count("<table>") == 8
+    # 3 retrieval + 2 localisation + 1 by-layer + what training added + 1 generation + the data table
+    assert page.count("<table>") == 9
+    assert "<h3>What training added</h3>" in page and "GeAR, step 0 (init)" in page
     assert "<td>Random ranking</td>" in page and "0.250 <small>[0.000, 0.500]</small>" in page
     assert "Model (2 queries)" in page and "n/a: GeAR w/o L_LM was trained with lm_weight 0" in page
     images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)

@@ -46,6 +46,25 @@ def _model_facts(model_dir: Path) -> tuple[float, str | None] | None:
     return weight, dataset
 
 
+LOC_ROW = "GeAR + L_loc (not in the paper)"
+
+
+def saved_loc_weight(model_dir: str | os.PathLike) -> float:
+    """The optional localisation loss weight a GeAR model was trained with (0: the paper's losses)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return float((config.get("gear") or {}).get("loc_weight", 0.0))
+    return 0.0
+
+
+def gear_row_names(model_dirs: list[str]) -> list[str]:
+    """Row labels: "GeAR" for the paper's losses, ``LOC_ROW`` for a model trained
+    with L_loc; the run folder's name is added where two rows would share a label."""
+    names = [LOC_ROW if saved_loc_weight(d) > 0 else "GeAR" for d in model_dirs]
+    return [f"{n} ({Path(d).parent.name if Path(d).name == 'model' else Path(d).name})" if names.count(n) > 1 else n
+            for n, d in zip(names, model_dirs, strict=True)]
+
+
 def latest_models(models_dir: str | os.PathLike) -> tuple[str | None, str | None]:
     """The model folders to evaluate from a train-gear models/ folder: (the newest GeAR
     run with lm_weight > 0, the newest contrastive-only run with lm_weight 0), each
@@ -80,12 +99,36 @@ def latest_models(models_dir: str | os.PathLike) -> tuple[str | None, str | None
         when = (marker if marker.is_file() else model / "config.json").stat().st_mtime
         runs.append((is_latest, when, model, *facts))
     runs.sort(key=lambda r: (r[0], r[1], r[2].parent.name), reverse=True)
-    gear = next((r for r in runs if r[3] > 0), None)
-    contrastive = [r for r in runs if r[3] == 0]
+    # The paper-recipe row prefers a run without the optional localisation loss.
+    gear = next((r for r in runs if r[3] > 0 and saved_loc_weight(r[2]) == 0), None) or next(
+        (r for r in runs if r[3] > 0), None)
+    contrastive = [r for r in runs if r[3] == 0 and saved_loc_weight(r[2]) == 0]
     if gear is not None and gear[4] is not None:
         same = [r for r in contrastive if r[4] == gear[4]]
         contrastive = same or contrastive
     return (str(gear[2]) if gear else None), (str(contrastive[0][2]) if contrastive else None)
+
+
+def latest_loc_model(models_dir: str | os.PathLike, gear: str | None) -> str | None:
+    """The newest finished GeAR + L_loc run under ``models_dir`` other than ``gear``,
+    preferring one trained on ``gear``'s dataset; None when there is none."""
+    from tasks.common import SUCCESS_MARKER
+
+    root = Path(models_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for run in root.iterdir():
+        model = run / "model"
+        if (run / SUCCESS_MARKER).is_file() and str(model) != gear and saved_loc_weight(model) > 0:
+            facts = _model_facts(model)
+            if facts is not None and facts[0] > 0:
+                found.append((facts[1], (run / SUCCESS_MARKER).stat().st_mtime, str(model)))
+    if not found:
+        return None
+    dataset = _model_facts(Path(gear))[1] if gear and _model_facts(Path(gear)) else None
+    found.sort(key=lambda r: (r[0] == dataset, r[1]), reverse=True)
+    return found[0][2]
 
 
 class SystemSpec(BaseModel):
@@ -218,7 +261,11 @@ class EvalParams(BaseModel):
             return self
         log.info("evaluating the newest trained models under %s: GeAR %s, contrastive-only %s",
                  self.models_dir, gear or "none", contrastive or "none")
-        return self.model_copy(update={"model_dirs": [gear] if gear else [], "contrastive_model_dir": contrastive})
+        model_dirs = [gear] if gear else []
+        loc = latest_loc_model(self.models_dir, gear)
+        if loc:
+            model_dirs.append(loc)
+        return self.model_copy(update={"model_dirs": model_dirs, "contrastive_model_dir": contrastive})
 
     def systems(self) -> list[SystemSpec]:
         """Table rows in the paper's order: baselines, then GeAR variants. With no model
@@ -243,8 +290,8 @@ class EvalParams(BaseModel):
         if params.contrastive_model_dir:
             rows.append(SystemSpec(name="GeAR w/o L_LM", kind="gear",
                                    path=resolve_model_dir(params.contrastive_model_dir, contrastive=True)))
-        for i, model_dir in enumerate(resolve_model_dir(d) for d in params.model_dirs):
-            name = "GeAR" if len(params.model_dirs) == 1 else f"GeAR ({Path(model_dir).name})"
+        model_dirs = [resolve_model_dir(d) for d in params.model_dirs]
+        for i, (model_dir, name) in enumerate(zip(model_dirs, gear_row_names(model_dirs), strict=True)):
             rows.append(SystemSpec(name=name, kind="gear", path=model_dir, generation=True, figure=i == 0))
         if not rows:
             raise ValueError("nothing to evaluate: give model_dirs or turn baselines on")

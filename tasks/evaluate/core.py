@@ -103,6 +103,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         gear_layer_scores,
         precomputed_scorer,
         random_localization,
+        unit_rule_prior,
     )
     from tasks.evaluate.retrieval import evaluate_retrieval, random_retrieval
 
@@ -142,6 +143,8 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
                 entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks, **boot)
             else:
                 entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
+            if system.kind == "gear":
+                entry["diagnostics"] = gear_diagnostics(model, s, params.localization_pooling, params.seed)
             if system.generation:
                 entry["generation"] = evaluate_generation(
                     model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
@@ -150,6 +153,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         # The random rows need no model; every system's results carry them for its own queries.
         entry["retrieval_random"] = random_retrieval(s, params.ks, **boot)
         entry["localization_random"] = random_localization(s, params.ks, **boot) if s.has_units else None
+        entry["localization_prior"] = unit_rule_prior(s, params.ks, **boot) if s.has_units else None
         results["sets"][s.name] = entry
     if system.figure and fusion_trained:
         results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling)
@@ -160,6 +164,21 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
 
 CODE_VERSION = evaluate_system.code_version
 evaluate_system_task = evaluate_system.task
+
+
+def gear_diagnostics(model, eval_set: EvalSet, pooling: str, seed: int) -> dict:
+    """Whether the model reads the document (gear_model/diagnostics.py): the
+    attention lift on the unit by fusion layer, d_doc and d_pair."""
+    from gear_model.heldout import HeldOut
+
+    rows = []
+    for q in eval_set.unit_queries():
+        document, spans = eval_set.documents[q.doc_id], eval_set.sentence_spans[q.doc_id]
+        start, end = spans[q.unit_index]
+        rows.append({"query": q.query, "document": document, "unit": document[start:end], "unit_index": q.unit_index,
+                     "sentence_spans": [{"start": a, "end": b} for a, b in spans]})
+    measured = HeldOut.from_rows(rows, seed).measure(model, pooling)
+    return {"lift_by_layer": measured["lift_by_layer"], "document_dependence": measured["document_dependence"]}
 
 
 def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum") -> dict | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tasks.evaluate.loaders import EvalQuery, EvalSet
-from tasks.evaluate.metrics import per_query_ranking_metrics
+from tasks.evaluate.metrics import metric_names, per_query_ranking_metrics
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES, random_ranking_expectation, summarize
 
 POOLING_DESCRIPTION = (
@@ -112,6 +112,38 @@ def random_localization(
     expected = [random_ranking_expectation(len(eval_set.sentence_spans[q.doc_id]), 1, ks) for q in queries]
     per_query = {name: [e[name] for e in expected] for name in expected[0]}
     return summarize([q.qid for q in queries], per_query, resamples, seed)
+
+
+def unit_rule_prior(
+    eval_set: EvalSet, ks: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict | None:
+    """Expected scores of a ranking that never reads the query: the document's
+    sentences that pass the paper's unit rules (8-20 tokens, no pronoun first
+    word or subject: ``select_units.unit_rule_reasons``) first, in random
+    order, then the others in random order. RIR units pass those rules by
+    construction, so a model can score this far above the random row by
+    learning the rules alone; a learned figure means something above it."""
+    from tasks.select_units import unit_rule_reasons
+
+    queries = eval_set.unit_queries()
+    if not queries:
+        return None
+    doc_ids = sorted({q.doc_id for q in queries})
+    texts = [eval_set.documents[d][s:e] for d in doc_ids for s, e in eval_set.sentence_spans[d]]
+    reasons = iter(unit_rule_reasons(texts))
+    passes = {d: [next(reasons) is None for _ in eval_set.sentence_spans[d]] for d in doc_ids}
+    per_query: dict[str, list[float]] = {}
+    for q in queries:
+        flags = passes[q.doc_id]
+        n_pass = sum(flags)
+        # The unit's rank is uniform over its block: 1..n_pass if it passes, else n_pass+1..n.
+        first, size = (0, n_pass) if flags[q.unit_index] else (n_pass, len(flags) - n_pass)
+        for k in sorted(set(ks)):
+            top = max(0, min(k, first + size) - first)
+            per_query.setdefault(f"recall@{k}", []).append(top / size)
+            per_query.setdefault(f"map@{k}", []).append(sum(1.0 / r for r in range(first + 1, first + top + 1)) / size)
+    ordered = {name: per_query[name] for name in metric_names(ks)}
+    return summarize([q.qid for q in queries], ordered, resamples, seed)
 
 
 # --------------------------------------------------------------------------

@@ -10,13 +10,18 @@ import html
 
 from tasks.evaluate import plots
 from tasks.evaluate.report import (
+    PRIOR_NOTE,
+    PRIOR_ROW,
     RANDOM_ROW,
+    TRAINING_ADDED_NOTE,
     data_rows,
+    diagnostics_table,
     footnotes,
     generation_table,
     interval_note,
     layer_table,
     ranking_table,
+    training_added_table,
 )
 
 STYLE = (
@@ -50,7 +55,7 @@ def html_table(rows: list[dict[str, str]], caption: str = "") -> str:
     out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
     for r in rows:
         first = str(r[cols[0]])
-        cls = " class='random'" if first in (RANDOM_ROW, "random") else ""
+        cls = " class='random'" if first in (RANDOM_ROW, "random", PRIOR_ROW, "unit-rule prior") else ""
         out.append(f"<tr{cls}><td>{html.escape(first)}</td>" + "".join(_cell(str(r[c])) for c in cols[1:]) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -82,9 +87,16 @@ def tables_section(report: dict) -> list[str]:
     if not unit_sets:
         parts.append("<p class='note'>No set with sentence-level units.</p>")
     parts += _notes(report, "localization")
+    if any(report.get("localization_prior", {}).values()):
+        parts.append(f"<p class='note'>{esc(PRIOR_NOTE)}</p>")
     for model, per_set in report["localization_by_layer"].items():
         for s in per_set:
             parts.append(html_table(layer_table(report, model, s), f"Localisation by fusion layer, {esc(model)} on {esc(s)}"))
+    if training_added_table(report):
+        parts += ["<h3>What training added</h3>", f"<p class='note'>{esc(TRAINING_ADDED_NOTE)}</p>",
+                  html_table(training_added_table(report))]
+    if diagnostics_table(report):
+        parts += ["<h3>Does GeAR read the document?</h3>", html_table(diagnostics_table(report))]
     parts += ["<h2>Table 3: information generation</h2>",
               f"<p>Greedy decoding, at most {report['meta']['generation_max_tokens']} new tokens; percent. "
               "RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.</p>"]
@@ -117,6 +129,10 @@ def plots_section(report: dict) -> list[str]:
     uri = plots.epoch_curves(trained)
     parts.append(_img(uri, "Held-out localisation R@3 and ROUGE-L during training") if uri else
                  "<p class='note'>No held-out evaluation recorded during training (metrics.jsonl eval records).</p>")
+    uri = plots.diagnostic_curves(trained)
+    if uri:
+        parts.append(_img(uri, "Whether the model reads the document, per epoch: R@3 at the best fusion layer, "
+                               "attention lift on the unit at that layer, d_doc and d_pair (step 0 = the initialisation)"))
     return parts
 
 

@@ -119,3 +119,35 @@ def epoch_curves(training: dict[str, dict], k: int = 3) -> str | None:
     if drew_generation:
         gen_ax.legend(fontsize=8)
     return _data_uri(fig)
+
+
+def diagnostic_curves(training: dict[str, dict]) -> str | None:
+    """Per held-out evaluation: R@3 at the best fusion layer, the attention
+    lift on the unit there, and d_doc / d_pair, against epochs done."""
+    runs = {name: t for name, t in training.items() if any(e.get("document_dependence") for e in t.get("evals", []))}
+    if not runs:
+        return None
+    fig = Figure(figsize=(12, 3.2))
+    r3_ax, lift_ax, dep_ax = fig.subplots(1, 3)
+    for name, t in runs.items():
+        evals = [e for e in t["evals"] if e.get("document_dependence")]
+        per_epoch = t.get("steps_per_epoch")
+        xs = [e["step"] / per_epoch if per_epoch else e["step"] for e in evals]
+        best = [str(e.get("best_layer")) for e in evals]
+        r3_ax.plot(xs, [(e.get("localization_by_layer") or {}).get(b, {}).get("recall@3") for e, b in zip(evals, best)],
+                   marker="o", label=name)
+        lift_ax.plot(xs, [(e.get("lift_by_layer") or {}).get(b) for e, b in zip(evals, best)], marker="o", label=name)
+        dep_ax.plot(xs, [e["document_dependence"]["d_doc"] for e in evals], marker="o", label=f"{name}: d_doc")
+        dep_ax.plot(xs, [e["document_dependence"]["d_pair"] for e in evals], marker="x", linestyle=":",
+                    label=f"{name}: d_pair")
+    lift_ax.axhline(1.0, color="grey", linestyle="--", label="no preference")
+    dep_ax.axhline(0.0, color="grey", linestyle="--")
+    r3_ax.set_title("held-out R@3, best layer")
+    r3_ax.set_ylim(0, 1.02)
+    lift_ax.set_title("attention lift on the unit, best layer")
+    dep_ax.set_title("LM loss rise when swapped (nats)")
+    for ax in (r3_ax, lift_ax, dep_ax):
+        ax.set_xlabel("epochs trained")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _data_uri(fig)

@@ -18,6 +18,12 @@ from tasks.evaluate.stats import CI_LEVEL
 DASH = "—"
 NA = "n/a"
 RANDOM_ROW = "Random ranking"
+PRIOR_ROW = "Unit-rule prior (query-blind)"
+PRIOR_NOTE = (
+    f"{PRIOR_ROW}: the expected score of ranking the document's sentences that pass the paper's unit rules "
+    "(8-20 tokens, no pronoun first word or subject) first, in random order, without reading the query. "
+    "RIR units pass those rules by construction, so a localiser that has only learned the rules scores this."
+)
 GEN_COLUMNS = {"rir": [("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L")], "qa": [("em", "EM"), ("f1", "F1")]}
 BASELINE_LOCALISATION = {
     "encoder": "sentence embeddings vs. the query embedding (cosine), same encoder as its retrieval row",
@@ -59,7 +65,8 @@ def _training(records: list[dict]) -> dict | None:
         stride = -(-len(steps) // MAX_STEP_POINTS)
         steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
     evals = [
-        {k: r.get(k) for k in ("step", "epoch", "n_queries", "layer", "localization", "generation")}
+        {k: r.get(k) for k in ("step", "epoch", "n_queries", "layer", "localization", "generation",
+                               "localization_by_layer", "best_layer", "lift_by_layer", "document_dependence")}
         for r in records
         if r.get("event") == "eval"
     ]
@@ -87,6 +94,9 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
     n_queries: dict[str, dict] = {t: {} for t in TABLES}
     randoms: dict[str, dict] = {"retrieval": {}, "localization": {}}
     random_cis: dict[str, dict] = {"retrieval": {}, "localization": {}}
+    priors: dict[str, dict] = {}
+    prior_cis: dict[str, dict] = {}
+    diagnostics: dict[str, dict] = {}
     by_layer: dict[str, dict] = {}
     by_layer_ci: dict[str, dict] = {}
     timing: dict[str, dict] = {}
@@ -105,6 +115,11 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
                 if rand and s not in randoms[table]:
                     randoms[table][s], random_cis[table][s] = rand["metrics"], rand.get("ci")
                     n_queries[table].setdefault(s, len(rand["per_query"]["qids"]))
+            prior = entry.get("localization_prior")
+            if prior and s not in priors:
+                priors[s], prior_cis[s] = prior["metrics"], prior.get("ci")
+            if entry.get("diagnostics"):
+                diagnostics.setdefault(name, {})[s] = entry["diagnostics"]
             if entry.get("localization_by_layer"):
                 layers = entry["localization_by_layer"]
                 by_layer.setdefault(name, {})[s] = {l: _part(v, "metrics") for l, v in layers.items()}
@@ -165,6 +180,9 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
         "retrieval_random_ci": random_cis["retrieval"],
         "localization_random": randoms["localization"],
         "localization_random_ci": random_cis["localization"],
+        "localization_prior": priors,
+        "localization_prior_ci": prior_cis,
+        "diagnostics": diagnostics,
         "n_queries": n_queries,
         "not_applicable": {r["system"]["name"]: r["not_applicable"] for r in results if r.get("not_applicable")},
         "training": curves,
@@ -189,6 +207,8 @@ def cell(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
 def _value(report: dict, table: str, set_name: str, model: str, name: str, digits: int = 3) -> str:
     if model == RANDOM_ROW:
         m, ci = report[f"{table}_random"].get(set_name), report[f"{table}_random_ci"].get(set_name)
+    elif model == PRIOR_ROW:
+        m, ci = report.get(f"{table}_prior", {}).get(set_name), report.get(f"{table}_prior_ci", {}).get(set_name)
     else:
         m, ci = report[table].get(set_name, {}).get(model), report[f"{table}_ci"].get(set_name, {}).get(model)
     if not m:
@@ -199,7 +219,8 @@ def _value(report: dict, table: str, set_name: str, model: str, name: str, digit
 def _rows(report: dict, table: str) -> list[str]:
     """The random row leads the ranking tables: chance level first, then the systems."""
     has_random = table in ("retrieval", "localization") and any(report[f"{table}_random"].values())
-    return ([RANDOM_ROW] if has_random else []) + report["rows"]
+    has_prior = table == "localization" and any(report.get("localization_prior", {}).values())
+    return ([RANDOM_ROW] if has_random else []) + ([PRIOR_ROW] if has_prior else []) + report["rows"]
 
 
 def n_label(report: dict, table: str, set_name: str) -> str:
@@ -251,6 +272,72 @@ def layer_table(report: dict, model: str, set_name: str) -> list[dict[str, str]]
     if layers and report["localization_random"].get(set_name):
         out.append({first: "random", **{metric_label(n): _value(report, "localization", set_name, RANDOM_ROW, n)
                                         for n in report["meta"]["metrics"]}})
+    if layers and report.get("localization_prior", {}).get(set_name):
+        out.append({first: "unit-rule prior", **{metric_label(n): _value(report, "localization", set_name, PRIOR_ROW, n)
+                                                 for n in report["meta"]["metrics"]}})
+    return out
+
+
+def _r3(entry: dict | None) -> str:
+    """R@3 with its interval from a held-out evaluation's metrics (training records)."""
+    if not entry:
+        return DASH
+    return cell(entry.get("recall@3"), (entry.get("ci") or {}).get("recall@3"))
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return DASH if value is None else format(value, fmt)
+
+
+def training_added_table(report: dict) -> list[dict[str, str]]:
+    """Each GeAR run's held-out evaluation at step 0 (the initialisation) beside
+    its last one: what training added. From the run's metrics.jsonl."""
+    out = []
+    for model, t in (report.get("training") or {}).items():
+        evals = [e for e in t.get("evals", []) if e.get("localization")]
+        if not evals:
+            continue
+        for label, e in (("step 0 (init)", evals[0]), (f"step {evals[-1]['step']} (trained)", evals[-1])):
+            layers = e.get("localization_by_layer") or {}
+            best = e.get("best_layer")
+            lift = (e.get("lift_by_layer") or {}).get(str(best)) if best else None
+            dep = e.get("document_dependence") or {}
+            gen = e.get("generation") or {}
+            out.append({
+                f"Model ({e.get('n_queries')} held-out queries)": f"{model}, {label}",
+                f"R@3, layer {e.get('layer')}": _r3(layers.get(str(e.get("layer"))) or e["localization"]),
+                "best layer": _number(best, "d"),
+                "R@3, best layer": _r3(layers.get(str(best))) if best else DASH,
+                "lift, best layer": _number(lift, ".2f"),
+                "LM loss": _number(dep.get("lm"), ".2f"),
+                "d_doc": _number(dep.get("d_doc"), "+.3f"),
+                "d_pair": _number(dep.get("d_pair"), "+.3f"),
+                "ROUGE-L": _number(gen.get("rougeL"), ".1f"),
+            })
+        if len(evals) == 1:
+            out.pop()
+    return out
+
+
+TRAINING_ADDED_NOTE = (
+    "What training added: the held-out evaluation the trainer records at step 0, before any update, beside its "
+    "last one (same queries). lift: attention mass on the unit's tokens over the unit's share of the document's "
+    "tokens (1 = no preference). d_doc / d_pair: rise of the held-out LM loss (nats) when each query's document, "
+    "or its query and document, are swapped for another's; d_doc near 0 means the decoder does not read the document."
+)
+
+
+def diagnostics_table(report: dict) -> list[dict[str, str]]:
+    """Per GeAR model and set: lift by fusion layer, d_doc and d_pair (gear_model/diagnostics.py)."""
+    out = []
+    for model, per_set in (report.get("diagnostics") or {}).items():
+        for s, d in per_set.items():
+            dep = d.get("document_dependence") or {}
+            row = {"Model": model, "Set": s, "d_doc": _number(dep.get("d_doc"), "+.3f"),
+                   "d_pair": _number(dep.get("d_pair"), "+.3f")}
+            for layer, lift in sorted((d.get("lift_by_layer") or {}).items(), key=lambda kv: int(kv[0])):
+                row[f"lift L{layer}"] = _number(lift, ".2f")
+            out.append(row)
     return out
 
 
@@ -326,9 +413,15 @@ def render_markdown(report: dict) -> str:
     if not unit_sets:
         parts += ["_No set with sentence-level units._", ""]
     parts += [*footnotes(report, "localization"), ""] if footnotes(report, "localization") else []
+    if any(report.get("localization_prior", {}).values()):
+        parts += [PRIOR_NOTE, ""]
     for model, per_set in report["localization_by_layer"].items():
         for s in per_set:
             parts += [f"Localisation by fusion layer, {model} on {s}:", "", markdown_table(layer_table(report, model, s)), ""]
+    if training_added_table(report):
+        parts += ["### What training added", "", TRAINING_ADDED_NOTE, "", markdown_table(training_added_table(report)), ""]
+    if diagnostics_table(report):
+        parts += ["### Does GeAR read the document?", "", markdown_table(diagnostics_table(report)), ""]
     parts += ["## Table 3: information generation", ""]
     parts.append(f"Greedy decoding, at most {meta['generation_max_tokens']} new tokens; percent. RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.")
     parts += ["", markdown_table(generation_table(report)) if unit_sets else "_No set with generation targets._", ""]
