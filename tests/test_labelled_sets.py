@@ -105,6 +105,13 @@ def test_bad_rows_name_the_file_row_and_column(tmp_path, rows, message):
         check_dataset(write_set(tmp_path / "bad.jsonl", rows))
 
 
+def test_a_binary_file_is_not_a_labelled_set(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"query": "q"}\n\xff\xfe binary')
+    with pytest.raises(PipelineInputError, match=r"bad.jsonl: not UTF-8 text"):
+        check_dataset(path)
+
+
 def test_a_parquet_without_a_column_is_refused(tmp_path):
     path = write_set(tmp_path / "bad.parquet", [{"query": "q", "unit": "u"}])
     with pytest.raises(PipelineInputError, match=r"bad.parquet: missing column 'document'"):
