@@ -1,12 +1,13 @@
 """Search speed per query: GeAR (`gear search`) against the sentence-split baseline.
 
 GeAR: retrieval (E_q + FAISS over the E_d index), localisation (one fusion
-pass per retrieved document, its sentences ranked by cross-attention) and
-generation (the unit, greedy) for each of the top-k documents, timed by
-``GearSearcher``. Baseline: the untouched encoder retrieves from its own FAISS
+pass over the top-k documents' kept E_d token states, their sentences ranked
+by cross-attention) and generation (each unit, greedy, the k in one batch),
+timed by ``GearSearcher``. Baseline: the untouched encoder retrieves from its own FAISS
 index, then encodes every sentence of every candidate document and ranks them
 by cosine to the query (``tasks/evaluate/localization.py: embedding_scorer``);
-it generates nothing. Both on the same queries and corpus, in one process.
+it generates nothing. Both on the same queries and corpus, in one process,
+query by query in turn.
 
     .venv/bin/python benchmarks/search_speed.py [--model DIR] [--corpus PATH] [--queries 30] [--top-k 5]
 
@@ -132,8 +133,11 @@ def main() -> None:
         # One warm-up query each (first-call allocations, lazy imports), then the timed queries.
         gear_run(searcher, queries[:1], args.top_k)
         baseline_run(encoder, base_index, searcher, queries[:1], args.top_k, args.batch_size)
-        gear = gear_run(searcher, queries, args.top_k)
-        baseline = baseline_run(encoder, base_index, searcher, queries, args.top_k, args.batch_size)
+        # Interleaved per query, so that load from other jobs on a shared machine falls on both alike.
+        gear, baseline = [], []
+        for q in queries:
+            gear += gear_run(searcher, [q], args.top_k)
+            baseline += baseline_run(encoder, base_index, searcher, [q], args.top_k, args.batch_size)
 
     spans = [len(searcher.sentence_spans(i)) for i in range(len(searcher.corpus))]
     figures = {

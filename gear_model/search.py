@@ -3,10 +3,13 @@ highlighting, fine-grained citation).
 
 Retrieval: the corpus's E_d embeddings in a FAISS inner-product index
 (embeddings are L2-normalised, so the score is cosine), the query through
-E_q. Each of the top-k documents then goes through the fusion encoder once:
-its sentences are ranked by the query's cross-attention (``GearModel.localize``'s
-pooling, "mean" by default: attention mass per token), and the decoder
-generates the unit. No sentence is encoded on its own.
+E_q. The top-k documents then go through the fusion encoder together, once:
+the query's cross-attention at the model's layer ranks each document's
+sentences (``GearModel.localize``'s pooling, "mean" by default: attention
+mass per token), and the decoder generates each unit from the same fused
+states, the k in one batch. The documents' E_d token states are kept beside
+the index (up to ``MAX_STATES_MB``), so a query encodes neither a document
+nor a sentence again: the paper's point against chunk-and-re-encode.
 
 One call from a model folder::
 
@@ -48,6 +51,11 @@ from typing import Any
 import numpy as np
 
 MAX_QUERY_CHARS = 1000
+# E_d token states kept for the whole corpus, float32 (a 500-token document at
+# hidden size 384 is 0.75 MiB); a larger corpus re-encodes its k hits per query.
+MAX_STATES_MB = 2048
+STATES_FILE = "doc_states.npy"
+STARTS_FILE = "doc_state_starts.npy"
 MAX_TOP_K = 100
 DEFAULT_POOLING = "mean"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -229,22 +237,61 @@ def index_key(model_dir: str | os.PathLike, corpus: Corpus) -> str:
     return h.hexdigest()[:24]
 
 
+def _tokenize_documents(model, texts: Sequence[str], **kw):
+    """Documents as ``GearModel.encode_documents`` and ``cross_attention`` tokenize them."""
+    return model.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                           max_length=model.gear_config.inference_max_doc_length, **kw)
+
+
 @dataclass
 class DocumentIndex:
-    """A FAISS inner-product index of the corpus's E_d embeddings (row i = document i)."""
+    """A FAISS inner-product index of the corpus's E_d embeddings (row i = document i) and,
+    when they fit in ``MAX_STATES_MB``, every document's E_d token states: ``states`` rows
+    ``starts[i]:starts[i + 1]`` are document i's tokens (memory-mapped when cached)."""
 
     index: Any
     folder: Path | None = None  # where it is cached; None when built in memory only
     reused: bool = False
+    states: np.ndarray | None = None
+    starts: np.ndarray | None = None
+
+    def doc_states(self, i: int) -> np.ndarray | None:
+        if self.states is None:
+            return None
+        return np.array(self.states[int(self.starts[i]):int(self.starts[i + 1])], dtype=np.float32)  # off the memory map
 
     @classmethod
-    def build(cls, model, corpus: Corpus, batch_size: int = 32) -> DocumentIndex:
+    def build(cls, model, corpus: Corpus, batch_size: int = 32, max_states_mb: float = MAX_STATES_MB) -> DocumentIndex:
+        """E_d over the corpus once: the pooled embeddings go into the index (exactly
+        ``GearModel.encode_documents``: mean pooling, L2-normalised) and the token states are kept."""
         import faiss
+        import torch
+        import torch.nn.functional as F
 
-        vectors = np.ascontiguousarray(model.encode_documents([d.text for d in corpus.documents], batch_size=batch_size))
+        from gear_model.model import mean_pool
+
+        model.eval()
+        texts = [d.text for d in corpus.documents]
+        vectors, chunks, kept_bytes = [], [], 0
+        with torch.no_grad():
+            for b in range(0, len(texts), batch_size):
+                batch = _tokenize_documents(model, texts[b:b + batch_size]).to(model.device)
+                mask = batch["attention_mask"]
+                states = model.doc_states(batch["input_ids"], mask)
+                vectors.append(F.normalize(mean_pool(states, mask).float(), dim=-1).cpu().numpy())
+                if chunks is not None:
+                    for j, n in enumerate(mask.sum(1).tolist()):
+                        chunks.append(states[j, :n].float().cpu().numpy())
+                        kept_bytes += chunks[-1].nbytes
+                    if kept_bytes > max_states_mb * 2**20:
+                        chunks = None  # too big to keep: each query re-encodes its hits
+        vectors = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
-        return cls(index)
+        if chunks is None:
+            return cls(index)
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        return cls(index, states=np.concatenate(chunks), starts=starts)
 
     @classmethod
     def open(cls, model, model_dir: str | os.PathLike, corpus: Corpus, cache_dir: str | os.PathLike,
@@ -255,7 +302,7 @@ class DocumentIndex:
         if found is not None:
             return found
         built = cls.build(model, corpus, batch_size)
-        built.folder = cls._publish(built.index, folder, corpus, model_dir)
+        built.folder = cls._publish(built, folder, corpus, model_dir)
         return built
 
     @classmethod
@@ -267,10 +314,14 @@ class DocumentIndex:
         doc_ids = json.loads((folder / DOC_IDS_FILE).read_text(encoding="utf-8"))
         if doc_ids != [d.doc_id for d in corpus.documents]:  # the key covers this; a hand-edited folder does not
             return None
-        return cls(faiss.read_index(str(folder / INDEX_FILE)), folder, reused=True)
+        found = cls(faiss.read_index(str(folder / INDEX_FILE)), folder, reused=True)
+        if (folder / STATES_FILE).is_file():
+            found.states = np.load(folder / STATES_FILE, mmap_mode="r")
+            found.starts = np.load(folder / STARTS_FILE)
+        return found
 
     @staticmethod
-    def _publish(index, folder: Path, corpus: Corpus, model_dir) -> Path:
+    def _publish(built: DocumentIndex, folder: Path, corpus: Corpus, model_dir) -> Path:
         """Write into a hidden temporary folder beside ``folder``, fsync, then rename it into place.
         When another process published the same key first, its folder is kept (same content)."""
         import faiss
@@ -279,10 +330,13 @@ class DocumentIndex:
         work = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         work.mkdir()
         try:
-            faiss.write_index(index, str(work / INDEX_FILE))
+            faiss.write_index(built.index, str(work / INDEX_FILE))
             (work / DOC_IDS_FILE).write_text(json.dumps([d.doc_id for d in corpus.documents]), encoding="utf-8")
+            if built.states is not None:
+                np.save(work / STATES_FILE, built.states)
+                np.save(work / STARTS_FILE, built.starts)
             info = {"model_dir": str(model_dir), "corpus": corpus.source, "documents": len(corpus),
-                    "corpus_sha256": corpus.fingerprint()}
+                    "corpus_sha256": corpus.fingerprint(), "token_states": built.states is not None}
             (work / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             for file in work.iterdir():
                 with file.open("rb") as fh:
@@ -403,39 +457,94 @@ class GearSearcher:
         scores, rows = self.index.index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.corpus)))
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 
-    def localize(self, query: str, i: int) -> tuple[list[SentenceHit], list[tuple[int, int, float]]]:
-        """Document i's sentences ranked by the cross-attention, and its tokens' weights."""
-        from gear_model.model import sentence_scores_from_attention
+    def _doc_states(self, rows: list[int], mask):
+        """(k, Ld, H) E_d token states of the documents, padded: the kept ones, or encoded now."""
+        import torch
 
-        doc = self.corpus.documents[i]
-        spans = self.sentence_spans(i)
-        att = self.model.cross_attention(query, doc.text, self.layer)
-        scores = sentence_scores_from_attention(att, spans, self.pooling)
-        order = sorted(range(len(spans)), key=lambda j: (-float(scores[j]), j))
-        sentences = [SentenceHit(doc.text[spans[j][0]:spans[j][1]], spans[j][0], spans[j][1], float(scores[j])) for j in order]
-        per_query_token = att.weights.mean(0)
-        rows = per_query_token[att.query_mask] if att.query_mask.any() else per_query_token
-        per_token = rows.mean(0)
-        tokens = [(int(s), int(e), float(w)) for (s, e), w in zip(att.offsets, per_token) if e > s]
-        return sentences, tokens
+        kept = [self.index.doc_states(i) for i in rows]
+        lengths = mask.sum(1).tolist()
+        if all(st is not None and len(st) == n for st, n in zip(kept, lengths)):
+            out = torch.zeros(len(rows), mask.shape[1], kept[0].shape[1], dtype=torch.float32)
+            for j, st in enumerate(kept):
+                out[j, :len(st)] = torch.from_numpy(st)
+            return out.to(self.model.device)
+        return None
+
+    def read(self, query: str, rows: list[int]):
+        """One fusion pass over (query, each document): per document its sentences ranked by
+        the cross-attention and its tokens' weights, and the fused states (k, Lq, H) with the
+        query mask, from which ``generate`` decodes. Same numbers as ``GearModel.localize``."""
+        import torch
+
+        from gear_model.fusion import eager_attention
+        from gear_model.model import CrossAttention, sentence_scores_from_attention
+
+        model, k = self.model, len(rows)
+        docs = [self.corpus.documents[i] for i in rows]
+        q = model.tokenizer([query], truncation=True, max_length=model.gear_config.max_query_length,
+                            return_tensors="pt").to(model.device)
+        d = _tokenize_documents(model, [doc.text for doc in docs], return_offsets_mapping=True).to(model.device)
+        with torch.no_grad():
+            states = self._doc_states(rows, d["attention_mask"])
+            if states is None:
+                states = model.doc_states(d["input_ids"], d["attention_mask"])
+            q_ids, q_mask = q["input_ids"].expand(k, -1), q["attention_mask"].expand(k, -1)
+            with eager_attention(model.query_encoder.config):
+                fused, weights = model.fuse(q_ids, q_mask, states, d["attention_mask"], self.layer)
+        special = set(model.tokenizer.all_special_ids)
+        query_mask = np.array([t not in special for t in q["input_ids"][0].tolist()], dtype=bool)
+        weights = weights.float().cpu().numpy()
+        offsets = d["offset_mapping"].cpu().numpy().astype(np.int64)
+        read = []
+        for j, (doc, i) in enumerate(zip(docs, rows)):
+            att = CrossAttention(weights[j], offsets[j], query_mask)  # padding: offsets (0, 0), weight 0
+            spans = self.sentence_spans(i)
+            scores = sentence_scores_from_attention(att, spans, self.pooling)
+            order = sorted(range(len(spans)), key=lambda n: (-float(scores[n]), n))
+            sentences = [SentenceHit(doc.text[spans[n][0]:spans[n][1]], spans[n][0], spans[n][1], float(scores[n]))
+                         for n in order]
+            per_query_token = att.weights.mean(0)
+            per_token = (per_query_token[query_mask] if query_mask.any() else per_query_token).mean(0)
+            tokens = [(int(a), int(b), float(w)) for (a, b), w in zip(att.offsets, per_token) if b > a]
+            read.append((sentences, tokens))
+        return read, fused, q["attention_mask"]
+
+    def generate(self, fused, query_mask) -> list[str]:
+        """Greedy decoding of each unit from its fused states, all k in one batch
+        (``GearModel.generate``'s decoding, on states already fused)."""
+        import torch
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        model, k = self.model, fused.shape[0]
+        start = torch.full((k, 1), model.dec_token_id, device=model.device)
+        with torch.no_grad():
+            out = model.decoder.generate(
+                input_ids=start,
+                attention_mask=torch.ones_like(start),
+                encoder_hidden_states=fused,
+                encoder_attention_mask=query_mask.expand(k, -1),
+                past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=model.tokenizer.sep_token_id,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+        return [model.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
 
     def search(self, query: str, k: int = 5, generate: bool = True) -> list[SearchHit]:
         """The top-k documents for ``query``, best first (see ``SearchHit``)."""
         query, k = check_query(query), check_top_k(k)
         with self._lock:
-            timings = {"retrieval": 0.0, "localization": 0.0, "generation": 0.0}
             t0 = time.perf_counter()
             found = self.retrieve(query, k)
-            timings["retrieval"] = time.perf_counter() - t0
-            hits = []
-            for i, score in found:
-                doc = self.corpus.documents[i]
-                t0 = time.perf_counter()
-                sentences, tokens = self.localize(query, i)
-                t1 = time.perf_counter()
-                generated = self.model.generate(query, doc.text, max_new_tokens=self.max_new_tokens) if generate else ""
-                timings["localization"] += t1 - t0
-                timings["generation"] += time.perf_counter() - t1
-                hits.append(SearchHit(doc.doc_id, doc.title, score, generated, doc.text, sentences, tokens))
-            self.timings = timings
+            t1 = time.perf_counter()
+            read, fused, query_mask = self.read(query, [i for i, _ in found])
+            t2 = time.perf_counter()
+            units = self.generate(fused, query_mask) if generate else [""] * len(found)
+            self.timings = {"retrieval": t1 - t0, "localization": t2 - t1, "generation": time.perf_counter() - t2}
+        hits = []
+        for (i, score), (sentences, tokens), unit in zip(found, read, units):
+            doc = self.corpus.documents[i]
+            hits.append(SearchHit(doc.doc_id, doc.title, score, unit, doc.text, sentences, tokens))
         return hits

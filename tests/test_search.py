@@ -157,6 +157,33 @@ def test_results_are_ranked_by_the_model(searcher):
     assert set(searcher.timings) == {"retrieval", "localization", "generation"}
 
 
+def test_the_index_holds_the_document_embeddings_and_token_states(searcher):
+    import torch
+
+    model, corpus, index = searcher.model, searcher.corpus, searcher.index
+    vectors = index.index.reconstruct_n(0, len(corpus))
+    assert vectors == pytest.approx(model.encode_documents([d.text for d in corpus.documents]), abs=1e-5)
+    assert index.states is not None and index.reused is False
+    for i, doc in enumerate(corpus.documents):
+        batch = model.tokenizer([doc.text], truncation=True, max_length=model.gear_config.inference_max_doc_length,
+                                return_tensors="pt")
+        with torch.no_grad():
+            states = model.doc_states(batch["input_ids"], batch["attention_mask"])[0].numpy()
+        assert index.doc_states(i) == pytest.approx(states, abs=1e-4)
+
+
+def test_without_kept_states_the_hits_are_encoded_per_query(searcher, tiny_gear_dir):  # noqa: F811
+    from gear_model.search import DocumentIndex
+
+    bare = DocumentIndex.build(searcher.model, searcher.corpus, max_states_mb=0)
+    assert bare.states is None
+    again = GearSearcher(searcher.model, searcher.corpus, bare, max_new_tokens=3)
+    query = "Louis Armstrong trumpet"
+    for kept, encoded in zip(searcher.search(query, 6), again.search(query, 6), strict=True):
+        assert kept.doc_id == encoded.doc_id and kept.generated == encoded.generated
+        assert [s.score for s in kept.sentences] == pytest.approx([s.score for s in encoded.sentences], abs=1e-5)
+
+
 def test_a_corpus_without_spans_is_split_by_the_senter(tiny_gear_dir, tmp_path):  # noqa: F811
     path = write_jsonl(tmp_path / "c.jsonl", [{"doc_id": "x", "title": "X", "document": "First one here. Second one there."}])
     hit = GearSearcher.from_model_dir(tiny_gear_dir, path, max_new_tokens=1).search("second", k=3)[0]
