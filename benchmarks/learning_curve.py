@@ -13,6 +13,14 @@ gives").
 
 A variant is ``name:field=value,field=value`` over ``TrainConfig.embedded()``
 (values are JSON, bare words are strings); ``--set`` applies to every variant.
+``--paper`` starts from the paper's ``TrainConfig()`` instead (random
+cross-attention init, every encoder trained, one lr), with the embedded
+run's lengths, batch and queue.
+
+``--stand-in N`` trains on many more distinct triples than the dataset has:
+every sentence of every training document that passes the unit rules
+becomes a unit, with a stand-in query of its first N content words (the
+held-out split stays the dataset's own).
 """
 
 from __future__ import annotations
@@ -52,15 +60,45 @@ def dataset_folder(path: str) -> Path:
     raise SystemExit(f"no dataset at {path} (want train.parquet/test.parquet, or datasets/LATEST)")
 
 
+def stand_in_triples(train_file: Path, words: int, out_file: Path) -> Path:
+    """Every rule-passing sentence of the training documents as a unit, queried by its first ``words`` content words."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    from tasks.select_units import unit_rule_reasons
+
+    docs = {}
+    for r in pq.read_table(train_file).to_pylist():
+        docs.setdefault(r["doc_id"], r)
+    rows = []
+    for doc_id, r in docs.items():
+        spans = [(sp["start"], sp["end"]) for sp in r["sentence_spans"]]
+        texts = [r["document"][a:b] for a, b in spans]
+        for i, reason in enumerate(unit_rule_reasons(texts)):
+            content = [w.strip(".,;:()\"'").lower() for w in texts[i].split()]
+            content = [w for w in content if w.isalnum() and w not in STOP_WORDS]
+            if reason is None and content:
+                rows.append({"query": " ".join(content[:words]), "document": r["document"], "unit": texts[i],
+                             "doc_id": doc_id, "unit_index": i, "unit_start": spans[i][0], "unit_end": spans[i][1],
+                             "sentence_spans": r["sentence_spans"]})
+    pq.write_table(pa.Table.from_pylist(rows), out_file)
+    return out_file
+
+
 def run_variant(name: str, fields: dict, data: Path, args) -> dict:
     from gear_model.config import TrainConfig
     from gear_model.train import METRICS_FILE, train
     from tasks.assets import embedded_encoder_path
 
     with tempfile.TemporaryDirectory(prefix=f"curve-{name}-") as out:
-        cfg = TrainConfig.embedded(
+        train_file = data / "train.parquet"
+        if args.stand_in:
+            train_file = stand_in_triples(train_file, args.stand_in, Path(out) / "stand_in.parquet")
+        make = paper_config if args.paper else TrainConfig.embedded
+        cfg = make(
             **{
-                "dataset": str(data / "train.parquet"),
+                "dataset": str(train_file),
                 "init_checkpoint": str(embedded_encoder_path()),
                 "output_dir": out,
                 "eval_file": str(data / "test.parquet"),
@@ -94,6 +132,20 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
         "curve": [curve_point(r, steps) for r in evals],
         "n_heldout": evals[0]["n_queries"] if evals else 0,
     }
+
+
+def paper_config(**overrides):
+    """The paper's training (random cross-attention init, every encoder trained,
+    one lr, ITC + LM) with the embedded run's lengths, batch, queue and lr."""
+    from gear_model.config import TrainConfig
+
+    embedded = TrainConfig.embedded()
+    base = {"batch_size": embedded.batch_size, "lr": embedded.lr, "epochs": embedded.epochs,
+            "eval_max_queries": embedded.eval_max_queries, "save_every": 0, "keep_last": 1,
+            "model": {k: getattr(embedded.model, k) for k in ("queue_size", "max_query_length", "max_doc_length",
+                                                               "max_unit_length")}}
+    model = {**base.pop("model"), **(overrides.pop("model", None) or {})}
+    return TrainConfig.from_dict({**base, **overrides, "model": model})
 
 
 def curve_point(record: dict, steps: list[dict]) -> dict:
@@ -132,6 +184,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--generation-queries", type=int, default=0, help="ROUGE on this many held-out queries per eval")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--paper", action="store_true", help="start from the paper's TrainConfig(), not the embedded one")
+    parser.add_argument("--stand-in", type=int, default=0, metavar="N",
+                        help="train on every rule-passing sentence of the training documents, queried by its first N content words")
     args = parser.parse_args()
     data = dataset_folder(args.dataset)
     variants = args.variant or ["embedded:"]

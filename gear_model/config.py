@@ -46,6 +46,9 @@ class GearConfig:
     # as localisation scores them (attention mass per token at the
     # localisation layer). Needs the triples' sentence spans.
     loc_weight: float = 0.0
+    # Temperature of L_loc's softmax over the sentences' log attention mass per
+    # token: below 1 it rewards ranking the unit first over concentrating mass on it.
+    loc_temperature: float = 0.1
     # Token lengths used for training; inference defaults (documents) use
     # ``inference_max_doc_length``.
     max_query_length: int = 512

@@ -75,7 +75,8 @@ def positive_targets(local_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.Te
 
 
 def localisation_loss(
-    weights: torch.Tensor, query_words: torch.Tensor, doc_sentence: torch.Tensor, unit_sentence: torch.Tensor
+    weights: torch.Tensor, query_words: torch.Tensor, doc_sentence: torch.Tensor, unit_sentence: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Cross-entropy of the unit among its document's sentences, each scored
     as ``GearModel.localize(pooling="mean")`` scores it.
@@ -84,8 +85,11 @@ def localisation_loss(
     query_words: (B, Lq) bool, the query's word tokens; doc_sentence: (B, Ld)
     the sentence of each document token (-1: none); unit_sentence: (B,) the
     unit's sentence (-1: not in the document window, row ignored).
-    A sentence's probability is proportional to its attention mass per token,
-    so the loss trains exactly the ranking that localisation reads.
+    The sentences' scores are the log of their attention mass per token (the
+    order localisation reads), divided by ``temperature``: at 1 a sentence's
+    probability is proportional to its mass per token, which is only high
+    once the attention is concentrated on the unit; below 1 the loss falls as
+    soon as the unit leads the others, a ranking objective.
     """
     words = query_words.to(weights.dtype)
     per_doc_token = (weights.mean(1) * words[..., None]).sum(1) / words.sum(1, keepdim=True).clamp(min=1)
@@ -96,8 +100,8 @@ def localisation_loss(
     member = F.one_hot(doc_sentence.clamp(min=0), n_sentences).to(weights.dtype) * (doc_sentence >= 0)[..., None]
     mass = torch.einsum("bl,bls->bs", per_doc_token, member)
     counts = member.sum(1)
-    scores = torch.log(mass / counts.clamp(min=1) + 1e-12).masked_fill(counts == 0, float("-inf"))
-    return F.cross_entropy(scores[keep], unit_sentence[keep])
+    scores = torch.log(mass / counts.clamp(min=1) + 1e-12) / temperature
+    return F.cross_entropy(scores.masked_fill(counts == 0, float("-inf"))[keep], unit_sentence[keep])
 
 
 @dataclass
@@ -243,7 +247,8 @@ class GearPretrainer(nn.Module):
                     raise ValueError("loc_weight > 0 needs the triples' sentence_spans and unit_index columns")
                 with eager_attention(m.query_encoder.config):  # SDPA returns no attention weights
                     fused, weights = m.fuse(q_ids, q_mask, d_states, d_mask, return_layer=m.resolve_layer(None))
-                loc = localisation_loss(weights, m.query_word_mask(q_ids), batch["doc_sentence"], batch["unit_sentence"])
+                loc = localisation_loss(weights, m.query_word_mask(q_ids), batch["doc_sentence"], batch["unit_sentence"],
+                                        m.gear_config.loc_temperature)
                 loss = loss + self.loc_weight * loc
             else:
                 fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)

@@ -363,7 +363,8 @@ def train(cfg: TrainConfig) -> Path:
                 break
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint("every")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            ends_epoch = micro_in_epoch + cfg.grad_accum > micro_per_epoch  # the epoch-end evaluation follows
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not ends_epoch:
                 evaluate("every")
         if not stopped:
             epoch += 1

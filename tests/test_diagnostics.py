@@ -148,3 +148,16 @@ def test_training_with_the_localisation_loss_logs_it_and_trains_the_fusion_only(
     assert steps and all(r["loc"] > 0 for r in steps)
     # The held-out evaluation runs for a model whose fusion trains, even without the LM loss.
     assert [r["step"] for r in records if r["event"] == "eval"] == [0, 3]
+
+
+def test_a_low_localisation_temperature_rewards_ranking_the_unit_first():
+    doc_sentence = torch.tensor([[-1, 0, 0, 1, 1, 2, 2, -1]])
+    query_words = torch.tensor([[False, True, False]])
+    # The unit (sentence 1) holds twice the per-token mass of each other sentence.
+    per_token = torch.tensor([0.0, 0.125, 0.125, 0.25, 0.25, 0.125, 0.125, 0.0])
+    weights = per_token.expand(1, 2, 3, 8)
+    plain = localisation_loss(weights, query_words, doc_sentence, torch.tensor([1]))
+    sharp = localisation_loss(weights, query_words, doc_sentence, torch.tensor([1]), temperature=0.1)
+    assert plain.item() == pytest.approx(-math.log(0.5)) and sharp.item() < 0.01
+    # A unit that trails keeps a high loss however low the temperature.
+    assert localisation_loss(weights, query_words, doc_sentence, torch.tensor([0]), temperature=0.1).item() > 5
