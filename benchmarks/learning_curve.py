@@ -116,13 +116,18 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
         train(cfg)
         wall = time.time() - t0
         records = [json.loads(line) for line in (Path(out) / METRICS_FILE).read_text().splitlines()]
+    return summarise(name, fields, records, wall)
+
+
+def summarise(name: str, fields: dict, records: list[dict], wall: float | None = None) -> dict:
+    """One variant's result line from its metrics.jsonl records (a stopped run's too)."""
     start = next(r for r in records if r["event"] == "start")
     steps = [r for r in records if r["event"] == "step"]
     evals = [r for r in records if r["event"] == "eval"]
     return {
         "variant": name,
         "fields": fields,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1) if wall is not None else None,
         "train_s": round(sum(r["step_time_s"] for r in steps), 1),
         "s_per_step": round(sum(r["step_time_s"] for r in steps[1:]) / max(1, len(steps) - 1), 2),
         "eval_s": round(sum(r["eval_s"] for r in evals), 1),

@@ -23,8 +23,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def read_results(paths: list[str]) -> list[dict]:
+    """Result lines of learning_curve.py outputs; ``NAME=run/metrics.jsonl`` reads a
+    trainer's metrics file instead (a run stopped before it printed its line)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from learning_curve import summarise
+
     out = []
     for path in paths:
+        name, sep, metrics = path.partition("=")
+        if sep:
+            records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+            out.append(summarise(name, {}, records))
+            continue
         for line in Path(path).read_text().splitlines():
             if line.startswith("{") and '"curve"' in line:
                 out.append(json.loads(line))

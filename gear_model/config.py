@@ -117,6 +117,9 @@ class TrainConfig:
     # "self_attention" (a copy of E_q's self-attention of the same layer) or
     # "identity" (identity query/key projections: a token-similarity prior).
     cross_attention_init: str = "random"
+    # The decoder's cross-attention init: "random" (BERT init, as BLIP) or
+    # "self_attention" (a copy of the decoder's own self-attention per layer).
+    decoder_cross_attention_init: str = "random"
     # Keep E_d as initialised (no gradient, no dropout, no momentum copy).
     # Off in the paper; a measured option for CPU-sized runs.
     freeze_doc_encoder: bool = False

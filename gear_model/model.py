@@ -143,7 +143,8 @@ class GearModel(nn.Module):
 
     @classmethod
     def from_encoder(
-        cls, bert_dir: str | Path, gear_config: GearConfig | None = None, cross_attention_init: str = "random"
+        cls, bert_dir: str | Path, gear_config: GearConfig | None = None, cross_attention_init: str = "random",
+        decoder_cross_attention_init: str = "random",
     ) -> GearModel:
         """Initialise every part from a BERT checkpoint directory.
 
@@ -156,8 +157,14 @@ class GearModel(nn.Module):
         (``"self_attention"``), or with identity query and key projections
         (``"identity"``: each head's attention logits start as the scaled dot
         product of the query token's and the document token's states, a
-        similarity prior; values and output stay BERT-initialised).
+        similarity prior; values and output stay BERT-initialised). The
+        decoder's cross-attention starts fresh (``"random"``) or as a copy of
+        its own self-attention of the same layer (``"self_attention"``), so
+        that it reads the fusion states from the first step.
         """
+        if decoder_cross_attention_init not in ("random", "self_attention"):
+            raise ValueError("decoder_cross_attention_init must be 'random' or 'self_attention', "
+                             f"not {decoder_cross_attention_init!r}")
         if cross_attention_init not in CROSS_ATTENTION_INITS:
             raise ValueError(f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, not {cross_attention_init!r}")
         gear_config = gear_config or GearConfig()
@@ -182,6 +189,9 @@ class GearModel(nn.Module):
             [f"fusion.{name}" for name, _ in model.fusion.named_parameters()]
             + [f"decoder.{name}" for name in loading["missing_keys"] if name in decoder_names]
         )
+        if decoder_cross_attention_init == "self_attention":
+            for layer in model.decoder.bert.encoder.layer:
+                layer.crossattention.load_state_dict(layer.attention.state_dict())
         if cross_attention_init == "self_attention":
             for cross, layer in zip(model.fusion.cross, model.query_encoder.encoder.layer, strict=True):
                 cross.load_state_dict(layer.attention.state_dict())

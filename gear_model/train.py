@@ -63,7 +63,8 @@ def build_model(cfg: TrainConfig) -> GearModel:
         model = GearModel.from_pretrained(init)
         model.gear_config = GearConfig.from_dict({**model.gear_config.to_dict(), **_gear_fields(cfg)})
         return model.train()
-    return GearModel.from_encoder(init, cfg.gear_config(), cross_attention_init=cfg.cross_attention_init)
+    return GearModel.from_encoder(init, cfg.gear_config(), cross_attention_init=cfg.cross_attention_init,
+                                  decoder_cross_attention_init=cfg.decoder_cross_attention_init)
 
 
 def parameter_groups(trainer: torch.nn.Module, cfg: TrainConfig) -> list[dict]:

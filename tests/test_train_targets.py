@@ -262,3 +262,14 @@ def test_many_queries_of_one_document_match_one_at_a_time(tiny_dir):
         assert abs(many[i] - model.localize(q, document, spans, pooling="mean")).max() < 1e-5
         for layer in range(1, model.n_layers + 1):
             assert abs(every[i, layer - 1] - model.localize(q, document, spans, layer, pooling="sum")).max() < 1e-5
+
+
+def test_decoder_cross_attention_can_start_as_a_copy_of_its_self_attention(tiny_dir):
+    model = GearModel.from_encoder(tiny_dir, GearConfig(queue_size=8), decoder_cross_attention_init="self_attention")
+    for layer in model.decoder.bert.encoder.layer:
+        assert torch.equal(layer.crossattention.self.query.weight, layer.attention.self.query.weight)
+        assert torch.equal(layer.crossattention.output.dense.weight, layer.attention.output.dense.weight)
+    # A copy is still new to cross-attention: it keeps the new-module learning rate.
+    assert "decoder.bert.encoder.layer.0.crossattention.self.query.weight" in model.fresh_parameters
+    with pytest.raises(ValueError, match="decoder_cross_attention_init"):
+        GearModel.from_encoder(tiny_dir, GearConfig(queue_size=8), decoder_cross_attention_init="identity")
