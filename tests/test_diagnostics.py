@@ -161,3 +161,25 @@ def test_a_low_localisation_temperature_rewards_ranking_the_unit_first():
     assert plain.item() == pytest.approx(-math.log(0.5)) and sharp.item() < 0.01
     # A unit that trails keeps a high loss however low the temperature.
     assert localisation_loss(weights, query_words, doc_sentence, torch.tensor([0]), temperature=0.1).item() > 5
+
+
+def test_a_model_trained_with_l_loc_is_its_own_row_and_never_the_contrastive_baseline(tmp_path):
+    from tasks.common import SUCCESS_MARKER
+    from tasks.evaluate.config import LOC_ROW, EvalParams, gear_row_names, latest_models
+
+    def run(key: str, lm: float, loc: float) -> str:
+        model = tmp_path / "models" / key / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"gear": {"lm_weight": lm, "loc_weight": loc}}))
+        (model.parent / SUCCESS_MARKER).write_text("{}")
+        return str(model)
+
+    paper, with_loc, loc_only, contrastive = run("a", 1.0, 0.0), run("b", 1.0, 1.0), run("c", 0.0, 1.0), run("d", 0.0, 0.0)
+    assert gear_row_names([paper, with_loc]) == ["GeAR", LOC_ROW]
+    assert gear_row_names([paper, run("e", 1.0, 0.0)]) == ["GeAR (a)", "GeAR (e)"]
+    gear, baseline = latest_models(tmp_path / "models")
+    assert baseline == contrastive and gear in (paper, str(tmp_path / "models" / "e" / "model"))
+    assert loc_only not in (gear, baseline)
+    # With no model named, evaluation takes the newest paper-recipe run and the L_loc run beside it.
+    filled = EvalParams(output_dir=str(tmp_path / "eval"), work_dir=str(tmp_path)).with_latest_models()
+    assert filled.model_dirs == [gear, with_loc]
