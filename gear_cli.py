@@ -1,7 +1,7 @@
 """`gear`: run the pipeline's flows locally, without a Prefect server.
 
-Each subcommand resolves the flow's typed parameters and calls the flow,
-which starts a temporary Prefect API for the run; the same flows run
+Each subcommand resolves the flow's typed parameters and calls the flow on
+a temporary Prefect API of the run's own (LocalApi); the same flows run
 unchanged from the deployments in prefect.yaml. Parameters are resolved in
 layers, lowest first (flows/params.py: resolve_params):
 
@@ -19,8 +19,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -43,38 +45,176 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 # Settings that point a run at a Prefect API or database of its own choosing:
 # with any of them set, `gear` leaves the Prefect set-up alone.
 _PREFECT_TARGETS = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+# The commands that run a flow (and so need a Prefect API).
+_FLOW_COMMANDS = frozenset({"build-dataset", "train", "evaluate", "pipeline", "selftest"})
+# Python run as a subprocess: migrate an empty Prefect database and register the block
+# types, the two things the server's start-up does to a new database (prefect/server/api/server.py).
+_MIGRATE = """
+import asyncio
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+async def main():
+    db = provide_database_interface()
+    await db.create_db()
+    async with await db.session() as session:
+        await run_block_auto_registration(session=session)
+    await (await db.engine()).dispose()
+
+asyncio.run(main())
+"""
 
 
-def private_prefect_database() -> str | None:
-    """Give this process's temporary Prefect server a database of its own.
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """A consistent copy of an SQLite database (its write-ahead log included)."""
+    import sqlite3
 
-    Without PREFECT_API_URL a flow run starts a temporary (ephemeral) API server on
-    PREFECT_HOME's prefect.db, one SQLite file for every `gear` on the machine, and
-    two runs at once fight over its write lock ("database is locked", most often
-    while both servers migrate or schedule). Each `gear` run gets a new SQLite file
-    in a temporary folder, removed when the process exits; result storage and the
-    stage folders (what makes a re-run cheap) stay where they are. Does nothing when
-    PREFECT_API_URL or a database URL is set (a real server; the deployments), when
-    GEAR_SHARED_PREFECT_DB=1, or when Prefect is already imported (its settings are
-    read at import). Returns the database URL it set, else None.
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def migrated_template() -> Path:
+    """An empty Prefect database with every migration applied, made once per Prefect version.
+
+    A new database costs the temporary server seconds of migrations at every start; a
+    copy of this file costs milliseconds. It lives in PREFECT_HOME and is only ever
+    copied from, so any number of `gear` processes share it; it is published by rename,
+    so two processes making it at once each publish a whole file."""
+    from importlib.metadata import version
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    template = home / f"gear-api-template-prefect-{version('prefect')}.db"
+    if template.is_file():
+        return template
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gear-api-template-", dir=home) as tmp:
+        fresh = Path(tmp) / "prefect.db"
+        env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{fresh}"}
+        subprocess.run([sys.executable, "-c", _MIGRATE], env=env, check=True, stdout=subprocess.DEVNULL)
+        _sqlite_copy(fresh, Path(tmp) / "published.db")
+        os.replace(Path(tmp) / "published.db", template)
+    return template
+
+
+class LocalApi:
+    """This process's own Prefect API: a server subprocess on a private copy of a migrated database.
+
+    Without PREFECT_API_URL, Prefect would start a temporary server the first time a
+    flow asks for its API, on PREFECT_HOME's prefect.db (one SQLite file for every
+    `gear` on the machine, so two runs at once fight over its write lock), after
+    importing the whole server in this process. Instead `gear` starts the same server
+    (uvicorn on Prefect's app factory, UI off, ephemeral services) before its own
+    imports, so the two overlap, on a copy of ``migrated_template()`` in a temporary
+    folder (no migrations), and points PREFECT_API_URL at it; every process the run
+    starts (worker processes, local Dask or Ray clusters) inherits that address and
+    reports to the same API. The server stops and the folder is removed at exit, after
+    Prefect's own exit hooks have sent their last logs. Result storage and the stage
+    folders (what makes a re-run cheap) stay where they are.
     """
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="gear-prefect-"))
+        # Registered before Prefect is imported, so it runs after Prefect's own exit hooks.
+        atexit.register(self.stop)
+        _sqlite_copy(migrated_template(), self.folder / "prefect.db")
+        self.database_url = f"sqlite+aiosqlite:///{self.folder}/prefect.db"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._launch()
+        os.environ["PREFECT_API_URL"] = self.api_url
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        # The server serves no UI: no "View at" link to a page that is not there.
+        os.environ.setdefault("PREFECT_UI_URL", "")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> None:
+        import socket
+
+        with socket.socket() as sock:  # a free port; should another process take it first, wait() relaunches
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_UI_URL", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL)
+
+    def wait(self) -> None:
+        """Return once the API answers its health check (raise if the server cannot start)."""
+        import urllib.request
+
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
+        deadline, relaunches = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code == 3 and relaunches < 3:  # uvicorn's start-up failure, e.g. the port was taken meanwhile
+                relaunches += 1
+                self._launch()
+                os.environ["PREFECT_API_URL"] = self.api_url
+                continue
+            if code is not None:
+                raise RuntimeError(f"the Prefect API server exited with status {code} before answering")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the Prefect API server did not answer within {timeout:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_local_api: LocalApi | None = None
+
+
+def start_local_api() -> LocalApi | None:
+    """Start this process's Prefect API (``LocalApi``), unless PREFECT_API_URL or a
+    database URL is set (a real server; the deployments), GEAR_SHARED_PREFECT_DB=1
+    (Prefect's own temporary server on PREFECT_HOME's database), or Prefect is already
+    imported (its settings are read at import)."""
+    global _local_api
     if os.environ.get("GEAR_SHARED_PREFECT_DB") == "1" or "prefect" in sys.modules:
         return None
     if any(os.environ.get(name) for name in _PREFECT_TARGETS):
         return None
-    folder = tempfile.mkdtemp(prefix="gear-prefect-")
-    # Registered before Prefect's own exit hooks, so it runs after them (the server is gone by then).
-    atexit.register(shutil.rmtree, folder, True)
-    url = f"sqlite+aiosqlite:///{folder}/prefect.db"
-    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
-    return url
+    _local_api = LocalApi()
+    return _local_api
+
+
+def _api_ready() -> None:
+    """Before a flow runs: wait for the API that ``start_local_api`` started, if any."""
+    if _local_api is not None:
+        _local_api.wait()
 
 
 @app.callback()
-def _before_any_command() -> None:
-    """Runs before every command: the per-run Prefect database, and
-    progress bars on stderr (ProgressArtifact) when it is a terminal."""
-    private_prefect_database()
+def _before_any_command(ctx: typer.Context) -> None:
+    """Runs before every command: the run's own Prefect API for a command that runs a
+    flow (not for --dry-run or --help), and progress bars on stderr (ProgressArtifact)
+    when it is a terminal."""
+    if ctx.invoked_subcommand in _FLOW_COMMANDS and not {"--dry-run", "--help"} & set(sys.argv[1:]):
+        start_local_api()
     os.environ.setdefault("GEAR_CLI_PROGRESS", "1" if sys.stderr.isatty() else "0")
 
 
@@ -230,6 +370,7 @@ def build_dataset(
     try:
         from flows.build_rir_dataset import build_rir_dataset
 
+        _api_ready()
         dataset_dir = build_rir_dataset(params)
     except Exception as exc:  # noqa: BLE001 - one-line reason for any failure
         _fail(exc)
@@ -266,6 +407,7 @@ def train(
     try:
         from flows.train_gear import train_gear
 
+        _api_ready()
         model_dir = train_gear(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
@@ -322,6 +464,7 @@ def evaluate(
             raise PipelineInputError(latest, "no --model given and no trained model recorded here")
         from flows.evaluate_gear import evaluate_gear
 
+        _api_ready()
         report_dir = evaluate_gear(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
@@ -369,6 +512,7 @@ def pipeline(
     try:
         from flows.rir_pipeline import rir_pipeline
 
+        _api_ready()
         report_dir = rir_pipeline(params)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
@@ -503,6 +647,7 @@ def selftest(
         def tiny() -> int:
             return add(1, 2)
 
+        _api_ready()
         result = tiny()
     except Exception as exc:  # noqa: BLE001
         _fail(exc)

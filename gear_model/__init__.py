@@ -5,6 +5,15 @@
 """
 
 from gear_model.config import GearConfig, TrainConfig
-from gear_model.model import CrossAttention, GearModel
 
 __all__ = ["CrossAttention", "GearConfig", "GearModel", "TrainConfig"]
+
+
+def __getattr__(name: str):
+    # model.py imports torch and transformers (seconds); reading a config
+    # (gear_model.config, e.g. the CLI resolving train parameters) needs neither.
+    if name in ("CrossAttention", "GearModel"):
+        from gear_model import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'gear_model' has no attribute {name!r}")
