@@ -134,6 +134,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_max_queries: int = 200
     eval_generation_queries: int = 32
+    # d_doc / d_pair on a seeded sample of this many held-out queries: each
+    # costs three passes through the decoder and its vocabulary-wide LM head.
+    eval_dependence_queries: int = 64
     eval_pooling: str = "mean"
     # Checkpoints and logging.
     save_every: int = 1000  # optimizer steps; 0 = only at epoch ends

@@ -58,12 +58,16 @@ class HeldOut:
         return len(self.rows)
 
     def measure(self, model, pooling: str = "mean", generation_queries: int = 0, max_new_tokens: int = 48,
-                resamples: int = 1000) -> dict[str, Any]:
-        """Everything one held-out evaluation records (see the module docstring)."""
+                resamples: int = 1000, dependence_queries: int | None = None) -> dict[str, Any]:
+        """Everything one held-out evaluation records (see the module docstring).
+        ``dependence_queries``: d_doc and d_pair on a seeded sample of at most
+        this many queries (three LM passes each; None: all)."""
         out = self.localization(model, pooling, resamples)
+        rows = self.rows
+        if dependence_queries is not None and len(rows) > dependence_queries:
+            rows = random.Random(self.seed).sample(rows, dependence_queries)
         out["document_dependence"] = document_dependence(
-            model, [r["query"] for r in self.rows], [r["document"] for r in self.rows], [r["unit"] for r in self.rows],
-            seed=self.seed,
+            model, [r["query"] for r in rows], [r["document"] for r in rows], [r["unit"] for r in rows], seed=self.seed,
         )
         out["generation"] = self.generation(model, generation_queries, max_new_tokens)
         return out

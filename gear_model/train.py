@@ -266,7 +266,8 @@ def train(cfg: TrainConfig) -> Path:
             record = {
                 "event": "eval", "step": step, "epoch": epoch, "reason": reason, "n_queries": len(heldout),
                 "layer": model.resolve_layer(None), "pooling": cfg.eval_pooling,
-                **heldout.measure(model, cfg.eval_pooling, cfg.eval_generation_queries, cfg.model.max_unit_length),
+                **heldout.measure(model, cfg.eval_pooling, cfg.eval_generation_queries, cfg.model.max_unit_length,
+                                  dependence_queries=cfg.eval_dependence_queries),
             }
             record["eval_s"] = time.time() - t0
             log(record)
