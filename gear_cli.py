@@ -1,7 +1,7 @@
 """`gear`: run the pipeline's flows locally, without a Prefect server.
 
 Each subcommand resolves the flow's typed parameters and calls the flow on
-a temporary Prefect API of the run's own (LocalApi); the same flows run
+a local Prefect API (LocalApi) or PREFECT_API_URL's; the same flows run
 unchanged from the deployments in prefect.yaml. Parameters are resolved in
 layers, lowest first (flows/params.py: resolve_params):
 
@@ -16,7 +16,6 @@ failure exits with status 1 and a one-line reason.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
@@ -100,54 +99,87 @@ def migrated_template() -> Path:
     return template
 
 
-class LocalApi:
-    """This process's own Prefect API: a server subprocess on a private copy of a migrated database.
+def _prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
-    Without PREFECT_API_URL, Prefect would start a temporary server the first time a
-    flow asks for its API, on PREFECT_HOME's prefect.db (one SQLite file for every
-    `gear` on the machine, so two runs at once fight over its write lock), after
-    importing the whole server in this process. Instead `gear` starts the same server
-    (uvicorn on Prefect's app factory, UI off, ephemeral services) before its own
-    imports, so the two overlap, on a copy of ``migrated_template()`` in a temporary
-    folder (no migrations), and points PREFECT_API_URL at it; every process the run
-    starts (worker processes, local Dask or Ray clusters) inherits that address and
-    reports to the same API. The server stops and the folder is removed at exit, after
-    Prefect's own exit hooks have sent their last logs. Result storage and the stage
-    folders (what makes a re-run cheap) stay where they are.
+
+class LocalApi:
+    """The Prefect API of `gear` commands run without PREFECT_API_URL: one server subprocess
+    per PREFECT_HOME, shared by the commands that run at once or one after another.
+
+    Without PREFECT_API_URL, Prefect would start a temporary server in every process the
+    first time a flow asks for its API (importing the whole server in that process, then
+    starting it in another and migrating a new database: seconds before the first task),
+    on PREFECT_HOME's prefect.db, one SQLite file that two runs at once fight over. Instead
+    the first `gear` starts the same server (uvicorn on Prefect's app factory, UI off,
+    ephemeral services; ``serve_local_api``) before its own imports, so the two overlap, on
+    a copy of ``migrated_template()`` in a temporary folder (no migrations), and later
+    commands find it in ``PREFECT_HOME/gear-api-<prefect version>/server.json``. One server
+    owns the database, so commands at once never contend for its lock. PREFECT_API_URL
+    points the run at it; every process the run starts (worker processes, local Dask or
+    Ray clusters) inherits the address.
+
+    Every `gear` holds a shared lock on ``clients.lock`` for its whole life (the kernel
+    drops it when the process ends, however it ends); the server stops, and removes its
+    database, once it has been able to take that lock exclusively for
+    GEAR_API_IDLE_SECONDS (default 300; 0: as soon as no `gear` uses it). Result storage
+    and the stage folders (what makes a re-run cheap) stay where they are.
     """
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="gear-prefect-"))
-        # Registered before Prefect is imported, so it runs after Prefect's own exit hooks.
-        atexit.register(self.stop)
-        _sqlite_copy(migrated_template(), self.folder / "prefect.db")
-        self.database_url = f"sqlite+aiosqlite:///{self.folder}/prefect.db"
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self._launch()
-        os.environ["PREFECT_API_URL"] = self.api_url
-        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
-        # The server serves no UI: no "View at" link to a page that is not there.
-        os.environ.setdefault("PREFECT_UI_URL", "")
+        import fcntl
+        from importlib.metadata import version
+
+        self.home = _prefect_home() / f"gear-api-{version('prefect')}"
+        self.home.mkdir(parents=True, exist_ok=True)
+        # Kept open for this process's life: while any `gear` holds it, the server stays.
+        self._clients = open(self.home / "clients.lock", "a+")
+        fcntl.flock(self._clients, fcntl.LOCK_SH)
+        self.port = self.pid = 0
+        self.database_url = ""
+        self._find_or_launch()
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def _launch(self) -> None:
+    def _find_or_launch(self, replace: int | None = None) -> None:
+        """The running server of this PREFECT_HOME, else a new one (``replace``: a pid known dead)."""
+        import fcntl
+        import json
+
+        with open(self.home / "start.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                info = json.loads((self.home / "server.json").read_text())
+            except (OSError, ValueError):
+                info = None
+            if info is None or info["pid"] == replace or not _alive(info["pid"]):
+                info = self._launch()
+        self.port, self.pid, self.database_url = info["port"], info["pid"], info["database"]
+        os.environ["PREFECT_API_URL"] = self.api_url
+        # The server serves no UI: no "View at" link to a page that is not there.
+        os.environ.setdefault("PREFECT_UI_URL", "")
+
+    def _launch(self) -> dict[str, Any]:
+        import json
         import socket
 
         with socket.socket() as sock:  # a free port; should another process take it first, wait() relaunches
             sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url}
-        env.pop("PREFECT_API_URL", None)
-        env.pop("PREFECT_UI_URL", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL)
+            port = sock.getsockname()[1]
+        folder = tempfile.mkdtemp(prefix="gear-prefect-")  # the server's database; it removes it when it stops
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+        with open(self.home / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "import gear_cli, sys; gear_cli.serve_local_api(*sys.argv[1:])",
+                 str(self.home), str(port), folder],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        info = {"port": port, "pid": proc.pid, "database": f"sqlite+aiosqlite:///{folder}/prefect.db"}
+        tmp = self.home / f".server.json.{os.getpid()}"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.home / "server.json")
+        return info
 
     def wait(self) -> None:
         """Return once the API answers its health check (raise if the server cannot start)."""
@@ -156,43 +188,106 @@ class LocalApi:
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
         deadline, relaunches = time.monotonic() + timeout, 0
         while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code == 3 and relaunches < 3:  # uvicorn's start-up failure, e.g. the port was taken meanwhile
-                relaunches += 1
-                self._launch()
-                os.environ["PREFECT_API_URL"] = self.api_url
-                continue
-            if code is not None:
-                raise RuntimeError(f"the Prefect API server exited with status {code} before answering")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
                 pass
+            if not _alive(self.pid):
+                if relaunches == 3:
+                    raise RuntimeError(f"the Prefect API server exited before answering (see {self.home / 'server.log'})")
+                relaunches += 1
+                self._find_or_launch(replace=self.pid)
+                continue
             time.sleep(0.05)
         raise RuntimeError(f"the Prefect API server did not answer within {timeout:.0f} s "
-                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+                           f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; see {self.home / 'server.log'})")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A child of this process that has exited stays a zombie until reaped.
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def serve_local_api(home: str, port: str, folder: str) -> None:
+    """The shared server of ``LocalApi`` (run in its own process and session): Prefect's API
+    on ``port`` over a copy of the migrated template in ``folder``, until no `gear` has held
+    ``clients.lock`` for GEAR_API_IDLE_SECONDS; then ``folder`` is removed."""
+    import fcntl
+    import json
+    import signal
+    import threading
+
+    folder = Path(folder)
+    try:
+        _sqlite_copy(migrated_template(), folder / "prefect.db")
+        os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db"})
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+                                               port=int(port), log_level="error", lifespan="on"))
+        idle_s = float(os.environ.get("GEAR_API_IDLE_SECONDS") or 300)
+        info = Path(home) / "server.json"
+
+        def forget() -> None:
+            """Remove server.json if it names this server."""
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+                if json.loads(info.read_text())["pid"] == os.getpid():
+                    info.unlink()
+            except (OSError, ValueError):
+                pass
+
+        def stop_when_idle() -> None:
+            clients = open(Path(home) / "clients.lock", "a+")
+            idle_since = None
+            while not server.should_exit:
+                time.sleep(0.5)
+                try:
+                    fcntl.flock(clients, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    idle_since = None
+                    continue
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= idle_s:
+                    # The exclusive lock is kept until this process ends: a `gear` that starts
+                    # now waits for it, then finds no server.json and starts a new server.
+                    forget()
+                    server.should_exit = True
+                    return
+                fcntl.flock(clients, fcntl.LOCK_UN)
+
+        # uvicorn stops on SIGTERM, then raises it again under the handler it found: let that
+        # one end the process through Python, so this cleans up as when the server goes idle.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        threading.Thread(target=stop_when_idle, daemon=True).start()
+        try:
+            server.run()
+        finally:
+            forget()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _local_api: LocalApi | None = None
 
 
 def start_local_api() -> LocalApi | None:
-    """Start this process's Prefect API (``LocalApi``), unless PREFECT_API_URL or a
-    database URL is set (a real server; the deployments), GEAR_SHARED_PREFECT_DB=1
-    (Prefect's own temporary server on PREFECT_HOME's database), or Prefect is already
-    imported (its settings are read at import)."""
+    """Point this process at the shared local Prefect API (``LocalApi``, started if none
+    runs), unless PREFECT_API_URL or a database URL is set (a real server; the
+    deployments), GEAR_SHARED_PREFECT_DB=1 (Prefect's own temporary server on
+    PREFECT_HOME's database), or Prefect is already imported (its settings are read at
+    import)."""
     global _local_api
     if os.environ.get("GEAR_SHARED_PREFECT_DB") == "1" or "prefect" in sys.modules:
         return None
@@ -210,8 +305,8 @@ def _api_ready() -> None:
 
 @app.callback()
 def _before_any_command(ctx: typer.Context) -> None:
-    """Runs before every command: the run's own Prefect API for a command that runs a
-    flow (not for --dry-run or --help), and progress bars on stderr (ProgressArtifact)
+    """Runs before every command: the local Prefect API for a command that runs a flow
+    (not for --dry-run or --help), and progress bars on stderr (ProgressArtifact)
     when it is a terminal."""
     if ctx.invoked_subcommand in _FLOW_COMMANDS and not {"--dry-run", "--help"} & set(sys.argv[1:]):
         start_local_api()
@@ -651,7 +746,8 @@ def selftest(
         result = tiny()
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
-    database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME's prefect.db")
+    database = (_local_api.database_url if _local_api else None) or os.environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME's prefect.db")
     typer.echo(f"selftest: ok ({result}); api {os.environ.get('PREFECT_API_URL') or 'temporary'}; database {database}")
 
 

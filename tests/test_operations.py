@@ -7,7 +7,9 @@
 - the scheduled deployments (and the GPU training) run one at a time;
 - the project's module loggers reach a run's Prefect logs;
 - ProgressArtifact draws a terminal bar under the `gear` CLI;
-- two `gear` processes at once each get a Prefect database of their own and both succeed.
+- two `gear` processes at once share one local Prefect API (one server owns its
+  database, so nothing contends for its lock) and both succeed; the server stops and
+  removes its database once no `gear` uses it, and a later command reuses it until then.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -272,11 +276,33 @@ def test_progress_artifact_and_bar_inside_a_task_run(prefect_harness, monkeypatc
 # ------------------------------------------------------------ 6. two CLI runs at once
 
 
-@pytest.mark.slow
-def test_two_gear_runs_at_once_each_get_their_own_database_and_succeed(tmp_path):
+def _selftest_env(tmp_path: Path, idle_s: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GEAR_"))}
-    # One PREFECT_HOME for both, as two runs by one user share ~/.prefect.
-    env.update(PREFECT_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    # One PREFECT_HOME for all, as runs by one user share ~/.prefect.
+    env.update(PREFECT_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", GEAR_API_IDLE_SECONDS=str(idle_s))
+    return env
+
+
+def _selftest_lines(outputs: list[str]) -> list[tuple[str, str]]:
+    """(api, database) of each `selftest: ok` line."""
+    found = re.findall(r"^selftest: ok \(3\); api (\S+); database (\S+)$", "\n".join(outputs), flags=re.M)
+    assert len(found) == len(outputs), outputs
+    return found
+
+
+def _server_gone(home: Path, database_url: str, timeout_s: float = 60) -> bool:
+    folder = Path(database_url.split("///", 1)[1]).parent
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not folder.exists() and not list(home.glob("gear-api-*/server.json")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_two_gear_runs_at_once_share_one_api_which_stops_when_unused(tmp_path):
+    env = _selftest_env(tmp_path, idle_s=0)
     gear = [sys.executable, "-c", "import gear_cli; gear_cli.app()", "selftest"]
     procs = [subprocess.Popen(gear, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -285,10 +311,21 @@ def test_two_gear_runs_at_once_each_get_their_own_database_and_succeed(tmp_path)
         out, _ = proc.communicate(timeout=400)
         outputs.append(out)
         assert proc.returncode == 0, out
-    databases = [line.rsplit("database ", 1)[1] for out in outputs for line in out.splitlines()
-                 if line.startswith("selftest: ok (3)")]
-    assert len(databases) == 2 and databases[0] != databases[1], outputs
-    for url in databases:
-        assert not Path(url.split("///", 1)[1]).parent.exists()  # removed at exit
-    assert not (tmp_path / "home" / "prefect.db").exists()  # the shared database was never touched
+    (api_a, db_a), (api_b, db_b) = _selftest_lines(outputs)
+    assert api_a == api_b and db_a == db_b  # one server, one database
     assert all("database is locked" not in out for out in outputs)
+    assert _server_gone(tmp_path / "home", db_a)  # no `gear` left: stopped, its database removed
+    assert not (tmp_path / "home" / "prefect.db").exists()  # the shared database was never touched
+
+
+@pytest.mark.slow
+def test_a_later_gear_run_reuses_the_running_api(tmp_path):
+    env = _selftest_env(tmp_path, idle_s=60)
+    gear = [sys.executable, "-c", "import gear_cli; gear_cli.app()", "selftest"]
+    outputs = [subprocess.run(gear, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400) for _ in range(2)]
+    assert [r.returncode for r in outputs] == [0, 0], [r.stderr for r in outputs]
+    (api_a, db_a), (api_b, db_b) = _selftest_lines([r.stdout for r in outputs])
+    assert (api_a, db_a) == (api_b, db_b)
+    info = json.loads(next((tmp_path / "home").glob("gear-api-*/server.json")).read_text())
+    os.kill(info["pid"], signal.SIGTERM)  # stopped from outside, it cleans up as when idle
+    assert _server_gone(tmp_path / "home", db_a, timeout_s=30)
