@@ -77,16 +77,21 @@ def _sqlite_copy(source: Path, target: Path) -> None:
 
 
 def migrated_template() -> Path:
-    """An empty Prefect database with every migration applied, made once per Prefect version.
+    """An empty Prefect database with every migration applied and every block type registered,
+    made once per Prefect version and set of installed Prefect collections (the block types
+    the server would register at its start come from them).
 
     A new database costs the temporary server seconds of migrations at every start; a
     copy of this file costs milliseconds. It lives in PREFECT_HOME and is only ever
     copied from, so any number of `gear` processes share it; it is published by rename,
     so two processes making it at once each publish a whole file."""
-    from importlib.metadata import version
+    import hashlib
+    from importlib.metadata import entry_points, version
 
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    template = home / f"gear-api-template-prefect-{version('prefect')}.db"
+    collections = sorted(f"{ep.dist.name}={ep.dist.version}" for ep in entry_points(group="prefect.collections") if ep.dist)
+    key = hashlib.sha256("\n".join(collections).encode()).hexdigest()[:8]
+    home = _prefect_home()
+    template = home / f"gear-api-template-prefect-{version('prefect')}-{key}.db"
     if template.is_file():
         return template
     home.mkdir(parents=True, exist_ok=True)
@@ -232,7 +237,9 @@ def serve_local_api(home: str, port: str, folder: str) -> None:
     try:
         _sqlite_copy(migrated_template(), folder / "prefect.db")
         os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db"})
+                           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db",
+                           # The template has them (a database of another path misses Prefect's memo).
+                           "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"})
         import uvicorn
 
         server = uvicorn.Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
