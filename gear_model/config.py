@@ -107,11 +107,13 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off (the paper reports none)
     max_steps: int = 0  # >0: train at most this many optimizer steps (schedule follows)
     stop_after_steps: int = 0  # >0: checkpoint and exit after this many steps (simulates a kill)
-    # Learning rate of the newly initialised parts (fusion cross-attention,
-    # decoder, [DEC]) as a multiple of ``lr``; the paper uses one lr (1.0).
+    # Learning rate of the parts no checkpoint initialised
+    # (``GearModel.fresh_parameters``: the fusion cross-attention, the
+    # decoder's cross-attention and, without an MLM head in the checkpoint,
+    # its LM-head transform) as a multiple of ``lr``; the paper uses one lr (1.0).
     new_module_lr_mult: float = 1.0
-    # The decoder's own multiplier, when it should differ from the fusion
-    # cross-attention's (None: new_module_lr_mult for both).
+    # The decoder's new parts' own multiplier, when it should differ from the
+    # fusion cross-attention's (None: new_module_lr_mult for both).
     decoder_lr_mult: float | None = None
     # Fusion cross-attention init: "random" (BERT init, as BLIP/ALBEF),
     # "self_attention" (a copy of E_q's self-attention of the same layer) or
@@ -152,12 +154,14 @@ class TrainConfig:
     def embedded(cls, **overrides: Any) -> TrainConfig:
         """Sized for the embedded demo dataset (~300 triples) on 2 CPU cores in a few minutes.
 
-        Chosen with ``benchmarks/learning_curve.py`` (README, "What the embedded
-        run gives"): documents at their built length (512: every unit visible),
-        a frozen E_d whose states are computed once, identity query/key
-        projections in the fusion cross-attention (a random init stayed near
-        chance in this budget), the fusion at the base lr (3x and 30x eroded
-        what the init gives) and 30x the lr for the decoder. ``overrides`` are
+        Chosen with ``benchmarks/learning_curve.py`` (docs/LEARNING_CURVE.md):
+        documents at their built length (512: every unit visible), a frozen E_d
+        whose states are computed once, identity query/key projections in the
+        fusion cross-attention (a random init stays near chance in this
+        budget, with or without L_loc), the fusion at the base lr (10x and 30x
+        erode what the init gives) and 30x the lr for the decoder's new parts,
+        which start from scratch. Its localisation is the initialisation's:
+        training leaves it where step 0 puts it. ``overrides`` are
         ``from_dict`` items (flat model names such as ``queue_size`` included).
         The demo profile of train-gear (flows/profiles.py) is this run's
         difference from the paper's.

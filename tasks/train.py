@@ -101,8 +101,9 @@ class TrainParams(BaseModel):
         "demo 1, chosen with benchmarks/learning_curve.py).")
     decoder_lr_mult: float = Field(
         1.0, gt=0, le=1000,
-        description="Learning rate of the decoder and [DEC] as a multiple of lr (paper 1; demo 30, chosen with "
-        "benchmarks/learning_curve.py).")
+        description="Learning rate of the decoder's new parts (its cross-attention, and its LM-head transform and "
+        "bias when the init checkpoint has no MLM head) as a multiple of lr; its loaded body and word embeddings "
+        "train at lr (paper 1; demo 30, chosen with benchmarks/learning_curve.py).")
     freeze_doc_encoder: bool = Field(
         False, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off; demo: on.")
     cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
