@@ -67,6 +67,11 @@ def test_report_files_have_every_model_set_and_table(evaluated):
     assert set(report["generation_ci"]["RIR"]["GeAR"]) == {"rouge1", "rougeL"}
     assert set(report["generation"]["dev"]["GeAR"]) == {"em", "f1"}
     assert report["generation"]["RIR"]["GeAR w/o L_LM"] is None
+    # Each generation with no letter or digit is counted, per model and set.
+    assert 0 <= report["punctuation_only"]["GeAR"]["RIR"] <= report["n_queries"]["generation"]["RIR"]
+    # The query-blind prior sits beside the random row, and GeAR's diagnostics are reported.
+    assert report["localization_prior"]["RIR"]["recall@3"] >= report["localization_random"]["RIR"]["recall@3"]
+    assert set(report["diagnostics"]["GeAR"]["RIR"]) == {"lift_by_layer", "document_dependence"}
     assert set(report["localization_by_layer"]["GeAR"]["RIR"]) == {"1", "2"}
     md = (out / "report.md").read_text()
     for heading in ("## Table 1", "## Table 2", "## Table 3", "Localisation by fusion layer, GeAR on RIR"):

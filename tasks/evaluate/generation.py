@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from gear_model.diagnostics import is_punctuation_only
 from tasks.evaluate.loaders import EvalSet, sample
 from tasks.evaluate.metrics import qa_per_query, rouge_per_query
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES, summarize
@@ -40,5 +41,7 @@ def evaluate_generation(
         **summarize([q.qid for q in queries], per_query, resamples, seed),
         "n_queries": len(queries),
         "examples": examples,
+        # A decoder that has not learned words emits runs of full stops; count them.
+        "punctuation_only": sum(is_punctuation_only(p) for p in predictions),
         "timing": {"queries_s": elapsed, "queries_per_s": len(queries) / elapsed if elapsed > 0 else float("inf")},
     }

@@ -94,6 +94,7 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
     n_queries: dict[str, dict] = {t: {} for t in TABLES}
     randoms: dict[str, dict] = {"retrieval": {}, "localization": {}}
     random_cis: dict[str, dict] = {"retrieval": {}, "localization": {}}
+    punctuation: dict[str, dict] = {}
     priors: dict[str, dict] = {}
     prior_cis: dict[str, dict] = {}
     diagnostics: dict[str, dict] = {}
@@ -127,6 +128,8 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
             timing.setdefault(name, {})[s] = {
                 task: entry[task]["timing"] for task in TABLES if entry.get(task) and entry[task].get("timing")
             }
+            if entry.get("generation") and entry["generation"].get("punctuation_only") is not None:
+                punctuation.setdefault(name, {})[s] = entry["generation"]["punctuation_only"]
             if entry.get("generation") and entry["generation"].get("examples"):
                 examples.setdefault(name, {})[s] = entry["generation"]["examples"]
     models = []
@@ -183,6 +186,7 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
         "localization_prior": priors,
         "localization_prior_ci": prior_cis,
         "diagnostics": diagnostics,
+        "punctuation_only": punctuation,
         "n_queries": n_queries,
         "not_applicable": {r["system"]["name"]: r["not_applicable"] for r in results if r.get("not_applicable")},
         "training": curves,
@@ -353,6 +357,12 @@ def generation_table(report: dict) -> list[dict[str, str]]:
     return out
 
 
+def punctuation_lines(report: dict) -> list[str]:
+    """How many of each model's generations hold no letter or digit."""
+    return [f"{model} on {s}: {n} of {report['n_queries']['generation'].get(s, 0)} generations are punctuation only."
+            for model, per_set in report.get("punctuation_only", {}).items() for s, n in per_set.items()]
+
+
 def footnotes(report: dict, table: str) -> list[str]:
     """Why a row reads n/a (localisation and generation of an untrained fusion)."""
     return [f"n/a: {model} was {why[table]}." for model, why in report["not_applicable"].items() if table in why]
@@ -425,6 +435,7 @@ def render_markdown(report: dict) -> str:
     parts += ["## Table 3: information generation", ""]
     parts.append(f"Greedy decoding, at most {meta['generation_max_tokens']} new tokens; percent. RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.")
     parts += ["", markdown_table(generation_table(report)) if unit_sets else "_No set with generation targets._", ""]
+    parts += [*punctuation_lines(report), ""] if punctuation_lines(report) else []
     parts += [*footnotes(report, "generation"), ""] if footnotes(report, "generation") else []
     for model, per_set in report["examples"].items():
         for s, items in per_set.items():
