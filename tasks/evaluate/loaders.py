@@ -454,18 +454,11 @@ def load_squad(path: str | Path, max_queries: int | None = None, seed: int = 0, 
 def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PipelineInputError(path, "missing BEIR file")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PipelineInputError(path, f"invalid JSON: {exc.msg}", f"line {n}") from exc
-            for key in keys:
-                _require(row, key, str, path, f"line {n}")
-            rows.append(row)
+    rows = _read_jsonl_rows(path)
+    for row in rows:
+        record = row.pop("_record")
+        for key in keys:
+            _require(row, key, str, path, record)
     return rows
 
 
