@@ -1,11 +1,11 @@
 """Learning curves: held-out localisation while GeAR trains, for several settings.
 
-Trains on a dataset's train split and scores unit localisation (R@1, R@3 at
-the model's default fusion layer, mean pooling) on its test split every N
-optimizer steps, for each variant given; prints one JSON object per variant
-and a summary table (R@3 by step, seconds per step, wall time). This is how
-the embedded training profile was chosen (README, "What the embedded run
-gives").
+Trains on a dataset's train split and runs the trainer's held-out
+evaluation on its test split every N optimizer steps (localisation at every
+fusion layer with intervals, the attention lift on the unit, d_doc, d_pair,
+the LM loss, ROUGE), for each variant given; prints one JSON object per
+variant and summary tables by step. docs/LEARNING_CURVE.md is made from its
+runs (``plot_learning_curve.py`` draws them).
 
     python benchmarks/learning_curve.py --dataset data --max-steps 120 --eval-every 20 \\
         --variant base: --variant mult10:new_module_lr_mult=10 \\
