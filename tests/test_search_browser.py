@@ -24,21 +24,12 @@ import httpx
 import pytest
 from eval_helpers import DOCS, QUERIES, document, tiny_gear_dir  # noqa: F401
 
-from ui.browser import chromium_page, chromium_path
+from ui.browser import browser_skip_mark, chromium_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-_REQUIRED = os.environ.get("GEAR_REQUIRE_BROWSER") == "1"
-try:
-    import playwright.sync_api  # noqa: F401
-
-    _MISSING = None if chromium_path() else "no Chromium (apt-get install -y chromium)"
-except ImportError:
-    _MISSING = "no playwright (pip install -e '.[browser]')"
-if _MISSING and _REQUIRED:
-    raise RuntimeError(f"GEAR_REQUIRE_BROWSER=1 but {_MISSING}")
-if _MISSING:
-    pytestmark.append(pytest.mark.skip(reason=_MISSING))
+if (_skip := browser_skip_mark()) is not None:
+    pytestmark.append(_skip)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output" / "browser-search"

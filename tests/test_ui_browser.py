@@ -15,7 +15,6 @@ Run alone: .venv/bin/pytest -m browser tests/test_ui_browser.py
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -23,23 +22,13 @@ import pyarrow as pa
 import pytest
 
 from tasks.common import mark_complete, write_parquet
-from ui.browser import chromium_page, chromium_path, run_parameters_text, start_custom_run, wait_for_final_state
+from ui.browser import browser_skip_mark, chromium_page, run_parameters_text, start_custom_run, wait_for_final_state
 from ui.stack import PrefectStack, output_dir_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-# CI sets GEAR_REQUIRE_BROWSER=1 so a missing browser fails instead of skipping.
-_REQUIRED = os.environ.get("GEAR_REQUIRE_BROWSER") == "1"
-try:
-    import playwright.sync_api  # noqa: F401
-
-    _MISSING = None if chromium_path() else "no Chromium (apt-get install -y chromium)"
-except ImportError:
-    _MISSING = "no playwright (pip install -e '.[browser]')"
-if _MISSING and _REQUIRED:
-    raise RuntimeError(f"GEAR_REQUIRE_BROWSER=1 but {_MISSING}")
-if _MISSING:
-    pytestmark.append(pytest.mark.skip(reason=_MISSING))
+if (_skip := browser_skip_mark()) is not None:
+    pytestmark.append(_skip)
 
 SPAN = pa.struct([("start", pa.int32()), ("end", pa.int32())])
 TRIPLES_SCHEMA = pa.schema(

@@ -36,6 +36,23 @@ def chromium_path() -> str | None:
     return None
 
 
+def browser_skip_mark():
+    """A skip mark for the browser tests when Playwright or Chromium is missing
+    (None when both are here). CI sets GEAR_REQUIRE_BROWSER=1, so a missing
+    browser fails there instead of skipping."""
+    import pytest
+
+    try:
+        import playwright.sync_api  # noqa: F401
+
+        missing = None if chromium_path() else "no Chromium (apt-get install -y chromium)"
+    except ImportError:
+        missing = "no playwright (pip install -e '.[browser]')"
+    if missing and os.environ.get("GEAR_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"GEAR_REQUIRE_BROWSER=1 but {missing}")
+    return pytest.mark.skip(reason=missing) if missing else None
+
+
 @contextmanager
 def chromium_page(out_dir: Path, viewport=(1400, 1000)) -> Iterator["Page"]:  # noqa: F821
     """A fresh page in headless Chromium; a screenshot lands in out_dir if the body raises."""
