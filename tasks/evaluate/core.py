@@ -129,7 +129,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
         if s.has_units and fusion_trained:
             if system.kind == "gear":
-                by_layer = gear_layer_scores(model, s, params.localization_pooling)
+                by_layer, lifts = gear_layer_scores(model, s, params.localization_pooling)
 
                 def at(l: int) -> dict:
                     return evaluate_localization(s, precomputed_scorer(by_layer, l), params.ks, **boot)
@@ -144,7 +144,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
             else:
                 entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
             if system.kind == "gear":
-                entry["diagnostics"] = gear_diagnostics(model, s, params.localization_pooling, params.seed)
+                entry["diagnostics"] = gear_diagnostics(model, s, lifts, params.seed)
             if system.generation:
                 entry["generation"] = evaluate_generation(
                     model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
@@ -166,19 +166,23 @@ CODE_VERSION = evaluate_system.code_version
 evaluate_system_task = evaluate_system.task
 
 
-def gear_diagnostics(model, eval_set: EvalSet, pooling: str, seed: int) -> dict:
+def gear_diagnostics(model, eval_set: EvalSet, lifts: dict[str, Any], seed: int) -> dict:
     """Whether the model reads the document (gear_model/diagnostics.py): the
-    attention lift on the unit by fusion layer, d_doc and d_pair."""
-    from gear_model.heldout import HeldOut
+    mean attention lift on the unit by fusion layer (``lifts``: per query, from
+    the localisation pass), d_doc and d_pair."""
+    import numpy as np
 
-    rows = []
-    for q in eval_set.unit_queries():
-        document, spans = eval_set.documents[q.doc_id], eval_set.sentence_spans[q.doc_id]
-        start, end = spans[q.unit_index]
-        rows.append({"query": q.query, "document": document, "unit": document[start:end], "unit_index": q.unit_index,
-                     "sentence_spans": [{"start": a, "end": b} for a, b in spans]})
-    measured = HeldOut.from_rows(rows, seed).measure(model, pooling)
-    return {"lift_by_layer": measured["lift_by_layer"], "document_dependence": measured["document_dependence"]}
+    from gear_model.diagnostics import document_dependence
+
+    queries = eval_set.unit_queries()
+    per_layer = np.array([lifts[q.qid] for q in queries], dtype=np.float64).reshape(len(queries), -1)
+    lift_by_layer = {str(l + 1): float(np.nanmean(per_layer[:, l])) if np.isfinite(per_layer[:, l]).any() else None
+                     for l in range(per_layer.shape[1])}
+    documents = [eval_set.documents[q.doc_id] for q in queries]
+    units = [doc[a:b] for doc, q in zip(documents, queries, strict=True)
+             for a, b in [eval_set.sentence_spans[q.doc_id][q.unit_index]]]
+    dependence = document_dependence(model, [q.query for q in queries], documents, units, seed)
+    return {"lift_by_layer": lift_by_layer, "document_dependence": dependence}
 
 
 def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum") -> dict | None:

@@ -150,20 +150,31 @@ def unit_rule_prior(
 # Scorers.
 
 
-def gear_layer_scores(model, eval_set: EvalSet, pooling: str = "sum") -> dict[str, np.ndarray]:
-    """Every fusion layer's sentence scores per query, (n_layers, n_sentences):
-    one forward pass per document for all its queries and layers."""
+def gear_layer_scores(
+    model, eval_set: EvalSet, pooling: str = "sum"
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every fusion layer's sentence scores per query, (n_layers, n_sentences),
+    and the attention lift on each query's unit per layer, (n_layers,)
+    (``gear_model.diagnostics.attention_lift``): one forward pass per
+    document for all its queries and layers."""
+    from gear_model.diagnostics import attention_lift
+    from gear_model.model import pool_sentences, sentence_membership
+
     by_doc: dict[str, list[EvalQuery]] = {}
     for q in eval_set.unit_queries():
         by_doc.setdefault(q.doc_id, []).append(q)
-    out: dict[str, np.ndarray] = {}
+    scores_out: dict[str, np.ndarray] = {}
+    lifts: dict[str, np.ndarray] = {}
     for doc_id, queries in by_doc.items():
-        scores = model.localize_many(
-            [q.query for q in queries], eval_set.documents[doc_id], eval_set.sentence_spans[doc_id],
-            pooling=pooling, all_layers=True,
+        spans = eval_set.sentence_spans[doc_id]
+        weights, offsets = model.doc_token_weights(
+            [q.query for q in queries], eval_set.documents[doc_id], all_layers=True
         )
-        out.update({q.qid: s for q, s in zip(queries, scores)})
-    return out
+        scores = pool_sentences(weights, sentence_membership(offsets, spans), pooling)
+        for q, w, row_scores in zip(queries, weights, scores, strict=True):
+            scores_out[q.qid] = row_scores
+            lifts[q.qid] = attention_lift(w, offsets, spans[q.unit_index])
+    return scores_out, lifts
 
 
 def precomputed_scorer(scores: dict[str, np.ndarray], layer: int) -> Scorer:
