@@ -151,20 +151,14 @@ def _read_rows(path: Path):
         for i, row in enumerate(table.to_pylist()):
             yield f"row {i}", row
     elif path.suffix == ".jsonl":
+        from gear_model.jsonl import JsonlError, read_jsonl_objects
+
         try:
-            with path.open(encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise SearchInputError(f"{path} (line {n}): invalid JSON: {exc.msg}") from exc
-                    if not isinstance(row, dict):
-                        raise SearchInputError(f"{path} (line {n}): expected a JSON object, got {type(row).__name__}")
-                    yield f"line {n}", row
-        except UnicodeDecodeError as exc:
-            raise SearchInputError(f"{path}: not UTF-8 text") from exc
+            for n, row in read_jsonl_objects(path):
+                yield f"line {n}", row
+        except JsonlError as exc:
+            where = f" (line {exc.line})" if exc.line is not None else ""
+            raise SearchInputError(f"{path}{where}: {exc.reason}") from exc
     else:
         raise SearchInputError(f"{path}: a corpus is a .parquet or .jsonl file, or a folder of them")
 

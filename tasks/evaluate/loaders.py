@@ -178,23 +178,13 @@ def dataset_source(path: str | Path) -> Path:
 
 
 def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    from gear_model.jsonl import JsonlError, read_jsonl_objects
+
     try:
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PipelineInputError(path, f"invalid JSON: {exc.msg}", f"line {n}") from exc
-                if not isinstance(row, dict):
-                    raise PipelineInputError(path, f"expected a JSON object, got {type(row).__name__}", f"line {n}")
-                row["_record"] = f"line {n}"
-                rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise PipelineInputError(path, "not UTF-8 text") from exc
-    return rows
+        return [{**row, "_record": f"line {n}"} for n, row in read_jsonl_objects(path)]
+    except JsonlError as exc:
+        args = (path, exc.reason) + ((f"line {exc.line}",) if exc.line is not None else ())
+        raise PipelineInputError(*args) from exc
 
 
 def read_labelled_rows(path: str | Path) -> list[dict[str, Any]]:
