@@ -9,21 +9,21 @@ definition lists.
 
 The renderer walks mwparserfromhell's token list once and appends kept text
 to a list; only a construct whose rendering needs a node (a template that
-renders as words, an HTML entity, <nowiki>) is built into one, alone. It
-renders what the whole parse tree renders (tested), and cleaning whole
-articles of the embedded dump takes 0.54x the time of building the tree for
-what renders (calling ``Wikicode.remove()`` per node was slower again, 15.9 s
-against 4.2 s). mwparserfromhell leaves markup it cannot parse as plain
-text (on the embedded dump: eleven ``<ref>`` spans, a ``{{cite}}`` and a
-``[[File:]]`` link), so a regex fallback runs over the
-result, and a paragraph that still holds markup after it is dropped and
-counted: the output never contains ``{{ }} [[ ]] <ref {| |}``.
+renders as words, an HTML entity, <nowiki>) is built into one, alone, because
+building the node tree is most of what parsing costs and most of the tree
+renders as nothing. It renders what the whole parse tree renders (tested);
+the rules of each construct (tags: ``_tag_rule``; links: ``_link_shows``) are
+written once and used by both walks. mwparserfromhell leaves markup it
+cannot parse as plain text (an unclosed ``<ref>``, ``{{cite}}`` or
+``[[File:]]``), so a regex fallback runs over the result, and a paragraph
+that still holds markup after it is dropped and counted: the output never
+contains ``{{ }} [[ ]] <ref {| |}``.
 
 Comments and ``<ref>`` elements are removed with regexes before parsing: they
-never render, citation templates inside refs were a quarter of the parse
-time, and refs the parser could not close had dropped prose with them (two
-paragraphs on the embedded dump). An unclosed ``<ref>`` is left to the parser.
-Bold/italic ticks it leaves unpaired become what MediaWiki shows.
+never render, citation templates inside refs are a large part of the parse,
+and a ref the parser cannot close would drop the prose after it. An unclosed
+``<ref>`` is left to the parser. Bold/italic ticks it leaves unpaired become
+what MediaWiki shows.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import html
 import re
 from dataclasses import dataclass, field
 
+from mwparserfromhell import parser as _mwp_parser
 from mwparserfromhell.parser import tokens as _tok
 from mwparserfromhell.parser.builder import Builder
+from mwparserfromhell.parser.tokenizer import Tokenizer as PyTokenizer
 from mwparserfromhell.nodes import (
     Argument,
     Comment,
@@ -165,10 +167,10 @@ def _is_rendered_template(name: str) -> bool:
 # Rendering from the token stream.
 #
 # mwparserfromhell tokenizes in C and builds its node tree in Python; building
-# was most of the cleaning time, and most of what it built renders as nothing
+# is most of the cleaning time, and most of what it builds renders as nothing
 # (infoboxes and other templates, tables, <math>, [[File:...]] links) or as
 # its text alone (links, bold and italics). So the renderer walks the token
-# list itself, with the rules of _render below: every construct is a balanced
+# list itself, with the same rules as _render below: every construct is a balanced
 # run of tokens (the tokenizer emits one it cannot close as text), so it can
 # be skipped, or its visible part (a link's label, a tag's contents) walked,
 # without a node. A construct whose rendering needs a node (a template that
@@ -183,10 +185,9 @@ _OPENS = (_tok.TemplateOpen, _tok.ArgumentOpen, _tok.WikilinkOpen, _tok.External
 _CLOSES = (_tok.TemplateClose, _tok.ArgumentClose, _tok.WikilinkClose, _tok.ExternalLinkClose, _tok.HeadingEnd,
            _tok.CommentEnd, _tok.TagCloseSelfclose, _tok.TagCloseClose, _tok.HTMLEntityEnd)
 _OPEN_TYPES, _CLOSE_TYPES = frozenset(_OPENS), frozenset(_CLOSES)
-try:
-    from mwparserfromhell.parser._tokenizer import CTokenizer as _Tokenizer
-except ImportError:  # no C extension: the pure-Python tokenizer emits the same tokens
-    from mwparserfromhell.parser.tokenizer import Tokenizer as _Tokenizer
+# The tokenizer mwparserfromhell's own Parser picks: its C extension where built, else the
+# pure-Python one, which emits the same tokens.
+_Tokenizer = _mwp_parser.CTokenizer if _mwp_parser.use_c and _mwp_parser.CTokenizer else PyTokenizer
 
 
 class _NeedsNode(Exception):
@@ -331,8 +332,7 @@ def _render_construct_tokens(tokens: list, match: dict[int, int], start: int, en
         if sep < end:
             _walk(tokens, match, sep + 1, end, out, st)
     elif kind is _tok.HeadingStart:
-        st.headings += 1
-        out.append("\n")
+        _heading(out, st)
     elif kind in (_tok.CommentStart, _tok.ArgumentOpen):
         return
     else:  # an HTML entity (normalized by its node)
@@ -344,18 +344,8 @@ def _render_tag_tokens(tokens: list, match: dict[int, int], start: int, end: int
     name = _plain_text(tokens, start + 1, head_end)
     if name is None:
         raise _NeedsNode
-    tag = name.strip().lower()
-    if tag in _LIST_TAGS and tokens[start].wiki_markup:
-        st.list_items += 1
-        out.append(_LIST)
-        return
-    if tag == "table":
-        st.tables += 1
-        return
-    if tag == "br":
-        out.append(" ")
-        return
-    if tag in _DROP_TAGS:
+    tag = _tag_rule(name, tokens[start].wiki_markup, out, st)
+    if tag is None:
         return
     body = _find(tokens, match, head_end, end, (_tok.TagCloseOpen, _tok.TagCloseSelfclose))
     if body >= end or isinstance(tokens[body], _tok.TagCloseSelfclose):
@@ -366,6 +356,30 @@ def _render_tag_tokens(tokens: list, match: dict[int, int], start: int, end: int
     if close >= end:
         raise _NeedsNode
     _walk(tokens, match, body + 1, close, out, st)
+
+
+def _tag_rule(name: str, wiki_markup: str | None, out: list[str], st: _State) -> str | None:
+    """The rules of a tag by its name, for both walks: a list item (``*``, ``#``, ``;``, ``:``
+    markup), a table and a line break render as a mark, a tag of _DROP_TAGS as nothing (None
+    for these); else the lower-cased name of a tag whose contents render (``nowiki``: as written)."""
+    tag = name.strip().lower()
+    if tag in _LIST_TAGS and wiki_markup:
+        st.list_items += 1
+        out.append(_LIST)
+        return None
+    if tag == "table":
+        st.tables += 1
+        return None
+    if tag == "br":
+        out.append(" ")
+        return None
+    return None if tag in _DROP_TAGS else tag
+
+
+def _heading(out: list[str], st: _State) -> None:
+    """A heading renders as a paragraph break (its text is not prose)."""
+    st.headings += 1
+    out.append("\n")
 
 
 def _link_shows(raw_title: str, has_text: bool, st: _State) -> str | None:
@@ -411,17 +425,10 @@ def _render(nodes, out: list[str], st: _State) -> None:
             st.templates.append(name)
             _render_template(node, name, out, st)
         elif isinstance(node, Tag):
-            tag = str(node.tag).strip().lower()
-            if tag in _LIST_TAGS and node.wiki_markup:
-                st.list_items += 1
-                out.append(_LIST)
-            elif tag == "table":
-                st.tables += 1
-            elif tag == "br":
-                out.append(" ")
-            elif tag in _DROP_TAGS or node.self_closing:
+            tag = _tag_rule(str(node.tag), node.wiki_markup, out, st)
+            if tag is None or node.self_closing:
                 continue
-            elif tag == "nowiki":
+            if tag == "nowiki":
                 out.append(str(node.contents))
             elif node.contents is not None:
                 _render(node.contents.nodes, out, st)
@@ -431,8 +438,7 @@ def _render(nodes, out: list[str], st: _State) -> None:
             if node.title is not None:
                 _render(node.title.nodes, out, st)
         elif isinstance(node, Heading):
-            st.headings += 1
-            out.append("\n")
+            _heading(out, st)
         elif isinstance(node, (Comment, Argument)):
             continue
         # Any other node type (none today) carries no prose.
@@ -594,7 +600,6 @@ def _finish(out: list[str], st: _State, parsed: int) -> tuple[CleanResult, list[
 # and headings (MediaWiki resets them at every line), so a whole-page parse
 # can keep stray apostrophes ("A Modest Proposal'''s" on the embedded dump)
 # where the section-wise parse renders what MediaWiki shows ("Proposal's").
-# On the embedded dump this happens once, beyond any document's text.
 
 _HEADING_LINE = re.compile(r"^=[^\n]*=[ \t]*$", re.M)
 # Markup that, as top-level text, means the tokenizer left a construct open.
@@ -617,8 +622,8 @@ def _rest_may_change_kind(rest: str) -> bool:
 
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 # A ref span that holds no other ref opener (an unclosed <ref> must not swallow the prose up to the next ref's closer);
-# written as runs of [^<] between the '<'s that open neither a ref nor its closer, which is 4x faster than a
-# lazy dot with a lookahead at every character and matches the same spans.
+# written as runs of [^<] between the '<'s that open neither a ref nor its closer, which matches the same spans as
+# a lazy dot with a lookahead at every character without the lookahead's cost.
 _REF_SPAN_FLAT = re.compile(r"<ref\b[^>]*(?<!/)>[^<]*(?:<(?!ref\b|/ref\s*>)[^<]*)*</ref\s*>", re.I)
 
 
