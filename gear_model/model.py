@@ -30,6 +30,7 @@ from transformers import logging as hf_logging
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from gear_model.config import GearConfig
+from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, SENTENCE_END_TOKENS
 from gear_model.fusion import FusionEncoder, eager_attention
 
 CONFIG_NAME = "config.json"
@@ -317,6 +318,21 @@ class GearModel(nn.Module):
         length = max_length or self.gear_config.inference_max_doc_length
         return self._encode(texts, batch_size, length, self.doc_encoder)
 
+    def document_encoder_fingerprint(self) -> str:
+        """A digest of everything ``encode_documents`` depends on (E_d's
+        weights, the tokenizer, the inference length): two models with the
+        same fingerprint embed every document identically, e.g. GeAR and its
+        contrastive-only baseline when both keep E_d frozen."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(f"{self.gear_config.inference_max_doc_length}|{len(self.tokenizer)}|".encode())
+        digest.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
+        for name, tensor in self.doc_encoder.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def _encode(self, texts, batch_size, max_length, encoder) -> np.ndarray:
         self.eval()
         out = [np.zeros((0, self.query_encoder.config.hidden_size), dtype=np.float32)]
@@ -439,22 +455,42 @@ class GearModel(nn.Module):
         return sentence_scores_from_attention(self.cross_attention(query, document, layer), sentence_spans, pooling)
 
     @torch.no_grad()
-    def generate(self, query: str, document: str, max_new_tokens: int = 48) -> str:
-        """Greedy decoding of the unit from the fusion states of (query, document)."""
+    def generate(self, query: str, document: str, max_new_tokens: int = 48, num_beams: int = DEFAULT_NUM_BEAMS,
+                 no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM) -> str:
+        """The unit decoded from the fusion states of (query, document) (see ``decode``)."""
         q, _, fused, _ = self._fuse_one(query, document)
-        start = torch.tensor([[self.dec_token_id]], device=self.device)
+        return self.decode(fused, q["attention_mask"], max_new_tokens, num_beams, no_repeat_ngram_size)[0]
+
+    @torch.no_grad()
+    def decode(self, fused: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int = 48,
+               num_beams: int = DEFAULT_NUM_BEAMS, no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM) -> list[str]:
+        """One unit per row of fused states (B, Lq, H), by beam search.
+
+        A unit is one sentence, so decoding stops at [SEP] or at the first
+        sentence-final token (``sentence_end_ids``); ``no_repeat_ngram_size``
+        blocks the loops a small decoder falls into ("rand promoted, rand
+        promoted"). BLIP decodes with 3 beams; 1 is greedy.
+        """
+        start = torch.full((fused.shape[0], 1), self.dec_token_id, device=self.device)
         # A plain generate() with encoder_hidden_states fails in transformers 5
         # ('DynamicCache' has no 'is_updated'); an encoder-decoder cache works.
         out = self.decoder.generate(
             input_ids=start,
             attention_mask=torch.ones_like(start),
             encoder_hidden_states=fused,
-            encoder_attention_mask=q["attention_mask"],
+            encoder_attention_mask=query_mask.expand(fused.shape[0], -1),
             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            num_beams=1,
-            eos_token_id=self.tokenizer.sep_token_id,
+            num_beams=num_beams,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            eos_token_id=[self.tokenizer.sep_token_id, *self.sentence_end_ids],
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return self.tokenizer.decode(out[0, 1:], skip_special_tokens=True).strip()
+        return [self.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
+
+    @property
+    def sentence_end_ids(self) -> list[int]:
+        """Vocabulary ids of the tokens that end a sentence (".", "!", "?")."""
+        ids = self.tokenizer.convert_tokens_to_ids(list(SENTENCE_END_TOKENS))
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]

@@ -504,27 +504,9 @@ class GearSearcher:
         return read, fused, q["attention_mask"]
 
     def generate(self, fused, query_mask) -> list[str]:
-        """Greedy decoding of each unit from its fused states, all k in one batch
-        (``GearModel.generate``'s decoding, on states already fused)."""
-        import torch
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-        model, k = self.model, fused.shape[0]
-        start = torch.full((k, 1), model.dec_token_id, device=model.device)
-        with torch.no_grad():
-            out = model.decoder.generate(
-                input_ids=start,
-                attention_mask=torch.ones_like(start),
-                encoder_hidden_states=fused,
-                encoder_attention_mask=query_mask.expand(k, -1),
-                past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=model.tokenizer.sep_token_id,
-                pad_token_id=model.tokenizer.pad_token_id,
-            )
-        return [model.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
+        """Each hit's unit decoded from its fused states, all k in one batch
+        (``GearModel.decode``, as evaluation decodes)."""
+        return self.model.decode(fused, query_mask, self.max_new_tokens)
 
     def search(self, query: str, k: int = 5, generate: bool = True) -> list[SearchHit]:
         """The top-k documents for ``query``, best first (see ``SearchHit``)."""

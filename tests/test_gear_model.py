@@ -134,6 +134,42 @@ def test_save_load_round_trip_gives_identical_outputs(model, tmp_path):
     assert loaded.generate("kings", DOC, max_new_tokens=6) == model.generate("kings", DOC, max_new_tokens=6)
 
 
+
+def _with_token_boost(model, token: str, boost: float = 50.0):
+    """The decoder's output bias raised for one token (restored by the caller)."""
+    bias = model.decoder.cls.predictions.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[model.tokenizer.convert_tokens_to_ids(token)] += boost
+    return saved
+
+
+def test_decoding_stops_at_the_end_of_the_sentence(model):
+    saved = _with_token_boost(model, ".")
+    try:
+        # Every step prefers ".": the unit ends at the first one, not after the budget.
+        assert model.generate("kings", DOC, max_new_tokens=20) == "."
+        assert model.generate("kings", DOC, max_new_tokens=20, num_beams=1) == "."
+    finally:
+        with torch.no_grad():
+            model.decoder.cls.predictions.bias.copy_(saved)
+
+
+def test_decoding_repeats_no_ngram_and_batches_like_one_query(model):
+    saved = _with_token_boost(model, "castle", 8.0)
+    try:
+        text = model.generate("kings", DOC, max_new_tokens=24, no_repeat_ngram_size=2)
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bigrams = list(zip(ids, ids[1:]))
+        assert "castle" in text and len(bigrams) == len(set(bigrams))
+        # Search's batched decoding gives each row what one query alone gives.
+        q, _, fused, _ = model._fuse_one("kings", DOC)
+        twice = model.decode(fused.expand(2, -1, -1), q["attention_mask"], 24, no_repeat_ngram_size=2)
+        assert twice == [text, text]
+    finally:
+        with torch.no_grad():
+            model.decoder.cls.predictions.bias.copy_(saved)
+
 def test_momentum_update_and_queue_arithmetic(model):
     trainer = GearPretrainer(model)
     online = next(model.query_encoder.parameters())

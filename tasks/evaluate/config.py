@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS
 from tasks.evaluate.metrics import DEFAULT_KS
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
 
@@ -197,7 +198,11 @@ class EvalParams(BaseModel):
     max_generation_queries: int | None = Field(
         500, ge=1, description="Seeded sample of those queries for generation (slowest part); empty = all."
     )
-    generation_max_tokens: int = Field(64, ge=1, le=512, description="Greedy decoding budget per generated unit.")
+    generation_max_tokens: int = Field(64, ge=1, le=512, description="Decoding budget per generated unit (it stops at the end of the sentence).")
+    generation_num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, le=16, description="Beams of the decoding search (BLIP: 3; 1 is greedy).")
+    generation_no_repeat_ngram_size: int = Field(
+        DEFAULT_NO_REPEAT_NGRAM, ge=0, le=10, description="No n-gram of this size is generated twice (0: off)."
+    )
     index_type: Literal["exact", "hnsw"] = Field(
         "exact", description="FAISS index: exact (IndexFlatIP) or hnsw (approximate, for large corpora)."
     )

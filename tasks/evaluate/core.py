@@ -148,7 +148,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
             if system.generation:
                 entry["generation"] = evaluate_generation(
                     model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
-                    params.bootstrap_resamples,
+                    params.bootstrap_resamples, **decoding_options(params),
                 )
         # The random rows need no model; every system's results carry them for its own queries.
         entry["retrieval_random"] = random_retrieval(s, params.ks, **boot)
@@ -156,7 +156,8 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         entry["localization_prior"] = unit_rule_prior(s, params.ks, **boot) if s.has_units else None
         results["sets"][s.name] = entry
     if system.figure and fusion_trained:
-        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling)
+        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling,
+                                           decoding_options(params))
     results["elapsed_s"] = time.perf_counter() - t0
     run.info.update(system=system.name, elapsed_s=results["elapsed_s"])
     return {RESULTS_NAME: results}
@@ -185,7 +186,12 @@ def gear_diagnostics(model, eval_set: EvalSet, lifts: dict[str, Any], seed: int)
     return {"lift_by_layer": lift_by_layer, "document_dependence": dependence}
 
 
-def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum") -> dict | None:
+def decoding_options(params: EvalParams) -> dict[str, int]:
+    return {"num_beams": params.generation_num_beams, "no_repeat_ngram_size": params.generation_no_repeat_ngram_size}
+
+
+def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, pooling: str = "sum",
+                   decoding: dict[str, int] | None = None) -> dict | None:
     """Figure 3: one document, two queries, the top-10 cross-attention tokens of
     each and the generated text. Picks the document with the most test queries
     about different sentences."""
@@ -225,7 +231,7 @@ def figure_example(model, sets: list[EvalSet], layer: int, max_new_tokens: int, 
                     "true_unit_index": q.unit_index,
                     "predicted_unit_index": int(scores.argmax()) if len(scores) else None,
                     "gold": q.target if s.kind == "rir" else " | ".join(q.answers),
-                    "generated": model.generate(q.query, document, max_new_tokens=max_new_tokens),
+                    "generated": model.generate(q.query, document, max_new_tokens=max_new_tokens, **(decoding or {})),
                 }
             )
         return {"set": s.name, "doc_id": doc_id, "document": document, "sentence_spans": spans, "layer": layer,

@@ -18,15 +18,17 @@ N_EXAMPLES = 5  # generations kept in the report for reading
 
 def evaluate_generation(
     model, eval_set: EvalSet, max_queries: int | None, max_new_tokens: int, seed: int = 0,
-    resamples: int = BOOTSTRAP_RESAMPLES,
+    resamples: int = BOOTSTRAP_RESAMPLES, **decoding,
 ) -> dict:
-    """Per-query scores in percent, their means and bootstrap intervals."""
+    """Per-query scores in percent, their means and bootstrap intervals
+    (``decoding``: ``GearModel.generate``'s beam options)."""
     queries = [q for q in eval_set.unit_queries() if (q.target if eval_set.kind == "rir" else q.answers)]
     queries = sample(queries, max_queries, seed)
     if not queries:
         return {"metrics": None, "n_queries": 0}
     t0 = time.perf_counter()
-    predictions = [model.generate(q.query, eval_set.documents[q.doc_id], max_new_tokens=max_new_tokens) for q in queries]
+    predictions = [model.generate(q.query, eval_set.documents[q.doc_id], max_new_tokens=max_new_tokens, **decoding)
+                   for q in queries]
     elapsed = time.perf_counter() - t0
     if eval_set.kind == "rir":
         per_query = rouge_per_query(predictions, [q.target for q in queries])

@@ -14,6 +14,7 @@ from tasks.evaluate.report import (
     PRIOR_ROW,
     RANDOM_ROW,
     TRAINING_ADDED_NOTE,
+    decoding_description,
     data_rows,
     diagnostics_table,
     footnotes,
@@ -98,7 +99,7 @@ def tables_section(report: dict) -> list[str]:
     if diagnostics_table(report):
         parts += ["<h3>Does GeAR read the document?</h3>", html_table(diagnostics_table(report))]
     parts += ["<h2>Table 3: information generation</h2>",
-              f"<p>Greedy decoding, at most {report['meta']['generation_max_tokens']} new tokens; percent. "
+              f"<p>{esc(decoding_description(report['meta']))}; percent. "
               "RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.</p>"]
     parts.append(html_table(generation_table(report)) if unit_sets else "<p class='note'>No set with generation targets.</p>")
     parts += _notes(report, "generation")

@@ -75,6 +75,15 @@ def _training(records: list[dict]) -> dict | None:
     return {"steps": steps, "evals": evals, "steps_per_epoch": per_epoch} if steps or evals else None
 
 
+def decoding_description(meta: dict) -> str:
+    """How the generations were decoded (a report without the beam fields decoded greedily)."""
+    beams, no_repeat = meta.get("generation_num_beams", 1), meta.get("generation_no_repeat_ngram_size", 0)
+    search = "greedy decoding" if beams == 1 else f"beam search ({beams} beams)"
+    blocked = f", no repeated {no_repeat}-gram" if no_repeat else ""
+    return (f"{search[0].upper()}{search[1:]}{blocked}, stopping at the end of the sentence or after "
+            f"{meta['generation_max_tokens']} new tokens")
+
+
 def build_report(results: list[dict], params: EvalParams, training: dict[str, list[dict]] | None = None) -> dict[str, Any]:
     """report.json: every table's means (the original keys), their intervals
     (``<table>_ci``), the random rows (``<table>_random``), query counts and,
@@ -161,6 +170,8 @@ def build_report(results: list[dict], params: EvalParams, training: dict[str, li
             "max_test_queries": params.max_test_queries,
             "max_generation_queries": params.max_generation_queries,
             "generation_max_tokens": params.generation_max_tokens,
+            "generation_num_beams": params.generation_num_beams,
+            "generation_no_repeat_ngram_size": params.generation_no_repeat_ngram_size,
             "seed": params.seed,
             "interval": {"level": CI_LEVEL, "method": "percentile bootstrap over queries",
                          "resamples": params.bootstrap_resamples, "seed": params.seed},
@@ -433,7 +444,7 @@ def render_markdown(report: dict) -> str:
     if diagnostics_table(report):
         parts += ["### Does GeAR read the document?", "", markdown_table(diagnostics_table(report)), ""]
     parts += ["## Table 3: information generation", ""]
-    parts.append(f"Greedy decoding, at most {meta['generation_max_tokens']} new tokens; percent. RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.")
+    parts.append(f"{decoding_description(meta)}; percent. RIR: ROUGE F vs. the unit; QA: SQuAD EM/F1 vs. the answers.")
     parts += ["", markdown_table(generation_table(report)) if unit_sets else "_No set with generation targets._", ""]
     parts += [*punctuation_lines(report), ""] if punctuation_lines(report) else []
     parts += [*footnotes(report, "generation"), ""] if footnotes(report, "generation") else []

@@ -1,0 +1,7 @@
+"""Decoding defaults shared by every generation path (evaluation, held-out
+evaluation during training, search). Kept free of torch so that configs can
+import them without loading the model code."""
+
+DEFAULT_NUM_BEAMS = 3  # BLIP's beam count
+DEFAULT_NO_REPEAT_NGRAM = 3
+SENTENCE_END_TOKENS = (".", "!", "?")  # a unit is one sentence: decoding stops at its end
