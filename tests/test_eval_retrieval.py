@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from eval_helpers import tiny_gear_dir  # noqa: F401 - fixture
+
 from tasks.evaluate.loaders import EvalQuery, EvalSet
 from tasks.evaluate.retrieval import build_index, evaluate_retrieval
 
@@ -66,3 +68,38 @@ def test_flagembedding_backend_matches_plain_transformers_mean_pooling():
     assert np.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="pooling must be"):
         PretrainedEncoder(embedded_encoder_path(), pooling="max")
+
+
+class _CountingEncoder(_KeywordEncoder):
+    """The keyword encoder with a document-encoder fingerprint, counting its document passes."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint, self.document_passes = fingerprint, 0
+
+    def document_encoder_fingerprint(self) -> str:
+        return self.fingerprint
+
+    def encode_documents(self, texts, batch_size=32):
+        self.document_passes += 1
+        return self._encode(texts, batch_size)
+
+
+def test_systems_that_share_a_document_encoder_embed_the_corpus_once():
+    first, same, other = _CountingEncoder("frozen-e-d"), _CountingEncoder("frozen-e-d"), _CountingEncoder("trained-e-d")
+    results = [evaluate_retrieval(_set(), [1, 3], e) for e in (first, same, other)]
+    assert [e.document_passes for e in (first, same, other)] == [1, 0, 1]
+    assert results[0]["metrics"] == results[1]["metrics"] == results[2]["metrics"]
+
+
+def test_gear_document_fingerprint_follows_the_document_encoder(tiny_gear_dir):
+    import torch
+
+    from gear_model import GearModel
+
+    a, b = GearModel.from_pretrained(tiny_gear_dir), GearModel.from_pretrained(tiny_gear_dir)
+    assert a.document_encoder_fingerprint() == b.document_encoder_fingerprint()
+    with torch.no_grad():  # E_q changes nothing a document vector depends on; E_d does
+        next(b.query_encoder.parameters()).add_(1.0)
+        assert a.document_encoder_fingerprint() == b.document_encoder_fingerprint()
+        next(b.doc_encoder.parameters()).add_(1.0)
+    assert a.document_encoder_fingerprint() != b.document_encoder_fingerprint()

@@ -196,11 +196,15 @@ def gear_scorer(model, layer: int | None, pooling: str = "sum") -> Scorer:
 def embedding_scorer(encoder, batch_size: int = 64) -> Scorer:
     """Sentences through the document encoder, the query through the query encoder; cosine."""
 
+    # A document's sentences are encoded once for all the queries about it.
+    sentence_vectors: dict[tuple[str, tuple[tuple[int, int], ...]], np.ndarray] = {}
+
     def score(q: EvalQuery, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
-        sents = [document[s:e] for s, e in spans]
-        sent_vecs = encoder.encode_documents(sents, batch_size=batch_size)
+        key = (document, tuple(map(tuple, spans)))
+        if key not in sentence_vectors:
+            sentence_vectors[key] = encoder.encode_documents([document[s:e] for s, e in spans], batch_size=batch_size)
         query_vec = encoder.encode_queries([q.query], batch_size=1)[0]
-        return sent_vecs @ query_vec
+        return sentence_vectors[key] @ query_vec
 
     return score
 

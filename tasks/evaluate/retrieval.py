@@ -46,6 +46,29 @@ def build_index(vectors: np.ndarray, index_type: str = "exact"):
     return index
 
 
+# Document vectors of the last few (encoder fingerprint, corpus) pairs: systems
+# that share a document encoder (a frozen E_d) embed a corpus once per process.
+_DOCUMENT_VECTORS: dict[tuple[str, str, int], np.ndarray] = {}
+_DOCUMENT_VECTORS_KEPT = 4
+
+
+def document_vectors(encoder: Encoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """``encoder.encode_documents(texts)``, reused when an encoder with the same
+    ``document_encoder_fingerprint`` has embedded the same texts before."""
+    fingerprint = getattr(encoder, "document_encoder_fingerprint", None)
+    if fingerprint is None:
+        return encoder.encode_documents(texts, batch_size=batch_size)
+    import hashlib
+
+    corpus = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = (fingerprint(), corpus, batch_size)
+    if key not in _DOCUMENT_VECTORS:
+        while len(_DOCUMENT_VECTORS) >= _DOCUMENT_VECTORS_KEPT:
+            _DOCUMENT_VECTORS.pop(next(iter(_DOCUMENT_VECTORS)))
+        _DOCUMENT_VECTORS[key] = encoder.encode_documents(texts, batch_size=batch_size)
+    return _DOCUMENT_VECTORS[key]
+
+
 def dense_rankings(
     encoder: Encoder,
     eval_set: EvalSet,
@@ -56,7 +79,7 @@ def dense_rankings(
     """Top-``depth`` doc ids per query, and timings in seconds."""
     doc_ids = list(eval_set.documents)
     t0 = time.perf_counter()
-    doc_vecs = encoder.encode_documents([eval_set.documents[d] for d in doc_ids], batch_size=batch_size)
+    doc_vecs = document_vectors(encoder, [eval_set.documents[d] for d in doc_ids], batch_size)
     t1 = time.perf_counter()
     index = build_index(doc_vecs, index_type)
     t2 = time.perf_counter()
