@@ -32,10 +32,9 @@ for p in (ROOT, ROOT / "tests"):
 from fixtures_dumps import repeated_dump  # noqa: E402
 
 from tasks.assets import embedded_dump_path  # noqa: E402
+from tasks.dump_reader import as_utf8, dump_chunks  # noqa: E402
 from tasks.shard import (  # noqa: E402
     ShardConfig,
-    _as_utf8,
-    _dump_chunks,
     make_multistream,
     open_shard,
     plan_page_ranges,
@@ -57,7 +56,7 @@ def _read_one_pass(shards) -> int:
 def _read_page_range(shard) -> int:
     """What a page-range worker reads: the dump from its start to its last page."""
     pages = 0
-    chunks = _as_utf8(_dump_chunks(Path(shard.dump_path)))
+    chunks = as_utf8(dump_chunks(Path(shard.dump_path)))
     try:
         last = None
         for part, _ in split_pages(chunks):
@@ -116,7 +115,7 @@ def main() -> None:
             rows.append(measure("one pass (copy reused)", size, lambda: plan_shards(dump, config, work_dir=work), lambda s: sum(x.pages for x in s)))
             rows.append(measure("page ranges", size, lambda: plan_page_ranges(dump, config), lambda s: sum(map(_read_page_range, s))))
         rows.append(measure("multistream + index", "10x", lambda: plan_shards(multistream, config), _read_one_pass))
-        xml_mb = {k: round(sum(len(c) for c in _as_utf8(_dump_chunks(d))) / 1e6, 1) for k, d in dumps.items()}
+        xml_mb = {k: round(sum(len(c) for c in as_utf8(dump_chunks(d))) / 1e6, 1) for k, d in dumps.items()}
     print(json.dumps({"pages_per_shard": args.pages_per_shard, "build_seconds": round(build_s, 1), "xml_mb": xml_mb, "rows": rows}, indent=2))
     cols = ["plan", "dump", "shards", "pages", "plan_seconds", "plan_xml_mb", "read_seconds", "read_file_mb", "read_xml_mb"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

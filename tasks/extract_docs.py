@@ -3,25 +3,31 @@
 Streams the shard's pages with mwxml, keeps article-namespace pages that are
 neither redirects nor disambiguation / set-index / "List of" pages, renders
 their wikitext as plain prose (tasks/wikitext.py) and writes
-``articles.parquet`` plus the shard's ``funnel.json``. Every page that does
-not become an article is counted under a drop reason.
+``articles.parquet`` plus the shard's ``funnel.json``. Each keep/drop
+decision is a rule (tasks/records.py), so every page that does not become an
+article is counted under the reason of the rule that dropped it.
 
 Only an article's lead is rendered by default (``max_chars``: whole sections
 from the top until the clean text holds that many characters): the paper's
 one 500-token document per article uses the first ~3,000 characters, and
-cleaning the rest of the page was most of the stage's time. The text kept is
+cleaning the rest of the page would be most of the stage's time. The text kept is
 exactly the start of the whole article's clean text (tasks/wikitext.py says
 why), and a page is still recognised as a disambiguation / set-index page by
 templates anywhere in it. ``cut_articles.json`` lists the page ids whose text
 is a lead, and the shard they came from: select_units reads such a page whole
-when its documents want more than its lead, so the budget changes speed, not
-output. The ``clean_wikitext`` removal counts cover the part rendered.
+through ``LeadPages`` when its documents want more than its lead, so the
+budget changes speed, not output. The ``clean_wikitext`` removal counts
+cover the part rendered.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +35,11 @@ import mwxml
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from tasks import dump_reader, wikitext
 from tasks import shard as shard_mod
-from tasks import wikitext
-from tasks.common import PipelineInputError, freeze_long_lived
+from tasks.common import Funnel, PipelineInputError, freeze_long_lived
 from tasks.contracts import ARTICLES_SCHEMA
+from tasks.records import Records, Rule
 from tasks.shard import Shard, open_shard
 from tasks.stage import StageRun, stage
 
@@ -86,14 +93,14 @@ def _iter_shard_pages(shard: Shard):
                 raise
             except Exception as exc:  # mwxml/expat raise several types for a bad header
                 raise PipelineInputError(path, f"malformed XML before the first page: {exc}") from exc
+            first, stop = shard.page_window()
             ordinal = -1
             for page in dump:
                 ordinal += 1
-                if shard.kind == "pages":
-                    if ordinal < shard.page_start:
-                        continue
-                    if shard.page_stop is not None and ordinal >= shard.page_stop:
-                        break
+                if ordinal < first:
+                    continue
+                if stop is not None and ordinal >= stop:
+                    break
                 current = (page.title, page.id)
                 revision = None
                 for revision in page:
@@ -129,82 +136,99 @@ def _freeze_imports() -> None:
     freeze_long_lived()
 
 
-def _shard_files(shard: Shard) -> list[str]:
-    return [shard.dump_path] + ([shard.index_path] if shard.index_path else [])
+@dataclass
+class _Page:
+    """A page as the rules see it: its wikitext, then its clean text."""
+
+    page: Any  # mwxml's page
+    text: str  # the wikitext of its last revision
+    clean: wikitext.CleanResult | None = None
+
+
+def _rules(config: ExtractConfig) -> tuple[tuple[Rule[_Page], ...], Rule[_Page], Rule[_Page]]:
+    """(the rules before cleaning, the page-kind rule, the text-length rule): which pages become articles."""
+    namespaces = set(config.namespaces)
+    skipped = {kind for kind, skip in (("disambiguation", config.skip_disambiguation), ("set_index", config.skip_set_index),
+                                       ("list_page", config.skip_list_pages)) if skip}
+
+    def namespace(p: _Page) -> str | None:
+        return None if p.page.namespace in namespaces else "non_article_namespace"
+
+    def redirect(p: _Page) -> str | None:
+        return "redirect" if p.page.redirect is not None or p.text.lstrip()[:9].upper() == "#REDIRECT" else None
+
+    def page_kind(p: _Page) -> str | None:  # disambiguation, set-index and list pages are not prose
+        kind = wikitext.page_kind(p.page.title, p.clean)
+        return kind if kind in skipped else None
+
+    def long_enough(p: _Page) -> str | None:
+        return "empty_text" if len(p.clean.text) < config.min_text_chars else None
+
+    return (namespace, redirect), page_kind, long_enough
+
+
+def _count_removed(funnel: Funnel, result: wikitext.CleanResult) -> None:
+    funnel.drop(CLEAN_STAGE, "list_item", result.list_items)
+    funnel.drop(CLEAN_STAGE, "caption", result.captions)
+    funnel.drop(CLEAN_STAGE, "heading", result.headings)
+    funnel.drop(CLEAN_STAGE, "table", result.tables)
+    funnel.drop(CLEAN_STAGE, "markup_residue_paragraph", result.markup_residue_paragraphs)
 
 
 @stage(
     STAGE,
     ExtractConfig,
-    reads={"shard": _shard_files},
+    reads={"shard": lambda shard: shard.files()},
     keyed_by_value=["shard"],
     writes={"articles.parquet": ARTICLES_SCHEMA},
-    code=[wikitext.__file__, shard_mod.__file__],
+    code=[wikitext.__file__, shard_mod.__file__, dump_reader.__file__],
 )
 def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
     """One shard's pages -> ``articles.parquet`` (cached on the dump's content, the shard, config and code)."""
     _freeze_imports()
-    funnel = run.funnel
+    pages = Records(run.funnel, STAGE)
+    before_cleaning, page_kind, long_enough = _rules(config)
     bad: list[dict[str, Any]] = []  # pages skipped under max_bad_pages, with their reason
     cols: dict[str, list[Any]] = {name: [] for name in ARTICLES_SCHEMA.names}
     source = Path(shard.dump_path).name
-    namespaces = set(config.namespaces)
-    pages = 0
+    n_pages = 0
     # An article shorter than min_text_chars is dropped, so the lead must be able to reach it.
     budget = None if config.max_chars is None else max(config.max_chars, config.min_text_chars)
     cut: list[int] = []
     for page, revision in _iter_shard_pages(shard):
-        pages += 1
-        funnel.seen(STAGE)
-        if page.namespace not in namespaces:
-            funnel.drop(STAGE, "non_article_namespace")
-            continue
-        text = (revision.text if revision is not None else None) or ""
-        if page.redirect is not None or text.lstrip()[:9].upper() == "#REDIRECT":
-            funnel.drop(STAGE, "redirect")
+        n_pages += 1
+        pages.seen()
+        p = _Page(page, (revision.text if revision is not None else None) or "")
+        if not pages.passes(p, *before_cleaning):
             continue
         try:
-            result = wikitext.clean_wikitext(text, budget)
+            p.clean = wikitext.clean_wikitext(p.text, budget)
         except Exception as exc:  # a parser bug on one page must name the page
             if len(bad) >= config.max_bad_pages:
                 raise PipelineInputError(shard.dump_path, f"cannot parse wikitext: {exc} "
                                          f"({len(bad)} bad pages skipped before, max_bad_pages {config.max_bad_pages})",
                                          record=_page_label(page.title, page.id)) from exc
-            funnel.drop(STAGE, "bad_page")
+            pages.drop("bad_page")
             bad.append({"page_id": page.id, "title": page.title, "reason": f"cannot parse wikitext: {exc}"})
             continue
-        kind = wikitext.page_kind(page.title, result)
-        if kind == "disambiguation" and config.skip_disambiguation:
-            funnel.drop(STAGE, "disambiguation")
+        if not pages.passes(p, page_kind):
             continue
-        if kind == "set_index" and config.skip_set_index:
-            funnel.drop(STAGE, "set_index")
+        _count_removed(run.funnel, p.clean)  # what cleaning removed from a page of prose, long enough or not
+        if not pages.passes(p, long_enough):
             continue
-        if kind == "list_page" and config.skip_list_pages:
-            funnel.drop(STAGE, "list_page")
-            continue
-        funnel.drop(CLEAN_STAGE, "list_item", result.list_items)
-        funnel.drop(CLEAN_STAGE, "caption", result.captions)
-        funnel.drop(CLEAN_STAGE, "heading", result.headings)
-        funnel.drop(CLEAN_STAGE, "table", result.tables)
-        funnel.drop(CLEAN_STAGE, "markup_residue_paragraph", result.markup_residue_paragraphs)
-        if len(result.text) < config.min_text_chars:
-            funnel.drop(STAGE, "empty_text")
-            continue
-        funnel.kept(STAGE)
-        if result.truncated:
+        pages.kept()
+        if p.clean.truncated:
             cut.append(page.id)
-            funnel.drop(CLEAN_STAGE, "text_beyond_max_chars")
+            run.funnel.drop(CLEAN_STAGE, "text_beyond_max_chars")
         cols["page_id"].append(page.id)
         cols["revision_id"].append(revision.id if revision is not None else -1)
         cols["title"].append(page.title)
-        cols["text"].append(result.text)
+        cols["text"].append(p.clean.text)
         cols["source_dump"].append(source)
-    if pages == 0:
+    if n_pages == 0:
         raise PipelineInputError(shard.dump_path, f"empty dump: no pages in {shard.name}")
-    run.info.update(shard=shard.name, pages=pages, articles=len(cols["page_id"]), articles_cut=len(cut), bad_pages=len(bad))
-    # Which articles hold only a lead (select_units reports a document that ran out of it).
-    # The shard is kept so that select_units can read a page whole when its documents want more than its lead.
+    run.info.update(shard=shard.name, pages=n_pages, articles=len(cols["page_id"]), articles_cut=len(cut), bad_pages=len(bad))
+    # Which articles hold only a lead, and their shard: LeadPages reads such a page whole.
     return {"articles.parquet": pa.table(cols, schema=ARTICLES_SCHEMA),
             CUT_FILE: {"max_chars": budget, "page_ids": cut, "shard": shard.model_dump(mode="json")},
             "bad_pages.json": bad}
@@ -213,8 +237,44 @@ def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
 extract_docs_task = extract_docs.task
 
 
-def whole_page_texts(shard: Shard, page_ids: set[int]) -> dict[int, str]:
-    """The whole clean text of these pages of ``shard`` (for articles whose lead was too short)."""
+# --------------------------------------------------------------------------
+# The whole text of pages whose article is only a lead.
+
+
+class LeadPages:
+    """The articles whose text in ``articles.parquet`` is only a lead
+    (``ExtractConfig.max_chars``), and a way to read their whole clean text.
+
+    extract_docs lists them in ``cut_articles.json`` beside ``articles.parquet``
+    with the shard they came from; an article is named by (articles file, page id)."""
+
+    def __init__(self, articles_files: Iterable[str | os.PathLike]):
+        self._shards: dict[tuple[str, int], Shard] = {}
+        for f in articles_files:
+            listing = Path(f).parent / CUT_FILE
+            if not listing.is_file():
+                continue
+            info = json.loads(listing.read_text(encoding="utf-8"))
+            if not info.get("page_ids"):
+                continue
+            if "shard" not in info:
+                raise PipelineInputError(listing, "lists lead-only articles but not their shard (written by an older extract_docs: rerun it)")
+            shard = Shard.model_validate(info["shard"])
+            self._shards.update(((str(f), int(pid)), shard) for pid in info["page_ids"])
+
+    def is_lead(self, articles_file: str | os.PathLike, page_id: int) -> bool:
+        return (str(articles_file), page_id) in self._shards
+
+    def whole_texts(self, articles: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The whole clean text of these lead-only articles, reading each shard once."""
+        by_shard: dict[Shard, set[int]] = {}
+        for key in articles:
+            by_shard.setdefault(self._shards[key], set()).add(key[1])
+        texts: dict[Shard, dict[int, str]] = {shard: _whole_page_texts(shard, ids) for shard, ids in by_shard.items()}
+        return {key: texts[self._shards[key]][key[1]] for key in articles}
+
+
+def _whole_page_texts(shard: Shard, page_ids: set[int]) -> dict[int, str]:
     out: dict[int, str] = {}
     for page, revision in _iter_shard_pages(shard):
         if page.id in page_ids:

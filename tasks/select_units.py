@@ -20,28 +20,27 @@ Tokens are counted with the encoder's WordPiece tokenizer, without special
 tokens.
 
 Sentences (``sentence_splitter: senter``, the default) come from spaCy's
-sentence recogniser, about 13x cheaper than its dependency parser here, with
+sentence recogniser, far cheaper than its dependency parser, with
 two repairs (recognised_sentences): a piece that does not end in final
 punctuation, or that starts in lower case, is joined to the one before; and
 a sentence holding a stop that may end an abbreviation ('m3/s. The', 'Bell.
 Later') is parsed and cut where the parser cuts. The parser then runs only
 on the candidates whose subject rule it can change: those holding a listed
 pronoun (every candidate with ``require_subject``), each as one sentence.
-Against the parser splitter on the embedded dump (paper mode: 346 shared
-units of 356 and 346) the differences are the parser's: cuts inside a
-sentence with no stop ("tutored | Alexander the Great", "'acid' | (as in
-...)", "NOTE: | Since"), fragments that start in lower case ("when the last
-leap second was added, ..."), and the documents that lose their third
-candidate with those fragments (docs/ARCHITECTURE.md lists them).
+Where it differs from the parser splitter, the differences are the
+parser's: cuts inside a sentence with no stop ("tutored | Alexander the
+Great", "NOTE: | Since"), fragments that start in lower case, and the
+documents that lose their third candidate with those fragments.
 ``sentence_splitter: parser`` (the dependency parser splits and parses every
-paragraph; the tagger, attribute ruler, NER and lemmatizer gave the same
-candidates and cost ~30% more time) is kept for comparison.
+paragraph) is kept for comparison; the tagger, attribute ruler, NER and
+lemmatizer do not change the candidates, so they are never loaded.
 
 A document's text is its kept sentences joined by one space; ``sentence_spans``
 and every unit's ``char_start``/``char_end`` index into that text.
 
-Speed: spaCy's parser is most of the stage's time, so only the paragraphs
-the document rule can use are parsed: each article's paragraphs are
+The stage reads the articles, parses them in rounds, cuts documents and
+emits them. spaCy's parser is most of the stage's time, so only the
+paragraphs the document rule can use are parsed: each article's paragraphs are
 WordPiece-counted, and parsed in rounds (one nlp.pipe over all articles per
 round) of the fewest paragraphs whose tokens can fill the documents, until
 they are closed. Sentences and documents are those of parsing the whole
@@ -72,11 +71,11 @@ from pydantic import BaseModel, Field
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
 from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError, freeze_long_lived
 from tasks.contracts import DOCUMENTS_SCHEMA, UNITS_SCHEMA
+from tasks import dump_reader, wikitext
 from tasks import extract_docs as extract_docs_module
 from tasks import shard as shard_module
-from tasks import wikitext
-from tasks.extract_docs import CUT_FILE, whole_page_texts
-from tasks.shard import Shard
+from tasks.extract_docs import LeadPages
+from tasks.records import Records
 from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"
@@ -94,8 +93,8 @@ SENTER_EXCLUDE = ("tok2vec", "tagger", "parser", "attribute_ruler", "ner", "lemm
 SUBJECT_DEPS = frozenset({"nsubj", "nsubjpass", "expl"})
 ANY_SUBJECT_DEPS = SUBJECT_DEPS | {"csubj", "csubjpass"}
 
-# Common English function words; an English Wikipedia article has 30-45% of
-# its words in this set (lowest on the embedded dump: 0.305), Bulgarian 0%.
+# Common English function words: about a third of an English article's words
+# are in this set, and next to none of an article in another language.
 _FUNCTION_WORDS = frozenset(
     "the of and in to a is was for on as by with that from at an be are were which or his her its has have had not also this it".split()
 )
@@ -130,7 +129,7 @@ class UnitConfig(BaseModel):
         description="senter: spaCy's sentence recogniser splits paragraphs (the parser settles stops that may end an "
         "abbreviation), and the dependency parser runs only on the candidate sentences whose subject rule it can "
         "change (those holding a listed pronoun; all candidates with require_subject), each parsed as one sentence. "
-        "parser: the dependency parser splits and parses every paragraph (about 1.7x the time of the whole stage).")
+        "parser: the dependency parser splits and parses every paragraph (slower).")
     batch_size: int = Field(64, ge=1, le=10_000, description="Paragraphs per spaCy nlp.pipe batch.")
     chars_per_token_budget: int = Field(6, ge=2, le=100, description="WordPiece-count an article's paragraphs in windows of (tokens still needed)*this characters, to choose how many to parse next.")
 
@@ -153,7 +152,7 @@ def article_files(article_dirs_or_files: Any) -> list[Path]:
 
 
 # Prefect's thread-pool runner may start several select_units tasks at once:
-# two threads importing transformers at the same time failed here with
+# two threads importing transformers at the same time can fail with
 # "cannot import name 'AutoTokenizer'", and a spaCy pipeline is not
 # documented as thread-safe, so loading and parsing (nlp.pipe) are serialised per process.
 _LOAD_LOCK = MODEL_LOAD_LOCK
@@ -197,8 +196,8 @@ class WordPieceCounter:
     """A BERT tokenizer.json run by the ``tokenizers`` library itself.
 
     It counts what ``AutoTokenizer`` counts (``add_special_tokens=False``, no
-    truncation, no padding) without importing transformers (7 s of a
-    worker's start-up here)."""
+    truncation, no padding) without importing transformers (a large part of
+    a worker's start-up)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -444,11 +443,12 @@ class _Article:
     title: str
     source_dump: str
     paragraphs: list[str]
-    shard: Shard | None  # its text is a lead (ExtractConfig.max_chars) of a page of this shard
+    lead: tuple[str, int] | None  # its text is only a lead (ExtractConfig.max_chars): its name in LeadPages
     sentences: list[Sentence] = field(default_factory=list)
     para_tokens: list[int] = field(default_factory=list)  # WordPiece tokens of paragraphs[:len(para_tokens)]
     para_spans: list[TokenSpans | None] = field(default_factory=list)  # and where they are (None: not known)
     parsed: int = 0  # paragraphs parsed so far
+    english: float = 1.0  # its English ratio (1.0 when english_only is off)
 
 
 def _next_slice(art: _Article, need: int, tokenizer, chars_per_token: int) -> int:
@@ -529,7 +529,7 @@ def _possible_stops(doc, start: int, end: int, text: str | None = None) -> list[
     """Tokens inside [start, end) ending in . ! or ? before a space and a capitalised word or a number,
     or an opening bracket or quote and one ('5 plus 2. (Incidentally, ...')."""
     # A stop is a token's last character followed by its trailing space: a span without ". ", "! "
-    # or "? " has none, and most have none (walking the tokens was 0.17 s per 412 pages).
+    # or "? " has none, and most have none: searching the text is cheaper than walking the tokens.
     if end - start < 3 or not _STOP_THEN_SPACE.search(doc.text if text is None else text, doc[start].idx, doc[end - 1].idx):
         return []
     stops = []
@@ -593,39 +593,17 @@ def _parse_subjects(nlp, sentences: list[Sentence], pronouns: frozenset[str], ba
             s.subject_pronoun, s.has_subject = _subjects(doc[:], pronouns)
 
 
-def _cut_files(files: list[Path]) -> dict[tuple[str, int], Shard]:
-    """(articles file, page id) -> shard, for the articles whose text is only a lead (extract_docs' cut_articles.json)."""
-    import json
-
-    cut: dict[tuple[str, int], Shard] = {}
-    for f in files:
-        marker = f.parent / CUT_FILE
-        if marker.is_file():
-            info = json.loads(marker.read_text(encoding="utf-8"))
-            if not info.get("page_ids"):
-                continue
-            if "shard" not in info:
-                raise PipelineInputError(marker, "lists lead-only articles but not their shard (written by an older extract_docs: rerun it)")
-            shard = Shard.model_validate(info["shard"])
-            cut.update(((str(f), int(pid)), shard) for pid in info["page_ids"])
-    return cut
-
-
-def _read_whole(arts: list[_Article], funnel: Funnel, reason: str) -> None:
-    """Replace these lead-only articles' paragraphs with those of their whole page, one pass per shard."""
-    by_shard: dict[Shard, list[_Article]] = {}
+def _read_whole(arts: list[_Article], leads: LeadPages, funnel: Funnel, reason: str) -> None:
+    """Replace these lead-only articles' paragraphs with those of their whole page."""
+    texts = leads.whole_texts([art.lead for art in arts])
     for art in arts:
-        by_shard.setdefault(art.shard, []).append(art)
-    for shard, group in by_shard.items():
-        texts = whole_page_texts(shard, {a.page_id for a in group})
-        for art in group:
-            whole = _paragraphs_of(texts[art.page_id])
-            if whole[: len(art.paragraphs)] != art.paragraphs:
-                # (the lead is always the start of the whole text: should that fail, start the article again)
-                art.sentences, art.para_tokens, art.para_spans, art.parsed = [], [], [], 0
-            art.paragraphs = whole  # the sentences parsed so far are those of the whole page's first paragraphs
-            art.shard = None
-            funnel.add(LEAD_STAGE, reason)
+        whole = _paragraphs_of(texts[art.lead])
+        if whole[: len(art.paragraphs)] != art.paragraphs:
+            # (the lead is always the start of the whole text: should that fail, start the article again)
+            art.sentences, art.para_tokens, art.para_spans, art.parsed = [], [], [], 0
+        art.paragraphs = whole  # the sentences parsed so far are those of the whole page's first paragraphs
+        art.lead = None
+        funnel.add(LEAD_STAGE, reason)
 
 
 def _paragraphs_of(text: str) -> list[str]:
@@ -634,26 +612,31 @@ def _paragraphs_of(text: str) -> list[str]:
 
 def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel) -> tuple[list[list[Sentence]], bool]:
     """Consecutive documents of whole sentences; second value: the last one is still open."""
+    seen: set[str] = set()
+
+    def junk(s: Sentence) -> str | None:
+        return junk_reason(s.text, config)
+
+    def duplicate(s: Sentence) -> str | None:
+        return "duplicate_sentence" if s.text in seen else None
+
+    def too_long(s: Sentence) -> str | None:
+        return "longer_than_max_doc_tokens" if s.tokens > config.max_doc_tokens else None
+
+    records = Records(funnel, SENTENCE_STAGE)
     parts: list[list[Sentence]] = []
     cur: list[Sentence] = []
     cur_tokens = 0
-    seen: set[str] = set()
     for s in sentences:
-        reason = junk_reason(s.text, config)
-        if reason is None and s.text in seen:
-            reason = "duplicate_sentence"
-        if reason is None and s.tokens > config.max_doc_tokens:
-            reason = "longer_than_max_doc_tokens"
-        funnel.seen(SENTENCE_STAGE)
-        if reason:
-            funnel.drop(SENTENCE_STAGE, reason)
+        records.seen()
+        if not records.passes(s, junk, duplicate, too_long):
             continue
         seen.add(s.text)
         if cur_tokens + s.tokens > config.max_doc_tokens:
             parts.append(cur)
             if len(parts) == config.docs_per_article:
                 # The paper stops here: the sentence that would cross the limit ends the article.
-                funnel.drop(SENTENCE_STAGE, "beyond_max_doc_tokens")
+                records.drop("beyond_max_doc_tokens")
                 return parts, False
             cur, cur_tokens = [], 0
         cur.append(s)
@@ -665,7 +648,7 @@ def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel
 
 @stage(STAGE, UnitConfig, reads={"article_dirs_or_files": article_files},
        writes={"documents.parquet": DOCUMENTS_SCHEMA, "units.parquet": UNITS_SCHEMA},
-       code=[extract_docs_module.__file__, wikitext.__file__, shard_module.__file__])  # it may read a page whole
+       code=[extract_docs_module.__file__, wikitext.__file__, shard_module.__file__, dump_reader.__file__])  # LeadPages reads pages whole
 def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) -> dict:
     """Documents and candidate units of one shard's articles (documents.parquet, units.parquet)."""
     if config.min_unit_tokens > config.max_unit_tokens:
@@ -673,48 +656,79 @@ def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) 
     return _select(article_files(article_dirs_or_files), run, config)
 
 
-def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
-    nlp = load_nlp(config.spacy_model)
-    senter = config.sentence_splitter == "senter"
-    splitter = load_senter(config.spacy_model) if senter else nlp
-    tokenizer = load_tokenizer(config.tokenizer_path)
-    pronouns = frozenset(p.lower() for p in config.pronouns)
-    funnel = run.funnel
-    cut = _cut_files(files)
+@dataclass
+class _Models:
+    """What the stage runs, loaded once per process."""
 
+    parser: Any  # the spaCy pipeline with the dependency parser
+    splitter: Any  # what cuts paragraphs into sentences: the sentence recogniser, or the parser
+    tokenizer: Any
+    pronouns: frozenset[str]
+
+    @classmethod
+    def load(cls, config: UnitConfig) -> _Models:
+        parser = load_nlp(config.spacy_model)
+        splitter = load_senter(config.spacy_model) if config.sentence_splitter == "senter" else parser
+        return cls(parser, splitter, load_tokenizer(config.tokenizer_path), frozenset(p.lower() for p in config.pronouns))
+
+    @property
+    def boundary_parser(self):
+        """The parser that settles the recogniser's doubtful stops (None when the parser splits)."""
+        return None if self.splitter is self.parser else self.parser
+
+
+def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
+    """read -> parse in rounds -> cut documents -> emit."""
+    models = _Models.load(config)
+    leads = LeadPages(files)
+    articles = _read_articles(files, config, leads, run.funnel)
+    _parse_in_rounds(articles, models, config, leads, run.funnel)
+    documents = [_cut_documents_counted(art.sentences, models.tokenizer, config, run.funnel)[0] for art in articles]
+    # The senter splitter's sentences get a parse where the subject rule needs one:
+    # the candidates of documents long enough to be kept.
+    _parse_subjects(models.parser, [s for parts in documents for part in parts if _too_short(part, config) is None
+                                    for s in part if needs_parse(s, config, models.pronouns)], models.pronouns, config.batch_size)
+    doc_cols, unit_cols = _emit(articles, documents, config, models.pronouns, run.funnel)
+    run.info.update(documents=len(doc_cols["doc_id"]), units=len(unit_cols["doc_id"]))
+    return {"documents.parquet": doc_cols, "units.parquet": unit_cols}
+
+
+def _read_articles(files: list[Path], config: UnitConfig, leads: LeadPages, funnel: Funnel) -> list[_Article]:
+    """The articles of ``files`` that the article rules keep (English, with text)."""
+    records = Records(funnel, ARTICLE_STAGE)
     articles: list[_Article] = []
-    ratios: list[float] = []  # each article's English ratio (1.0 when english_only is off)
-    unsure: list[int] = []  # leads whose English ratio is near the threshold: decided on the whole page
     for f in files:
         table = pq.read_table(f, columns=["page_id", "revision_id", "title", "text", "source_dump"])
         for row in table.to_pylist():
-            funnel.seen(ARTICLE_STAGE)
-            art = _Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], _paragraphs_of(row["text"]),
-                           cut.get((str(f), row["page_id"])))
-            ratios.append(english_ratio(row["text"]) if config.english_only else 1.0)
-            if config.english_only and art.shard is not None and ratios[-1] < 2 * config.min_english_ratio:
-                unsure.append(len(articles))
-            articles.append(art)
-    _read_whole([articles[i] for i in unsure], funnel, "read_whole_page_for_english_ratio")
-    for i in unsure:
-        ratios[i] = english_ratio("\n\n".join(articles[i].paragraphs))
-    kept_articles = []
-    for art, ratio in zip(articles, ratios):
-        if ratio < config.min_english_ratio:
-            funnel.drop(ARTICLE_STAGE, "not_english")
-        elif not art.paragraphs:
-            funnel.drop(ARTICLE_STAGE, "empty_text")
-        else:
-            kept_articles.append(art)
-    articles = kept_articles
+            records.seen()
+            key = (str(f), row["page_id"])
+            articles.append(_Article(row["page_id"], row["revision_id"], row["title"], row["source_dump"], _paragraphs_of(row["text"]),
+                                     key if leads.is_lead(*key) else None,
+                                     english=english_ratio(row["text"]) if config.english_only else 1.0))
+    # A lead whose English ratio is near the threshold is decided on the whole page.
+    unsure = [art for art in articles if config.english_only and art.lead is not None and art.english < 2 * config.min_english_ratio]
+    _read_whole(unsure, leads, funnel, "read_whole_page_for_english_ratio")
+    for art in unsure:
+        art.english = english_ratio("\n\n".join(art.paragraphs))
 
-    # Sentences are parsed in rounds, a few paragraphs per article per round
-    # (one nlp.pipe over all articles each round), until each article's
-    # documents are closed or its text ends. A paragraph is parsed on its own,
-    # so its sentences do not depend on how many were parsed with it, and the
-    # documents are those of parsing the whole text.
+    def english(art: _Article) -> str | None:
+        return "not_english" if art.english < config.min_english_ratio else None
+
+    def has_text(art: _Article) -> str | None:
+        return None if art.paragraphs else "empty_text"
+
+    return [art for art in articles if records.passes(art, english, has_text)]
+
+
+def _parse_in_rounds(articles: list[_Article], models: _Models, config: UnitConfig, leads: LeadPages, funnel: Funnel) -> None:
+    """Parse each article's sentences until its documents are closed or its text ends.
+
+    Rounds parse a few paragraphs per article (one nlp.pipe over all articles
+    each round). A paragraph is parsed on its own, so its sentences do not
+    depend on how many were parsed with it, and the documents are those of
+    parsing the whole text. A lead-only article whose documents want more than
+    its lead is read whole and goes on."""
     need = config.max_doc_tokens * config.docs_per_article
-    results: dict[int, tuple[list[list[Sentence]], Funnel]] = {}
     todo = list(range(len(articles)))
     while todo:
         batch: list[tuple[str, int]] = []
@@ -722,49 +736,42 @@ def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
         for i in todo:
             art = articles[i]
             kept = sum(s.tokens for s in art.sentences)
-            n = _next_slice(art, max(need - kept, 0), tokenizer, config.chars_per_token_budget)
+            n = _next_slice(art, max(need - kept, 0), models.tokenizer, config.chars_per_token_budget)
             batch += [(p, i) for p in art.paragraphs[art.parsed : art.parsed + n]]
             batch_spans += art.para_spans[art.parsed : art.parsed + n]
             art.para_spans[art.parsed : art.parsed + n] = [None] * n  # (used once, by this parse)
             art.parsed += n
-        parsed = _parse(splitter, batch, pronouns, config.batch_size, nlp if senter else None, batch_spans)
-        still, short_leads = [], []
+        parsed = _parse(models.splitter, batch, models.pronouns, config.batch_size, models.boundary_parser, batch_spans)
+        more_text, short_leads = [], []
         for i in todo:
             art = articles[i]
             art.sentences += parsed.get(i, [])
-            sub = Funnel()
-            parts, still_open = _cut_documents_counted(art.sentences, tokenizer, config, sub)
-            if still_open and art.parsed < len(art.paragraphs):
-                still.append(i)  # the slice ran out before the documents were full: parse another one
-            elif still_open and art.shard is not None:
+            if not _cut_documents_counted(art.sentences, models.tokenizer, config, Funnel())[1]:
+                continue  # its documents are closed
+            if art.parsed < len(art.paragraphs):
+                more_text.append(i)  # the slice ran out before the documents were full: parse another one
+            elif art.lead is not None:
                 short_leads.append(i)  # the text was only a lead and the documents want more of the page
-            else:
-                results[i] = (parts, sub)
-        _read_whole([articles[i] for i in short_leads], funnel, "read_whole_page_for_documents")
-        todo = still + short_leads
+        _read_whole([articles[i] for i in short_leads], leads, funnel, "read_whole_page_for_documents")
+        todo = more_text + short_leads
 
-    # The senter splitter's sentences get a parse where the subject rule needs one:
-    # the candidates of documents long enough to be kept.
-    _parse_subjects(nlp, [s for parts, _ in results.values() for part in parts if _too_short(part, config) is None
-                          for s in part if needs_parse(s, config, pronouns)], pronouns, config.batch_size)
 
+def _emit(articles: list[_Article], documents: list[list[list[Sentence]]], config: UnitConfig, pronouns: frozenset[str],
+          funnel: Funnel) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """The documents' and units' columns; an article is kept when one of its documents is."""
+    records = Records(funnel, ARTICLE_STAGE)
     doc_cols: dict[str, list[Any]] = {n: [] for n in DOCUMENTS_SCHEMA.names}
     unit_cols: dict[str, list[Any]] = {n: [] for n in UNITS_SCHEMA.names}
-    for i, art in enumerate(articles):
-        parts, sub = results.pop(i)
+    for k, art in enumerate(articles):
+        parts, documents[k] = documents[k], []
         art.sentences = []
-        funnel.merge(sub)
         kept_any = False
         for part_no, part in enumerate(parts):
             if _emit_document(art, part_no, part, config, pronouns, funnel, doc_cols, unit_cols):
                 kept_any = True
-        if kept_any:
-            funnel.kept(ARTICLE_STAGE)
-        else:
-            funnel.drop(ARTICLE_STAGE, "no_document_kept")
-
-    run.info.update(documents=len(doc_cols["doc_id"]), units=len(unit_cols["doc_id"]))
-    return {"documents.parquet": doc_cols, "units.parquet": unit_cols}
+        if records.check(None if kept_any else "no_document_kept"):
+            records.kept()
+    return doc_cols, unit_cols
 
 
 def _cut_documents_counted(sentences: list[Sentence], tokenizer, config: UnitConfig, funnel: Funnel):
@@ -784,27 +791,27 @@ def _too_short(part: list[Sentence], config: UnitConfig) -> str | None:
 
 
 def _emit_document(art: _Article, part_no: int, part: list[Sentence], config: UnitConfig, pronouns, funnel: Funnel, doc_cols, unit_cols) -> bool:
-    funnel.seen(DOC_STAGE)
+    docs, units = Records(funnel, DOC_STAGE), Records(funnel, CANDIDATE_STAGE)
+    docs.seen()
     tokens = sum(s.tokens for s in part)
     funnel.add(SENTENCE_STAGE, "kept", len(part))
-    reason = _too_short(part, config)
-    if reason:
-        funnel.drop(DOC_STAGE, reason)
+    if not docs.check(_too_short(part, config)):
         return False
+
+    def candidate(s: Sentence) -> str | None:
+        return candidate_reason(s, config, pronouns)
+
     candidates = []
     for idx, s in enumerate(part):
-        funnel.seen(CANDIDATE_STAGE)
-        reason = candidate_reason(s, config, pronouns)
-        if reason:
-            funnel.drop(CANDIDATE_STAGE, reason)
-        else:
+        units.seen()
+        if units.passes(s, candidate):
             candidates.append(idx)
     if len(candidates) < config.min_candidates:
-        funnel.drop(DOC_STAGE, "too_few_candidates")
-        funnel.drop(CANDIDATE_STAGE, "in_document_with_too_few_candidates", len(candidates))
+        docs.drop("too_few_candidates")
+        units.drop("in_document_with_too_few_candidates", len(candidates))
         return False
-    funnel.kept(DOC_STAGE)
-    funnel.kept(CANDIDATE_STAGE, len(candidates))
+    docs.kept()
+    units.kept(len(candidates))
 
     doc_id = f"{art.page_id}-{part_no}"
     spans, pieces, pos = [], [], 0
