@@ -37,7 +37,14 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", PROJECT_LOGGERS)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import typing
+
 import typer
+
+from flows.profiles import DEMO_BUILD, PROFILES
+from gear_model.config import DEVICES, figures
+from tasks.rewriters.config import RewriteConfig
+from tasks.runners import RUNNERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -305,43 +312,39 @@ def start_local_api() -> LocalApi | None:
 
 
 def _api_ready() -> None:
-    """Before a flow runs: wait for the API that ``start_local_api`` started, if any."""
+    """Before a flow runs (Prefect is imported, its logging set up): wait for
+    the API that ``start_local_api`` started, if any."""
+    _quiet_explained_failures()
     if _local_api is not None:
         _local_api.wait()
 
 
+_debug = False
+
+
 @app.callback()
-def _before_any_command(ctx: typer.Context) -> None:
+def _before_any_command(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="On a failure, show the traceback (and Prefect's), not only the reason.")] = False,
+) -> None:
     """Runs before every command: the local Prefect API for a command that runs a flow
     (not for --dry-run or --help), and progress bars on stderr (ProgressArtifact)
     when it is a terminal."""
+    global _debug
+    _debug = debug
     if ctx.invoked_subcommand in _FLOW_COMMANDS and not {"--dry-run", "--help"} & set(sys.argv[1:]):
         start_local_api()
     os.environ.setdefault("GEAR_CLI_PROGRESS", "1" if sys.stderr.isatty() else "0")
 
 
-class Profile(str, Enum):
-    """flows/profiles.py: demo (the embedded run) or paper (the paper's figures, the model defaults)."""
-
-    demo = "demo"
-    paper = "paper"
-
-
-class RewriterBackend(str, Enum):
-    """RewriteConfig.backend (tests/test_cli_config.py keeps the two lists equal)."""
-
-    local = "local"
-    openai = "openai"
-    vllm = "vllm"
-
-
-class TaskRunner(str, Enum):
-    """TaskRunnerConfig.kind (tasks/runners.py)."""
-
-    threads = "threads"
-    processes = "processes"
-    dask = "dask"
-    ray = "ray"
+# The choices of the options are the models' own (their Literals), read from
+# modules that import neither Prefect nor torch, so `gear --help` stays fast.
+Profile = Enum("Profile", {name: name for name in PROFILES}, type=str)
+Profile.__doc__ = "flows/profiles.py: demo (the embedded run) or paper (the paper's figures, the model defaults)."
+RewriterBackend = Enum("RewriterBackend", {b: b for b in typing.get_args(RewriteConfig.model_fields["backend"].annotation)},
+                       type=str)
+TaskRunner = Enum("TaskRunner", {k: k for k in RUNNERS}, type=str)
+Device = Enum("Device", {d: d for d in DEVICES}, type=str)
 
 
 class Stage(str, Enum):
@@ -352,14 +355,6 @@ class Stage(str, Enum):
     rewrite_queries = "rewrite_queries"
     dedup = "dedup"
     relevance_filter = "relevance_filter"
-
-
-class Device(str, Enum):
-    """TrainParams.device."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _profile_opt(why: str):
@@ -387,9 +382,49 @@ AddressOpt = Annotated[Optional[str], typer.Option("--address", help="A running 
 
 
 def _fail(exc: BaseException) -> None:
+    """A failed run: one line with the reason; for a data condition, its funnel
+    and the rule that dropped the most; with --debug, the traceback too."""
+    from tasks.common import Funnel
+
+    if _debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    funnel = getattr(exc, "funnel", None)
+    if isinstance(funnel, Funnel):
+        reason = str(exc).splitlines()[-1].strip(" -") or type(exc).__name__
+        typer.echo(f"error: {reason}", err=True)
+        typer.echo(funnel.markdown(), err=True)
+        worst = funnel.worst_rule()
+        if worst is not None:
+            stage, rule, n, seen = worst
+            typer.echo(f"the rule that dropped the most: {stage} {rule} ({n} of {seen})", err=True)
+        raise typer.Exit(code=1)
     reason = " ".join(str(exc).split()) or type(exc).__name__
     typer.echo(f"error: {type(exc).__name__}: {reason}", err=True)
     raise typer.Exit(code=1)
+
+
+def _quiet_explained_failures() -> None:
+    """Prefect logs a failed run's exception with its traceback on the console.
+    For an error that explains itself (tasks.common.explains_itself: bad input,
+    bad config, a data condition) ``_fail`` prints the reason instead, so those
+    records stay off the console (the API's copy keeps them); --debug keeps all."""
+    import logging
+
+    from tasks.common import explains_itself
+
+    if _debug:
+        return
+
+    class Explained(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and record.exc_info[1] is not None and explains_itself(record.exc_info[1]))
+
+    loggers = [logging.getLogger()] + [logger for name, logger in logging.Logger.manager.loggerDict.items()
+                                       if name.startswith("prefect") and isinstance(logger, logging.Logger)]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, logging.StreamHandler)}:
+        handler.addFilter(Explained())
 
 
 def _bad_input(exc: BaseException) -> None:
@@ -456,7 +491,7 @@ def build_dataset(
     set_: SetOpt = None,
     dump: DumpOpt = None,
     output_dir: OutputOpt = None,
-    docs_per_article: Annotated[Optional[int], typer.Option(help="Cut each article into up to N consecutive documents (units.docs_per_article; paper 1, demo 3).")] = None,
+    docs_per_article: Annotated[Optional[int], typer.Option(help=f"Cut each article into up to N consecutive documents (units.docs_per_article; paper 1, demo {DEMO_BUILD['units']['docs_per_article']}).")] = None,
     rewriter_backend: BackendOpt = None,
     task_runner: RunnerOpt = None,
     workers: WorkersOpt = None,
@@ -496,7 +531,7 @@ def train(
     set_: SetOpt = None,
     dataset: Annotated[Optional[Path], typer.Option(help="An --output-dir of build-dataset (its latest dataset), a datasets/ folder or one version's folder. Default: latest under the output dir.")] = None,
     output_dir: OutputOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (paper 10, demo 4).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Number of epochs ({figures('epochs')}).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per node for torchrun (one per GPU).")] = None,
     device: Annotated[Optional[Device], typer.Option(help="auto: CUDA when available, else CPU; cuda: CUDA or fail.")] = None,
@@ -584,17 +619,20 @@ def pipeline(
     docs_per_article: Annotated[
         Optional[int],
         typer.Option(help="Cut each article into up to N consecutive <=500-token documents (build.units.docs_per_article). "
-                     "The paper makes one per article; the demo makes up to 3, so the 106-article embedded dump gives ~180 documents."),
+                     f"The paper makes one per article; the demo makes up to {DEMO_BUILD['units']['docs_per_article']}, so the "
+                     "106-article embedded dump gives ~180 documents."),
     ] = None,
     units_per_doc: Annotated[
-        Optional[int], typer.Option(help="Candidate units rewritten per document (build.rewrite.units_per_doc; paper 3, demo 5).")
+        Optional[int], typer.Option(help="Candidate units rewritten per document (build.rewrite.units_per_doc; "
+                                    f"paper {RewriteConfig.model_fields['units_per_doc'].default}, demo {DEMO_BUILD['rewrite']['units_per_doc']}).")
     ] = None,
     test_fraction: Annotated[
         Optional[float],
         typer.Option(help="Share of documents held out for the test split (build.triples.test_fraction). The paper holds "
-                     "out 5% of 2.3M documents; the demo holds out 40% so that the test split has 100+ queries."),
+                     f"out 5% of 2.3M documents; the demo holds out {DEMO_BUILD['triples']['test_fraction']:.0%} so that the test "
+                     "split has 100+ queries."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs; paper 10, demo 4).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Training epochs (train.epochs; {figures('epochs')}).")] = None,
     rewriter_backend: BackendOpt = None,
     task_runner: RunnerOpt = None,
     workers: WorkersOpt = None,

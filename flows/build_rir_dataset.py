@@ -10,23 +10,56 @@ content-addressed folder under ``output_dir``, retried, and locked.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.params import BuildDatasetParams
-from tasks.common import config_identity, fingerprint, publish_funnel, stop_after
+from tasks.common import Funnel, config_identity, fingerprint
 from tasks.dedup import dedup_task
 from tasks.extract_docs import extract_docs
 from tasks.relevance import relevance_filter, relevance_score
 from tasks.rewrite import rewrite_queries, shard_groups
 from tasks.runners import map_stage, task_runner
 from tasks.select_units import select_units
-from tasks.shard import shard_dump
-from tasks.write_triples import published_from_same_dump, write_triples_task
+from tasks.shard import shard_dump as plan_shards
+from tasks.write_triples import published_from, write_triples_task
 
 __all__ = ["BuildDatasetParams", "build_rir_dataset"]
+
+
+# The flow's own tasks; the stages' come from the stage runner (``<stage>.task``).
+# Planning reads the dump on this machine's CPU: nothing a retry would fix.
+shard_dump = task(plan_shards, name="shard_dump")
+
+
+@task(name="publish_funnel")
+def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, dict[str, int]]:
+    """Merge the funnel.json files of stage folders into a Prefect table artifact."""
+    funnel = Funnel.from_folders(stage_dirs)
+    create_table_artifact(funnel.rows(), key=key, description="Records kept and dropped per stage")
+    return funnel.to_dict()
+
+
+@task(name="stop-after")
+def stop_after(stage: str, folders: list[str | os.PathLike]) -> list[str]:
+    """A flow's ``until``: the stage's merged funnel as an artifact, and its folders."""
+    publish_funnel.fn(folders, key=f"until-{stage.replace('_', '-')}")
+    return [str(f) for f in folders]
+
+
+@task(name="check-new-dump")
+def published_from_same_dump(dump: str, output_dir: str) -> str | None:
+    """The refresh's check: the latest dataset if it was built from this
+    dump's content (recorded as "no new dump"), else None."""
+    found = published_from(fingerprint(dump), output_dir)
+    if found is not None:
+        create_markdown_artifact(f"No new dump: `{Path(dump).name}` has the content the latest dataset "
+                                 f"`{found.name}` was built from; nothing was rebuilt.", key="rir-refresh")
+    return str(found) if found else None
 
 
 def _lineage(params: BuildDatasetParams, dump: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from flows.profiles import fill, fill_profile
+from flows.profiles import fill, overrides
 from tasks.assets import embedded_dump_path
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvalParams
@@ -42,7 +42,8 @@ from tasks.train import TrainParams
 from tasks.write_triples import TriplesConfig
 
 
-STAGES_UNTIL = ("extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter")
+StageUntil = Literal["extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter"]
+STAGES_UNTIL: tuple[str, ...] = typing.get_args(StageUntil)
 _DUMP_SUFFIXES = (".xml", ".xml.bz2", ".bz2")
 
 
@@ -91,7 +92,7 @@ class BuildDatasetParams(BaseModel):
     runner: TaskRunnerConfig = Field(
         TaskRunnerConfig(), title="Task runner",
         description="Where extraction, unit selection and rewriting run: threads, processes, a Dask or a Ray cluster.")
-    until: Literal["extract_docs", "select_units", "rewrite_queries", "dedup", "relevance_filter"] | None = Field(
+    until: StageUntil | None = Field(
         None, title="Stop after stage",
         description="Stop after this stage and return its folders (inspect candidates before paying for LLM time). "
         "Empty: build and publish the dataset.")
@@ -99,11 +100,6 @@ class BuildDatasetParams(BaseModel):
         False, title="Only a new dump",
         description="When the dump's content fingerprint equals the one the latest published dataset was built "
         "from, record 'no new dump' and end without work (the scheduled refresh).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _profile(cls, data: Any) -> Any:
-        return fill_profile(data, "build-rir-dataset")
 
     @field_validator("dump")
     @classmethod
@@ -150,8 +146,7 @@ class PipelineParams(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _profile(cls, data: Any) -> Any:
-        data = fill_profile(data, "rir-pipeline")
+    def _evaluate_beside_the_build(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("evaluate"), dict):
             data = {**data, "evaluate": fill(data["evaluate"], _PIPELINE_EVALUATE)}
         return data
@@ -169,6 +164,11 @@ class PipelineParams(BaseModel):
 # Resolution (the CLI's --profile, --config, --set and flags).
 
 
+# The flow each parameter model is the form of (profiles are per flow).
+FLOWS: dict[type[BaseModel], str] = {BuildDatasetParams: "build-rir-dataset", TrainParams: "train-gear",
+                                     EvalParams: "evaluate-gear", PipelineParams: "rir-pipeline"}
+
+
 class ParamsError(ValueError):
     """Parameters that cannot make a run; ``lines`` is one reason per field or key."""
 
@@ -184,7 +184,7 @@ def resolve_params(
     sets: Iterable[str] = (),
     flags: Mapping[str, Any] | None = None,
 ) -> BaseModel:
-    """``model_cls`` from the layers: its defaults < ``profile`` < ``config_file`` (YAML
+    """``model_cls`` from the layers: its defaults < ``profile`` (flows/profiles.py) < ``config_file`` (YAML
     in the model's shape) < ``sets`` ("dotted.key=value", the value read as YAML)
     < ``flags`` (dotted key -> value, only the flags that were given)."""
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -201,7 +201,10 @@ def resolve_params(
     for _, layer in layers:
         data = fill(layer, data)  # a later layer wins
     if profile:
-        data["profile"] = profile  # the model's before-validator fills what is still missing
+        try:
+            data = fill(data, overrides(profile, FLOWS[model_cls]))  # the profile fills what is still missing
+        except ValueError as exc:
+            raise ParamsError([f"--profile {profile}: {exc}"]) from None
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
@@ -334,5 +337,5 @@ def dump_yaml(params: BaseModel) -> str:
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["BuildDatasetParams", "ParamsError", "PipelineParams", "dump_yaml", "format_errors", "nest", "parse_set",
+__all__ = ["FLOWS", "BuildDatasetParams", "ParamsError", "PipelineParams", "dump_yaml", "format_errors", "nest", "parse_set",
            "read_config", "resolve_params", "unknown_keys"]

@@ -7,12 +7,14 @@ are the paper's figures:
 - ``demo``: the embedded run of ``gear pipeline`` on the 106-article excerpt.
 
 ``overrides(profile, flow)`` gives them as a nested dict in the flow's
-parameter shape (the keys of its Prefect form); ``fill_profile`` is what a
-parameter model's before-validator calls when its input names a ``profile``:
-the profile's values fill only the fields that were not given. The
-deployments of prefect.yaml hold these overrides written out, so the form
-shows the values a run gets (tests/test_profiles.py keeps them equal).
+parameter shape (the keys of its Prefect form). They are applied once, where
+parameters are resolved: the CLI (flows/params.py: ``resolve_params``) fills
+the fields not given with them, and the deployments of prefect.yaml hold them
+written out, so the form shows the values a run gets (tests/test_profiles.py
+keeps them equal). The parameter models themselves know no profile, and
+nothing in tasks/ imports this module.
 
+The demo's training is ``gear_model.config.EMBEDDED``, its one definition.
 No Prefect import here, so ``gear --help`` stays fast.
 """
 
@@ -22,7 +24,7 @@ import copy
 from typing import Any
 
 PROFILES = ("demo", "paper")
-# Older names: TrainParams' ``profile: embedded`` is the demo's training.
+# Other names: ``embedded`` is the demo (its training is the embedded run).
 ALIASES = {"embedded": "demo"}
 FLOWS = ("build-rir-dataset", "train-gear", "evaluate-gear", "rir-pipeline")
 
@@ -44,24 +46,17 @@ DEMO_EVALUATE: dict[str, Any] = {"all_layers": True, "max_generation_queries": 4
 
 
 def demo_training() -> dict[str, Any]:
-    """train-gear's demo overrides: where ``TrainConfig.embedded()`` (the one
+    """train-gear's demo overrides: ``gear_model.config.EMBEDDED`` (the one
     definition of the embedded training run, chosen with
-    benchmarks/learning_curve.py) differs from the paper's ``TrainConfig()``."""
-    import dataclasses
-
-    from gear_model.config import TrainConfig
+    benchmarks/learning_curve.py) in the form's flat shape and order."""
+    from gear_model.config import EMBEDDED
     from tasks.train import TrainParams
 
-    def flat(cfg: TrainConfig) -> dict[str, Any]:
-        d = dataclasses.asdict(cfg)
-        return {**d.pop("model"), **d}
-
-    embedded, paper = flat(TrainConfig.embedded()), flat(TrainConfig())
-    changed = {k: v for k, v in embedded.items() if v != paper[k]}
-    missing = sorted(set(changed) - set(TrainParams.model_fields))
+    flat = {**EMBEDDED.get("model", {}), **{k: v for k, v in EMBEDDED.items() if k != "model"}}
+    missing = sorted(set(flat) - set(TrainParams.model_fields))
     if missing:
-        raise RuntimeError(f"TrainConfig.embedded() sets {missing}, which TrainParams cannot express")
-    return {k: changed[k] for k in TrainParams.model_fields if k in changed}  # in the form's order
+        raise RuntimeError(f"gear_model.config.EMBEDDED sets {missing}, which TrainParams cannot express")
+    return {k: copy.deepcopy(flat[k]) for k in TrainParams.model_fields if k in flat}
 
 
 def overrides(profile: str, flow: str) -> dict[str, Any]:
@@ -83,16 +78,6 @@ def overrides(profile: str, flow: str) -> dict[str, Any]:
             "evaluate": overrides(name, "evaluate-gear")}
 
 
-def fill_profile(data: Any, flow: str) -> Any:
-    """A parameter model's input with its ``profile`` key (if any) replaced by
-    that profile's values for every field not given; other input as it is."""
-    if not isinstance(data, dict) or "profile" not in data:
-        return data
-    data = dict(data)
-    name = data.pop("profile")
-    return fill(data, overrides(name, flow)) if name else data
-
-
 def fill(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``given`` with ``defaults`` under it, nested mappings merged key by key."""
     out = dict(given)
@@ -104,5 +89,4 @@ def fill(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ALIASES", "DEMO_BUILD", "DEMO_EVALUATE", "FLOWS", "PROFILES", "demo_training", "fill", "fill_profile",
-           "overrides"]
+__all__ = ["ALIASES", "DEMO_BUILD", "DEMO_EVALUATE", "FLOWS", "PROFILES", "demo_training", "fill", "overrides"]

@@ -7,11 +7,35 @@ the newest. Loss curves and progress are Prefect artifacts.
 
 from __future__ import annotations
 
-from prefect import flow
+import json
+from pathlib import Path
 
-from tasks.train import TrainParams, report_training_task, train_model_task
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.train import TrainParams, read_metrics, train_model_task
 
 __all__ = ["TrainParams", "train_gear"]
+
+
+@task(name="report-training")
+def report_training_task(model_dir: Path) -> str:
+    """Loss curves as a Prefect table artifact (at most ~200 rows) and a summary."""
+    steps = [r for r in read_metrics(model_dir) if r.get("event") == "step"]
+    stride = max(1, len(steps) // 200)
+    rows = [
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
+         if k in ("step", "epoch", "loss", "itc", "lm", "lr", "temp", "samples_per_s")}
+        for r in steps[::stride] + ([steps[-1]] if steps and (len(steps) - 1) % stride else [])
+    ]
+    create_table_artifact(rows, key="train-gear-loss", description="train-gear loss curve (loss = itc + lm_weight x lm)")
+    summary_file = Path(model_dir).parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    lines = ["# train-gear", "", f"Model: `{model_dir}`", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key="train-gear-summary", description="train-gear summary")
+    return markdown
 
 
 @flow(name="train-gear", log_prints=True)

@@ -6,8 +6,10 @@ next to every checkpoint and into the final model directory.
 
 Defaults are the paper's (Table 4, Appendix C), written once: a
 ``TrainConfig`` holds the ``GearConfig`` it trains (``model``).
-``TrainConfig.embedded()`` gives the laptop-sized run on the embedded MiniLM
-encoder.
+``EMBEDDED`` is the demo's difference from them, the laptop-sized run on the
+embedded MiniLM encoder (``TrainConfig.embedded()``); train-gear's form
+(tasks/train.py), its demo profile (flows/profiles.py) and the help texts
+read both from here (``setting``, ``figures``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 DEC_TOKEN = "[DEC]"
+# Where a run trains: auto = CUDA when available, else CPU.
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot make a run: the same on every attempt."""
 
 
 @dataclass
@@ -152,40 +161,9 @@ class TrainConfig:
 
     @classmethod
     def embedded(cls, **overrides: Any) -> TrainConfig:
-        """Sized for the embedded demo dataset (~300 triples) on 2 CPU cores in a few minutes.
-
-        Chosen with ``benchmarks/learning_curve.py`` (docs/LEARNING_CURVE.md):
-        documents at their built length (512: every unit visible), a frozen E_d
-        whose states are computed once, identity query/key projections in the
-        fusion cross-attention (a random init stays near chance in this
-        budget, with or without L_loc), the fusion at the base lr (10x and 30x
-        erode what the init gives) and 30x the lr for the decoder's new parts,
-        which start from scratch. Its localisation is the initialisation's:
-        training leaves it where step 0 puts it. ``overrides`` are
-        ``from_dict`` items (flat model names such as ``queue_size`` included).
-        The demo profile of train-gear (flows/profiles.py) is this run's
-        difference from the paper's.
-        """
-        base = dict(
-            epochs=4,
-            batch_size=8,
-            lr=1e-4,
-            lr_start=1e-6,
-            lr_end=1e-6,
-            warmup_steps=1000,
-            new_module_lr_mult=1.0,
-            decoder_lr_mult=30.0,
-            cross_attention_init="identity",
-            freeze_doc_encoder=True,
-            momentum_eval_mode=True,
-            attention_dropout=0.0,
-            eval_max_queries=200,
-            eval_generation_queries=16,
-            save_every=0,
-            keep_last=1,
-            model={"queue_size": 64, "max_query_length": 32, "max_doc_length": 512, "max_unit_length": 48},
-        )
-        return cls.from_dict(_merge(base, overrides))
+        """The demo's run (``EMBEDDED`` over the paper's defaults); ``overrides``
+        are ``from_dict`` items (flat model names such as ``queue_size`` included)."""
+        return cls.from_dict(_merge(EMBEDDED, overrides))
 
     def decoder_lr_multiplier(self) -> float:
         """The decoder's lr multiple: ``decoder_lr_mult``, or ``new_module_lr_mult`` when unset."""
@@ -230,6 +208,56 @@ class TrainConfig:
         tmp.replace(path)
 
 
+# The embedded run: sized for the embedded demo dataset (~300 triples) on 2 CPU
+# cores in a few minutes; only where it differs from the paper's defaults.
+# Chosen with ``benchmarks/learning_curve.py`` (docs/LEARNING_CURVE.md):
+# documents at their built length (the paper's 512: every unit visible), a
+# frozen E_d whose states are computed once, identity query/key projections in
+# the fusion cross-attention (a random init stays near chance in this budget,
+# with or without L_loc), the fusion at the base lr (10x and 30x erode what the
+# init gives) and 30x the lr for the decoder's new parts, which start from
+# scratch. Its localisation is the initialisation's: training leaves it where
+# step 0 puts it. The demo profile of train-gear (flows/profiles.py) is this.
+EMBEDDED: dict[str, Any] = dict(
+    epochs=4,
+    batch_size=8,
+    lr=1e-4,
+    decoder_lr_mult=30.0,
+    cross_attention_init="identity",
+    freeze_doc_encoder=True,
+    momentum_eval_mode=True,
+    attention_dropout=0.0,
+    eval_generation_queries=16,
+    save_every=0,
+    keep_last=1,
+    model={"queue_size": 64, "max_query_length": 32, "max_unit_length": 48},
+)
+
+
+def setting(config: TrainConfig, name: str) -> Any:
+    """A setting of a run by its flat name: ``TrainConfig``'s, or its model's."""
+    return getattr(config.model if name in _MODEL_KEYS else config, name)
+
+
+def words(value: Any) -> str:
+    """A setting's value as a help text writes it: on/off, 57,600, 1e-5, 0.4."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        text = f"{value:.0e}" if 0 < abs(value) < 1e-3 else f"{value:g}"
+        return text.replace("e-0", "e-")
+    return str(value)
+
+
+def figures(name: str) -> str:
+    """The paper's and the demo's value of a setting, for a help text:
+    "paper 10, demo 4", or "paper and demo 512" where they agree."""
+    paper, demo = words(setting(TrainConfig(), name)), words(setting(TrainConfig.embedded(), name))
+    return f"paper and demo {paper}" if paper == demo else f"paper {paper}, demo {demo}"
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides`` over ``base``; a flat model name (``queue_size``) lands in ``base["model"]``."""
     out = {**base, "model": dict(base.get("model") or {})}
@@ -243,4 +271,4 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DEC_TOKEN", "GearConfig", "TrainConfig"]
+__all__ = ["DEC_TOKEN", "DEVICES", "TrainConfigError", "EMBEDDED", "Device", "GearConfig", "TrainConfig", "figures", "setting", "words"]

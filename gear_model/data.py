@@ -12,6 +12,12 @@ from torch.utils.data import Dataset, DistributedSampler
 from gear_model.losses import doc_keys
 
 REQUIRED_COLUMNS = ("query", "document", "unit", "doc_id")
+
+
+class TrainingDataError(ValueError):
+    """The triples cannot train this run (a missing column, an empty value, no
+    triple that fits): the same on every attempt, so the launcher does not retry."""
+
 # Read when present: what the localisation loss (``GearConfig.loc_weight``) needs.
 SENTENCE_COLUMNS = ("sentence_spans", "unit_index")
 
@@ -87,12 +93,12 @@ class TriplesDataset(Dataset):
         table = pq.read_table(self.path)
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
         if missing:
-            raise ValueError(f"{self.path}: missing columns {missing} (has {table.column_names})")
+            raise TrainingDataError(f"{self.path}: missing columns {missing} (has {table.column_names})")
         cols = {c: table.column(c).to_pylist() for c in REQUIRED_COLUMNS}
         for c, values in cols.items():
             bad = [i for i, v in enumerate(values) if not v]
             if bad:
-                raise ValueError(f"{self.path}: row {bad[0]} has an empty {c!r} ({len(bad)} such rows)")
+                raise TrainingDataError(f"{self.path}: row {bad[0]} has an empty {c!r} ({len(bad)} such rows)")
         rows = list(zip(*(cols[c] for c in REQUIRED_COLUMNS), strict=True))
         self.has_sentences = all(c in table.column_names for c in SENTENCE_COLUMNS)
         if self.has_sentences:
@@ -127,7 +133,7 @@ class TriplesDataset(Dataset):
                 start = document.find(unit)
                 end = start + len(unit) if start >= 0 else 0
             if start < 0 or document[start:end] != unit:
-                raise ValueError(f"{self.path}: row {i}: the unit is not found at its span in the document")
+                raise TrainingDataError(f"{self.path}: row {i}: the unit is not found at its span in the document")
             offsets = doc_offsets[document]
             window = unit_window(offsets, start, end, budget, seed=i)
             if window is None:

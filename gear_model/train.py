@@ -10,6 +10,11 @@ The config is a JSON ``TrainConfig`` (``--set key=value`` overrides a field;
 Rank 0 writes one JSON object per line to ``<output_dir>/metrics.jsonl``
 (``event`` = start | step | checkpoint | done) and the final model to
 ``<output_dir>/model`` (``GearModel.save_pretrained`` + train_config.json).
+
+A run that fails the same way on every attempt says so: bad triples exit with
+``EXIT_DATA`` and bad settings with ``EXIT_CONFIG``, after an ``error`` event
+(``kind`` data | config) in metrics.jsonl, which is what the launcher reads
+(torchrun reports any failing worker as exit 1).
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from gear_model.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gear_model.config import GearConfig, TrainConfig
-from gear_model.data import Collate, ResumableSampler, TriplesDataset
+from gear_model.config import GearConfig, TrainConfig, TrainConfigError
+from gear_model.data import Collate, ResumableSampler, TrainingDataError, TriplesDataset
 from gear_model.heldout import HeldOut
 from gear_model.losses import GearPretrainer
 from gear_model.model import GearModel
 
 METRICS_FILE = "metrics.jsonl"
+# Exit statuses of a failure that another attempt would repeat (sysexits.h's EX_DATAERR and EX_CONFIG).
+EXIT_DATA = 65
+EXIT_CONFIG = 78
 MODEL_DIR = "model"
 
 
@@ -113,7 +121,7 @@ def override_dropout(model: GearModel, cfg: TrainConfig) -> None:
 def use_cuda_for(device: str) -> bool:
     """Whether a run on ``device`` (auto | cpu | cuda) uses CUDA; ``cuda`` without CUDA is an error, not CPU."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        raise TrainConfigError(f"device must be auto, cpu or cuda, not {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             "device is 'cuda' but CUDA is not available here (torch "
@@ -149,7 +157,7 @@ def train(cfg: TrainConfig) -> Path:
 
     global_batch = cfg.batch_size * world
     if cfg.model.queue_size % global_batch:
-        raise ValueError(
+        raise TrainConfigError(
             f"queue_size {cfg.model.queue_size} must be divisible by the global batch "
             f"{global_batch} (batch_size {cfg.batch_size} x {world} processes)"
         )
@@ -169,7 +177,7 @@ def train(cfg: TrainConfig) -> Path:
     # ---------------------------------------------------------------- data
     dataset = TriplesDataset(cfg.dataset, model.tokenizer, cfg.model.max_doc_length, cfg.model.max_unit_length)
     if len(dataset) == 0:
-        raise ValueError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
+        raise TrainingDataError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
     # A contrastive-only run never trains its fusion, so it has no localisation to follow.
     heldout = (
         HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed)
@@ -186,7 +194,7 @@ def train(cfg: TrainConfig) -> Path:
     micro_per_epoch = len(dataset) // world // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise TrainingDataError(
             f"{len(dataset)} triples give no full step of {global_batch * cfg.grad_accum} "
             f"(batch_size x processes x grad_accum)"
         )
@@ -416,7 +424,18 @@ def main(argv: list[str] | None = None) -> None:
             fields.setdefault("model", {})[key.removeprefix("model.")] = value
         else:
             fields[key] = value
-    train(TrainConfig.from_dict(fields))
+    cfg = TrainConfig.from_dict(fields)
+    try:
+        train(cfg)
+    except (TrainingDataError, TrainConfigError) as exc:
+        kind, status = ("data", EXIT_DATA) if isinstance(exc, TrainingDataError) else ("config", EXIT_CONFIG)
+        if int(os.environ.get("RANK", "0")) == 0:
+            out_dir = Path(cfg.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with (out_dir / METRICS_FILE).open("a") as fh:
+                fh.write(json.dumps({"event": "error", "kind": kind, "message": str(exc)}) + "\n")
+        print(f"{kind} error: {exc}", file=sys.stderr)
+        sys.exit(status)
 
 
 if __name__ == "__main__":

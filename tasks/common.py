@@ -1,7 +1,10 @@
 """Helpers shared by every stage: atomic writes, content fingerprints and
 stable hashes, config identity (what a cache key hashes), completion
-markers and the drop-reason funnel. The stage runner (tasks/stage.py) puts
-them together; a stage body rarely needs more than ``Funnel``.
+markers, the drop-reason funnel and the error classes that say whether a
+retry can help. The stage runner (tasks/stage.py) puts them together; a
+stage body rarely needs more than ``Funnel``.
+
+No Prefect import: a stage core runs, and its tests run, without Prefect.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 from collections import defaultdict
@@ -21,8 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -56,8 +58,16 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
+# --------------------------------------------------------------------------
+# Errors. ``retryable`` says whether another attempt can succeed: the stage
+# runner's retry condition (tasks/stage.py) reads it, so a stage that retries
+# (an endpoint, a GPU run) does not repeat a failure that is the same every time.
+
+
 class PipelineInputError(RuntimeError):
     """Bad input: names the file, the record where known, and the reason."""
+
+    retryable = False
 
     def __init__(self, path: str | os.PathLike, reason: str, record: str | None = None):
         self.path = str(path)
@@ -65,6 +75,30 @@ class PipelineInputError(RuntimeError):
         self.reason = reason
         where = f"{self.path} ({record})" if record else self.path
         super().__init__(f"{where}: {reason}")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot make a run: it fails the same way on every attempt."""
+
+    retryable = False
+
+
+def explains_itself(exc: BaseException) -> bool:
+    """Whether an error's message is the whole story for the person who ran the
+    pipeline (bad input, bad config, a data condition with its funnel), so the
+    CLI prints it without a traceback; anything else is a bug to trace."""
+    return isinstance(exc, (PipelineInputError, ConfigError)) or isinstance(getattr(exc, "funnel", None), Funnel)
+
+
+def in_prefect_run(task_only: bool = False) -> bool:
+    """Whether this code runs inside a Prefect task run (or, unless
+    ``task_only``, a flow run). A process that has not imported Prefect is in
+    none, so a plain core never imports it to find out."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or (not task_only and FlowRunContext.get() is not None)
 
 
 # --------------------------------------------------------------------------
@@ -311,25 +345,23 @@ class Funnel:
                 out.append({"stage": stage, "count": key, "n": n})
         return out
 
+    def worst_rule(self) -> tuple[str, str, int, int] | None:
+        """(stage, reason, dropped, input) of the drop rule that removed the
+        largest share of its stage's input records (the earliest stage on a
+        tie); None when no rule dropped any. Stages that count no input (the
+        paragraph rules of clean_wikitext) are not records and do not compete."""
+        worst, share = None, 0.0
+        for stage, reasons in self.counts.items():
+            seen = reasons.get("input", 0)
+            for key, n in sorted(reasons.items()):
+                if seen and n and key.startswith("dropped:") and n / seen > share:
+                    worst, share = (stage, key.removeprefix("dropped:"), n, seen), n / seen
+        return worst
+
     def markdown(self) -> str:
         lines = ["| stage | count | n |", "|---|---|---:|"]
         lines += [f"| {r['stage']} | {r['count']} | {r['n']} |" for r in self.rows()]
         return "\n".join(lines)
-
-
-@task(name="publish_funnel")
-def publish_funnel(stage_dirs: list[str | os.PathLike], key: str) -> dict[str, dict[str, int]]:
-    """Merge the funnel.json files of stage folders into a Prefect table artifact."""
-    funnel = Funnel.from_folders(stage_dirs)
-    create_table_artifact(funnel.rows(), key=key, description="Records kept and dropped per stage")
-    return funnel.to_dict()
-
-
-@task(name="stop-after")
-def stop_after(stage: str, folders: list[str | os.PathLike]) -> list[str]:
-    """A flow's ``until``: the stage's merged funnel as an artifact, and its folders."""
-    publish_funnel.fn(folders, key=f"until-{stage.replace('_', '-')}")
-    return [str(f) for f in folders]
 
 
 class ProgressArtifact:
@@ -343,17 +375,13 @@ class ProgressArtifact:
     CLI_ENV = "GEAR_CLI_PROGRESS"
 
     def __init__(self, description: str, step: float = 1.0):
-        from prefect.context import TaskRunContext
-
         self.step, self.shown, self.id, self.bar = step, 0.0, None, None
         self.label = description
-        if TaskRunContext.get() is not None:
+        if in_prefect_run(task_only=True):
             from prefect.artifacts import create_progress_artifact
 
             self.id = create_progress_artifact(0.0, description=description)
         if os.environ.get(self.CLI_ENV) == "1":
-            import sys
-
             from tqdm import tqdm
 
             # Drawn on the stderr of the moment (the CLI's terminal); tqdm redraws at most 10 times a second.

@@ -220,7 +220,8 @@ class RelevanceScorer:
 
 @stage(SCORE_STAGE, RelevanceConfig, key=RelevanceConfig.scoring_identity,
        reads={"units_dirs": ["documents.parquet"], "dedup_dir": ["queries.parquet"]},
-       writes={"scored.parquet": SCORED_SCHEMA})
+       writes={"scored.parquet": SCORED_SCHEMA},
+       retries=1)  # a hub download or a GPU out of memory may pass on a second attempt
 def relevance_score(run: StageRun, units_dirs, dedup_dir, config: RelevanceConfig) -> dict:
     """scored.parquet: every query of these documents (one shard's, when
     mapped) with its document's cosine score. Only those queries are read

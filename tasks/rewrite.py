@@ -245,7 +245,7 @@ def using_rewriter(rewriter: Rewriter | None = None, on_progress: Callable[[int,
 
 @stage(STAGE, RewriteConfig, key=cache_config, reads={"units_dirs": _units_files},
        writes={"queries.parquet": QUERIES_SCHEMA, "rejected.parquet": REJECTED_SCHEMA},
-       code=_BACKEND_CODE, resumable=True, retry_delay_seconds=[30, 120])
+       code=_BACKEND_CODE, resumable=True, retries=2, retry_delay_seconds=[30, 120])  # an LLM endpoint: a retry resumes
 def rewrite_queries(run: StageRun, units_dirs, config: RewriteConfig) -> dict:
     """Rewrite sampled units of every input shard (the configured backend is built once)."""
     units_dirs = as_paths(units_dirs)

@@ -16,13 +16,15 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.stage import Stage
+if TYPE_CHECKING:  # the `gear` CLI reads the runner kinds without loading the stage runner
+    from tasks.stage import Stage
 
-RUNNERS = ("threads", "processes", "dask", "ray")
+RunnerKind = Literal["threads", "processes", "dask", "ray"]
+RUNNERS: tuple[str, ...] = get_args(RunnerKind)
 
 
 # For deployments: the work pool's environment picks the runner (a field given explicitly wins).
@@ -32,7 +34,7 @@ _ENV = {"kind": "GEAR_TASK_RUNNER", "workers": "GEAR_WORKERS", "address": "GEAR_
 class TaskRunnerConfig(BaseModel):
     """Where the mapped stages (extraction, unit selection, rewriting, relevance scoring) run."""
 
-    kind: Literal["threads", "processes", "dask", "ray"] = Field(
+    kind: RunnerKind = Field(
         "threads",
         description="threads: one process, bounded threads; processes: worker processes on this machine "
         "(spaCy and the tokenizer load once per worker); dask / ray: a cluster (a running one at `address`, "

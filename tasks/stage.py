@@ -24,9 +24,12 @@ The runner owns the rest:
   resumes from the files it left there); returned tables are written with their
   schema, atomically, then the funnel, fsync, the marker, and one rename makes
   the folder visible complete;
-- one Prefect task per stage: one name, one retry policy (bad input and bad
-  config fail at once), one cache key (the folder, trusted only while its
-  marker is on disk);
+- one Prefect task per stage (``stage.task``, made on first use, so a stage
+  module imports no Prefect): one name, one cache key (the folder, trusted
+  only while its marker is on disk), one retry policy. A stage retries only
+  when it declares ``retries`` (an endpoint, a GPU run: what another attempt
+  can fix); pure-CPU stages fail at once. Even then an error whose class says
+  it is final (bad input, bad config, a bug) is not retried;
 - ``publish``: what must happen on every run, cache hit or miss (moving a
   LATEST pointer, showing artifacts). Prefect skips a cached task's body, so
   the runner calls it from an on-completion hook on a cache hit.
@@ -51,6 +54,7 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.common import (
     SUCCESS_MARKER,
+    ConfigError,
     Funnel,
     PipelineInputError,
     config_identity,
@@ -71,8 +75,8 @@ DEFAULT_WORK_DIR = "data"
 PARTIAL_SUFFIX = ".partial"
 
 
-class StageConfigError(ValueError):
-    """A configuration that fails the same way on every attempt (not retried)."""
+class StageConfigError(ConfigError):
+    """A stage's declaration or config that fails the same way on every attempt (not retried)."""
 
 
 @dataclass
@@ -86,17 +90,57 @@ class StageRun:
     info: dict[str, Any] = field(default_factory=dict)  # extra facts for the marker
 
 
+# Errors that are the same on every attempt unless their class says otherwise
+# (``retryable``): bad values and programming errors. OSError, MemoryError and
+# RuntimeError (a lost connection, an out-of-memory GPU, a crashed trainer) may
+# pass on another attempt.
+_FINAL = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError, AssertionError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt can succeed: the exception's ``retryable``
+    where its class says (tasks/common.py), else False for bad values and bugs."""
+    retryable = getattr(exc, "retryable", None)
+    if retryable is not None:
+        return bool(retryable)
+    return not isinstance(exc, _FINAL)  # pydantic.ValidationError is a ValueError
+
+
 def retry_unless_final(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: bad input and bad config fail the same
-    way every time, so they fail at once; anything else (I/O, an endpoint,
-    memory) may pass on a retry."""
+    """Prefect ``retry_condition_fn``: retry only what ``is_retryable`` allows."""
     try:
         state.result()
-    except (PipelineInputError, StageConfigError, ValidationError):
-        return False
     except Exception as exc:  # noqa: BLE001 - classify, do not handle
-        return getattr(exc, "retryable", True)
+        return is_retryable(exc)
     return True
+
+
+class PrefectTask:
+    """A Prefect task made on first use. A stage module names its task
+    (``dedup_task = dedup.task``) without importing Prefect; the flow that
+    calls it, or reads one of its attributes, builds it."""
+
+    def __init__(self, make: Callable[[], Any], stage: Stage):
+        self._make = make
+        self._stage = stage
+
+    @cached_property
+    def task(self) -> Any:
+        return self._make()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.task(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def __reduce__(self):
+        return (_import_stage_task, (self._stage.module, self._stage.attr))
+
+    def __repr__(self) -> str:
+        return f"<Prefect task of {self._stage!r}>"
 
 
 class Stage:
@@ -120,7 +164,7 @@ class Stage:
         resumable: bool = False,
         publish: Callable[[Path], None] | None = None,
         task_run_name: str | None = None,
-        retries: int = 2,
+        retries: int = 0,
         retry_delay_seconds: float | list[float] = 5,
     ):
         self.name = name
@@ -288,8 +332,11 @@ class Stage:
 
     # -- Prefect
     @cached_property
-    def task(self):
-        """The Prefect task of this stage."""
+    def task(self) -> PrefectTask:
+        """The Prefect task of this stage (Prefect is imported when a flow first uses it)."""
+        return PrefectTask(self._prefect_task, self)
+
+    def _prefect_task(self):
         from prefect import task
 
         stage = self
@@ -370,6 +417,10 @@ def _import_stage(module: str, attr: str) -> Stage:
     return getattr(importlib.import_module(module), attr)
 
 
+def _import_stage_task(module: str, attr: str) -> PrefectTask:
+    return _import_stage(module, attr).task
+
+
 def remove_temporaries(folder: Path) -> int:
     """Delete the temporary files a killed write left (``.<name>.*.tmp``)."""
     n = 0
@@ -380,4 +431,5 @@ def remove_temporaries(folder: Path) -> int:
     return n
 
 
-__all__ = ["DEFAULT_WORK_DIR", "SUCCESS_MARKER", "Stage", "StageConfigError", "StageRun", "retry_unless_final", "stage"]
+__all__ = ["DEFAULT_WORK_DIR", "SUCCESS_MARKER", "PrefectTask", "Stage", "StageConfigError", "StageRun", "is_retryable",
+           "retry_unless_final", "stage"]

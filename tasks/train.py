@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from prefect import task
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
-from tasks.common import ProgressArtifact, is_complete, write_text
+from gear_model.config import EMBEDDED, Device, TrainConfig, figures, setting, words
+from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
 from tasks.contracts import LATEST, dataset_file
 from tasks.stage import StageRun, stage
 
@@ -49,15 +49,26 @@ _NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every
 _LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout"})
 
 
+# The paper's run: every default of the form below is read from it (written once, in gear_model/config.py).
+_PAPER = TrainConfig()
+# BERT's dropout on attention probabilities: TrainConfig leaves it to the
+# checkpoint (None), which a form cannot show, so the form writes BERT's value.
+BERT_ATTENTION_DROPOUT = 0.1
+
+
+def _paper(name: str) -> Any:
+    return setting(_PAPER, name)
+
+
 class TrainParams(BaseModel):
     """Parameters of a GeAR training run (the train-gear form).
 
-    The defaults are the paper's (Table 4: 10 epochs, batch 16 per device,
-    length 512, lr 1e-5, queue 57,600, random cross-attention init, every
-    encoder trained). The ``demo`` profile (flows/profiles.py: the embedded
-    run, ``TrainConfig.embedded()``) is a set of overrides of them; as input,
-    ``profile: demo`` (or its old name ``embedded``; ``paper``) fills in the
-    profile's values of every field not given.
+    The defaults are the paper's (Table 4), read from
+    ``gear_model.config.TrainConfig``; every field but the launcher's
+    (``_LAUNCH_ONLY``) is a ``TrainConfig`` or ``GearConfig`` setting of the
+    same name. The ``demo`` profile is ``gear_model.config.EMBEDDED``; the CLI
+    and the deployments apply a profile before these parameters are validated
+    (flows/params.py: ``resolve_params``).
     """
 
     dataset: str | None = Field(
@@ -71,53 +82,79 @@ class TrainParams(BaseModel):
         description="BERT checkpoint folder to initialise every part (production: a bert-base-uncased folder), "
         "or a GeAR model folder to continue from. Empty: the embedded all-MiniLM-L6-v2.",
     )
-    epochs: int = Field(10, ge=1, le=1000, description="Epochs (paper 10, demo 4).")
-    batch_size: int = Field(16, ge=1, le=4096, description="Triples per device per micro-step (paper 16, demo 8).")
-    grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
-    lr: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate after warm-up (paper 1e-5, demo 1e-4).")
-    warmup_steps: int = Field(1000, ge=0, description="Warm-up steps from 1e-6 (paper 1,000; capped at 10% of the run).")
-    lm_weight: float = Field(1.0, ge=0, le=100, description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
+    epochs: int = Field(_paper("epochs"), ge=1, le=1000, description=f"Epochs ({figures('epochs')}).")
+    batch_size: int = Field(
+        _paper("batch_size"), ge=1, le=4096, description=f"Triples per device per micro-step ({figures('batch_size')}).")
+    grad_accum: int = Field(_paper("grad_accum"), ge=1, le=1024, description="Gradient accumulation micro-steps per optimizer step.")
+    lr: float = Field(_paper("lr"), gt=0, le=1.0, description=f"Peak learning rate after warm-up ({figures('lr')}).")
+    warmup_steps: int = Field(
+        _paper("warmup_steps"), ge=0,
+        description=f"Warm-up steps from {words(_paper('lr_start'))} ({figures('warmup_steps')}; capped at "
+        f"{_paper('warmup_frac'):.0%} of the run).")
+    lm_weight: float = Field(
+        _paper("lm_weight"), ge=0, le=100,
+        description="Weight of the LM loss; 0 trains the contrastive-only baseline (GeAR w/o L_LM).")
     loc_weight: float = Field(
-        0.0, ge=0, le=100,
+        _paper("loc_weight"), ge=0, le=100,
         description="Weight of the optional localisation loss L_loc (not in the paper; 0 = off): cross-entropy of the "
         "unit among its document's sentences, scored by the localisation layer's attention mass per token.")
     lm_label_smoothing: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Label smoothing of the LM targets (paper 0; BLIP 0.1).")
-    queue_size: int = Field(57_600, ge=0, description="Momentum feature queue (paper 57,600, demo 64); must divide by batch_size x processes.")
-    max_query_length: int = Field(512, ge=8, le=512, description="Query tokens (paper 512, demo 32).")
-    max_doc_length: int = Field(512, ge=8, le=512, description="Document tokens (paper and demo 512: the documents are built up to 500; a unit beyond it is windowed in).")
-    max_unit_length: int = Field(512, ge=8, le=512, description="Unit (generation target) tokens (paper 512, demo 48).")
-    max_steps: int = Field(0, ge=0, description="If > 0, train at most this many optimizer steps (the lr schedule follows).")
-    save_every: int = Field(1000, ge=0, description="Checkpoint every N optimizer steps (0: epoch ends only; demo 0).")
-    keep_last: int = Field(2, ge=1, le=1000, description="Checkpoints kept in the run folder (demo 1).")
+        _paper("lm_label_smoothing"), ge=0.0, lt=1.0,
+        description=f"Label smoothing of the LM targets ({figures('lm_label_smoothing')}; BLIP 0.1).")
+    queue_size: int = Field(
+        _paper("queue_size"), ge=0,
+        description=f"Momentum feature queue ({figures('queue_size')}); must divide by batch_size x processes.")
+    max_query_length: int = Field(
+        _paper("max_query_length"), ge=8, le=512, description=f"Query tokens ({figures('max_query_length')}).")
+    max_doc_length: int = Field(
+        _paper("max_doc_length"), ge=8, le=512,
+        description=f"Document tokens ({figures('max_doc_length')}: the documents are built up to 500; a unit "
+        "beyond it is windowed in).")
+    max_unit_length: int = Field(
+        _paper("max_unit_length"), ge=8, le=512,
+        description=f"Unit (generation target) tokens ({figures('max_unit_length')}).")
+    max_steps: int = Field(
+        _paper("max_steps"), ge=0, description="If > 0, train at most this many optimizer steps (the lr schedule follows).")
+    save_every: int = Field(
+        _paper("save_every"), ge=0,
+        description=f"Checkpoint every N optimizer steps (0: epoch ends only; {figures('save_every')}).")
+    keep_last: int = Field(
+        _paper("keep_last"), ge=1, le=1000, description=f"Checkpoints kept in the run folder ({figures('keep_last')}).")
     momentum_eval_mode: bool = Field(
-        False, description="Momentum encoders run without dropout (faster on CPU; off = BLIP, paper). Demo: on.")
+        _paper("momentum_eval_mode"),
+        description=f"Momentum encoders run without dropout (faster on CPU; off = BLIP; {figures('momentum_eval_mode')}).")
     attention_dropout: float = Field(
-        0.1, ge=0.0, lt=1.0,
-        description="Dropout on attention probabilities (BERT's and the paper's 0.1; demo 0, measured faster on CPU).")
+        BERT_ATTENTION_DROPOUT, ge=0.0, lt=1.0,
+        description=f"Dropout on attention probabilities (BERT's and the paper's {BERT_ATTENTION_DROPOUT}; demo "
+        f"{EMBEDDED['attention_dropout']:g}, measured faster on CPU).")
     new_module_lr_mult: float = Field(
-        1.0, gt=0, le=1000,
-        description="Learning rate of the newly initialised fusion cross-attention as a multiple of lr (paper 1; "
-        "demo 1, chosen with benchmarks/learning_curve.py).")
+        _paper("new_module_lr_mult"), gt=0, le=1000,
+        description="Learning rate of the newly initialised fusion cross-attention as a multiple of lr "
+        f"({figures('new_module_lr_mult')}, chosen with benchmarks/learning_curve.py).")
     decoder_lr_mult: float = Field(
-        1.0, gt=0, le=1000,
+        _PAPER.decoder_lr_multiplier(), gt=0, le=1000,
         description="Learning rate of the decoder's new parts (its cross-attention, and its LM-head transform and "
         "bias when the init checkpoint has no MLM head) as a multiple of lr; its loaded body and word embeddings "
-        "train at lr (paper 1; demo 30, chosen with benchmarks/learning_curve.py).")
+        f"train at lr (paper {_PAPER.decoder_lr_multiplier():g}; demo {EMBEDDED['decoder_lr_mult']:g}, chosen "
+        "with benchmarks/learning_curve.py).")
     freeze_doc_encoder: bool = Field(
-        False, description="Keep the document encoder as initialised (no gradient, no momentum copy). Paper: off; demo: on.")
+        _paper("freeze_doc_encoder"),
+        description=f"Keep the document encoder as initialised (no gradient, no momentum copy; {figures('freeze_doc_encoder')}).")
     cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
-        "random", description="Fusion cross-attention init: random (BERT init, as BLIP; paper), a copy of the "
-        "query encoder's self-attention of the same layer, or identity query/key projections (attention starts as "
-        "token-state similarity; demo).")
+        _paper("cross_attention_init"),
+        description="Fusion cross-attention init: random (BERT init, as BLIP), a copy of the query encoder's "
+        "self-attention of the same layer, or identity query/key projections (attention starts as token-state "
+        f"similarity) ({figures('cross_attention_init')}).")
     eval_every: int = Field(
-        0, ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
+        _paper("eval_every"), ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
     eval_heldout: bool = Field(
         True, description="Score localisation (and ROUGE on a few queries) on the dataset's test split at every "
         "epoch end, for the per-epoch curves of the report (paper Fig. 4a/b).")
     eval_generation_queries: int = Field(
-        32, ge=0, le=10_000, description="Held-out queries whose unit is generated and scored by ROUGE at each evaluation (demo 16).")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+        _paper("eval_generation_queries"), ge=0, le=10_000,
+        description="Held-out queries whose unit is generated and scored by ROUGE at each evaluation "
+        f"({figures('eval_generation_queries')}).")
+    seed: int = Field(_paper("seed"), description="Seed for initialisation, data order and dropout.")
     # The GPU layout defaults come from the worker's environment, so the job
     # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
     # torchrun; the factory runs where the run's parameters are validated (the
@@ -135,16 +172,9 @@ class TrainParams(BaseModel):
         default_factory=lambda: TrainParams._from_env("GEAR_RDZV_ENDPOINT", ""), validate_default=True,
         description="host:port of the c10d rendezvous for multi-node runs (empty: single node). Default: "
         "GEAR_RDZV_ENDPOINT of the worker's environment (the gear-gpu pool's rdzv_endpoint), else empty.")
-    resume: bool = Field(True, description="Resume from the run's latest checkpoint if there is one.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo); cuda: CUDA or fail; cpu: CPU.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _profile(cls, data: Any) -> Any:
-        from flows.profiles import fill_profile
-
-        return fill_profile(data, "train-gear")
+    resume: bool = Field(_paper("resume"), description="Resume from the run's latest checkpoint if there is one.")
+    device: Device = Field(
+        _paper("device"), description="auto: CUDA (NCCL, bf16) when available, else CPU (gloo); cuda: CUDA or fail; cpu: CPU.")
 
     # Fields whose default is read from an environment variable when it is set
     # (and not empty): the Prefect form shows no default for them.
@@ -157,25 +187,17 @@ class TrainParams(BaseModel):
         value = os.environ.get(name, "").strip()
         return value if value else fallback
 
-    def train_config(self, dataset_file: Path, run_dir: Path) -> Any:
-        """The resolved ``gear_model.config.TrainConfig`` of this run: every field of the same name
-        (``TrainConfig``'s, or its ``model``'s ``GearConfig``), plus the resolved paths."""
-        import dataclasses
-
-        from gear_model.config import GearConfig, TrainConfig
-
-        model_names = {f.name for f in dataclasses.fields(GearConfig)}
-        values = self.model_dump(exclude=_LAUNCH_ONLY)
-        fields: dict[str, Any] = {k: v for k, v in values.items() if k not in model_names}
-        fields["model"] = {k: v for k, v in values.items() if k in model_names}
+    def train_config(self, dataset_file: Path, run_dir: Path) -> TrainConfig:
+        """The resolved ``TrainConfig`` of this run: every field of the same name
+        (``TrainConfig``'s, or its model's ``GearConfig``), plus the resolved paths."""
         heldout = dataset_file.with_name("test.parquet")
-        fields.update(
-            eval_file=str(heldout) if self.eval_heldout and heldout.is_file() else "",
-            dataset=str(dataset_file),
-            init_checkpoint=str(self.init_checkpoint or _embedded_encoder()),
-            output_dir=str(run_dir),
-        )
-        return TrainConfig.from_dict(fields)
+        return TrainConfig.from_dict({
+            **self.model_dump(exclude=_LAUNCH_ONLY),  # from_dict routes the model's names to ``model``
+            "eval_file": str(heldout) if self.eval_heldout and heldout.is_file() else "",
+            "dataset": str(dataset_file),
+            "init_checkpoint": str(self.init_checkpoint or _embedded_encoder()),
+            "output_dir": str(run_dir),
+        })
 
     @property
     def world_size(self) -> int:
@@ -237,7 +259,7 @@ def torchrun_command(params: TrainParams, config_file: Path) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.nproc_per_node}"]
     if params.nnodes > 1:
         if not params.rdzv_endpoint:
-            raise ValueError("a multi-node run needs rdzv_endpoint (host:port)")
+            raise ConfigError("a multi-node run needs rdzv_endpoint (host:port)")
         cmd += [f"--nnodes={params.nnodes}", f"--node_rank={params.node_rank}", "--rdzv_backend=c10d",
                 f"--rdzv_endpoint={params.rdzv_endpoint}", "--rdzv_id=gear-train"]
     else:
@@ -290,10 +312,11 @@ def run_training(
 
 
 def _default_callbacks() -> tuple[Callable[[str], None], Callable[[dict[str, Any]], None], dict[str, str]]:
-    from prefect.context import TaskRunContext
-    from prefect.logging import get_run_logger
+    on_log = print
+    if in_prefect_run(task_only=True):
+        from prefect.logging import get_run_logger
 
-    on_log = get_run_logger().info if TaskRunContext.get() is not None else print
+        on_log = get_run_logger().info
     progress = ProgressArtifact("train-gear: optimizer steps done (%)")
 
     def on_metrics(record: dict[str, Any]) -> None:
@@ -328,7 +351,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @stage(STAGE, TrainParams, key=_run_identity, key_files=_run_inputs, folder=_run_folder,
        work_dir_from=lambda params: params.output_dir, in_place=True,
-       publish=_point_latest, code=sorted(_GEAR_MODEL.glob("*.py")), retry_delay_seconds=10)
+       publish=_point_latest, code=sorted(_GEAR_MODEL.glob("*.py")),
+       retries=2, retry_delay_seconds=10)  # a lost node or a GPU out of memory: a retry resumes from the checkpoint
 def train_model(run: StageRun, params: TrainParams) -> dict:
     """A GeAR run under torchrun in ``<output_dir>/models/<key>``: resumed from
     its latest checkpoint when one is there (so a task retry resumes too)."""
@@ -342,7 +366,7 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
 
     global_batch = config.batch_size * params.world_size
     if config.queue_size % global_batch:
-        raise ValueError(f"queue_size {config.queue_size} is not divisible by the global batch {global_batch}")
+        raise ConfigError(f"queue_size {config.queue_size} is not divisible by the global batch {global_batch}")
 
     built = dataset_doc_tokens(train_file)
     if built is not None and config.max_doc_length < built + 2:
@@ -387,6 +411,8 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
         raise
     reader.join(timeout=10)
     if proc.returncode != 0:
+        _raise_trainer_error(records, train_file)
+        # Anything else (a lost node, CUDA out of memory, a killed process) may pass on a retry, which resumes.
         raise RuntimeError(f"training failed (exit {proc.returncode}); last lines:\n" + "\n".join(last_lines))
     if params.node_rank > 0:
         return {}  # rank 0's node writes the model
@@ -398,6 +424,22 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
     evals = [r for r in records if r.get("event") == "eval"]
     run.info.update(model_dir=str(model_dir), steps=done[-1]["step"])
     return {"summary.json": summarise(steps, done[-1], start, evals)}
+
+
+class TrainingDataError(PipelineInputError):
+    """The trainer refused the dataset (gear_model.data.TrainingDataError): not retried."""
+
+
+def _raise_trainer_error(records: list[dict[str, Any]], train_file: Path) -> None:
+    """The trainer's own account of a failure that another attempt would repeat
+    (its ``error`` event: bad triples or bad settings), raised as a final error."""
+    error = next((r for r in reversed(records) if r.get("event") == "error"), None)
+    if error is None:
+        return
+    if error.get("kind") == "data":
+        message = error.get("message") or "the trainer refused the triples"
+        raise TrainingDataError(train_file, message.removeprefix(f"{train_file}: "))
+    raise ConfigError(error.get("message", "the trainer refused its config"))
 
 
 def summarise(steps: list[dict[str, Any]], done: dict[str, Any], start: dict[str, Any] | None = None,
@@ -426,30 +468,4 @@ def read_metrics(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------
-# Prefect tasks.
-
-
 train_model_task = train_model.task
-
-
-@task(name="report-training")
-def report_training_task(model_dir: Path) -> str:
-    """Loss curves as a Prefect table artifact (at most ~200 rows) and a summary."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    steps = [r for r in read_metrics(model_dir) if r.get("event") == "step"]
-    stride = max(1, len(steps) // 200)
-    rows = [
-        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
-         if k in ("step", "epoch", "loss", "itc", "lm", "lr", "temp", "samples_per_s")}
-        for r in steps[::stride] + ([steps[-1]] if steps and (len(steps) - 1) % stride else [])
-    ]
-    create_table_artifact(rows, key="train-gear-loss", description="train-gear loss curve (loss = itc + lm_weight x lm)")
-    summary_file = Path(model_dir).parent / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    lines = ["# train-gear", "", f"Model: `{model_dir}`", "", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-    markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key="train-gear-summary", description="train-gear summary")
-    return markdown

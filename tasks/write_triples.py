@@ -26,7 +26,6 @@ from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
-from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks import dedup as dedup_mod
@@ -36,7 +35,7 @@ from tasks.common import (
     Funnel,
     PipelineInputError,
     failpoint,
-    fingerprint,
+    in_prefect_run,
     read_marker,
     stable_int,
     stable_unit_interval,
@@ -58,8 +57,8 @@ from tasks.dedup import DedupConfig, query_key
 from tasks.relevance import RelevanceConfig
 from tasks.stage import StageRun, stage
 
-__all__ = ["TRIPLES_SCHEMA", "DatasetInvariantError", "TriplesConfig", "build_triples", "check_triples",
-           "resolve_dataset", "split_documents", "write_triples", "write_triples_task"]
+__all__ = ["TRIPLES_SCHEMA", "DatasetInvariantError", "NoTriplesError", "TriplesConfig", "build_triples", "check_triples",
+           "published_from", "resolve_dataset", "split_documents", "write_triples", "write_triples_task"]
 
 STAGE = "write_triples"
 
@@ -84,6 +83,22 @@ class DatasetInvariantError(RuntimeError):
         super().__init__("dataset invariants violated:\n  - " + "\n  - ".join(problems))
 
 
+NO_TRIPLES = "no triples: every pair was dropped (see the funnel), and an empty dataset is never published"
+
+
+class NoTriplesError(DatasetInvariantError):
+    """Every pair was dropped: a condition of the data, not a broken run.
+    ``funnel`` holds the counts of every stage, so the reader sees which rule
+    dropped them (the CLI prints it as a table)."""
+
+    def __init__(self, funnel: Funnel):
+        super().__init__([NO_TRIPLES])
+        self.funnel = funnel
+
+    def __reduce__(self):
+        return (type(self), (self.funnel,))
+
+
 # --------------------------------------------------------------------------
 # Split and checks.
 
@@ -104,7 +119,7 @@ def check_triples(triples: pl.DataFrame, threshold: float, dedup_config: DedupCo
     """Raise DatasetInvariantError unless every guarantee holds (within this frame)."""
     problems: list[str] = []
     if triples.height == 0 and not allow_empty:
-        problems.append("no triples: every pair was dropped (see the funnel), and an empty dataset is never published")
+        problems.append(NO_TRIPLES)
 
     def example(frame: pl.DataFrame) -> str:
         r = frame.row(0, named=True)
@@ -206,13 +221,11 @@ def _datasets_folder(output_dir: str | os.PathLike, version: str) -> Path:
 
 def publish_dataset(version_dir: Path) -> None:
     """Point LATEST at this version and show its card in the Prefect UI (if in a run)."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
     failpoint("write_triples:publish")
     for leftover in version_dir.parent.glob(f".{LATEST}.*.tmp"):  # a write of LATEST that a kill cut short
         leftover.unlink(missing_ok=True)
     write_text(version_dir.name + "\n", version_dir.parent / LATEST)
-    if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+    if in_prefect_run():
         publish_card_artifacts(version_dir)
 
 
@@ -316,11 +329,11 @@ def write_triples(
     finally:
         for writer in writers.values():
             writer.close()
+    stage_dirs = list(dict.fromkeys([Path(p) for p in upstream_dirs] + units + relevance))
     if not seen_queries:
-        raise DatasetInvariantError(["no triples: every pair was dropped (see the funnel), and an empty dataset is never published"])
+        raise NoTriplesError(Funnel.from_folders(stage_dirs))
     counts |= {"train_documents": len(documents["train"]), "test_documents": len(documents["test"])}
 
-    stage_dirs = list(dict.fromkeys([Path(p) for p in upstream_dirs] + units + relevance))
     funnel = run.funnel.merge(Funnel.from_folders(stage_dirs))
     kept_pairs = int(scores["kept"].sum())
     if funnel.get("dedup", "kept") and funnel.get("dedup", "kept") != scores.height:
@@ -367,16 +380,3 @@ def published_from(dump_fingerprint: str, output_dir: str | os.PathLike) -> Path
         return None
     lineage = json.loads((latest / "params.json").read_text()).get("lineage", {})
     return latest if lineage.get("dump_fingerprint") == dump_fingerprint else None
-
-
-@task(name="check-new-dump")
-def published_from_same_dump(dump: str, output_dir: str) -> str | None:
-    """The refresh's check: the latest dataset if it was built from this
-    dump's content (recorded as "no new dump"), else None."""
-    from prefect.artifacts import create_markdown_artifact
-
-    found = published_from(fingerprint(dump), output_dir)
-    if found is not None:
-        create_markdown_artifact(f"No new dump: `{Path(dump).name}` has the content the latest dataset "
-                                 f"`{found.name}` was built from; nothing was rebuilt.", key="rir-refresh")
-    return str(found) if found else None

@@ -4,8 +4,11 @@
   out, and resolves to the same parameters as the CLI command it names;
 - the demo training is exactly ``TrainConfig.embedded()``, the paper profile
   is the model defaults, and a profile fills only the fields not given;
+- profiles are applied where parameters are resolved (``resolve_params``),
+  never by the parameter models, which know no profile;
 - TrainParams has a concrete default for every setting (no "type None" field
-  in the Prefect form) and passes every one on to TrainConfig by name.
+  in the Prefect form), reads it from TrainConfig (written once) and passes
+  every one on to TrainConfig by name.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from flows.params import BuildDatasetParams, PipelineParams
+from flows.params import BuildDatasetParams, ParamsError, PipelineParams, resolve_params
 from flows.profiles import PROFILES, overrides
 from gear_cli import app
-from gear_model.config import GearConfig, TrainConfig
+from gear_model.config import EMBEDDED, GearConfig, TrainConfig, setting
 from tasks.evaluate import EvalParams
 from tasks.train import _LAUNCH_ONLY, TrainParams
 
@@ -83,18 +85,17 @@ def flat(cfg: TrainConfig) -> dict:
 
 def test_demo_training_is_the_embedded_run(tmp_path):
     train_file = tmp_path / "train.parquet"
-    demo = TrainParams(profile="demo", init_checkpoint="/ckpt").train_config(train_file, tmp_path / "run")
+    demo = resolve_params(TrainParams, "demo", flags={"init_checkpoint": "/ckpt"}).train_config(train_file, tmp_path / "run")
     expected = TrainConfig.embedded(dataset=str(train_file), init_checkpoint="/ckpt", output_dir=str(tmp_path / "run"))
     assert demo == expected
-    # The old name of the demo's training profile still works.
-    assert TrainParams(profile="embedded") == TrainParams(profile="demo")
-    assert overrides("demo", "train-gear")["decoder_lr_mult"] == 30.0
+    assert resolve_params(TrainParams, "embedded") == resolve_params(TrainParams, "demo")  # the demo's other name
+    assert overrides("demo", "train-gear")["decoder_lr_mult"] == EMBEDDED["decoder_lr_mult"]
 
 
 def test_paper_profile_is_the_model_defaults(tmp_path):
     for flow, model in MODELS.items():
         assert overrides("paper", flow) == {}
-        assert model.model_validate({"profile": "paper"}) == model()
+        assert resolve_params(model, "paper") == model()
     paper = flat(TrainParams().train_config(tmp_path / "train.parquet", tmp_path))
     defaults = flat(TrainConfig(dataset=str(tmp_path / "train.parquet"), init_checkpoint=paper["init_checkpoint"],
                                 output_dir=str(tmp_path)))
@@ -104,19 +105,38 @@ def test_paper_profile_is_the_model_defaults(tmp_path):
 
 
 def test_a_profile_fills_only_the_fields_not_given():
-    params = TrainParams(profile="demo", epochs=2)
+    params = resolve_params(TrainParams, "demo", flags={"epochs": 2})
     assert (params.epochs, params.batch_size, params.cross_attention_init) == (2, 8, "identity")
-    pipeline = PipelineParams.model_validate(
-        {"profile": "demo", "build": {"units": {"docs_per_article": 1}}, "evaluate": {"layer": 2}})
+    pipeline = resolve_params(PipelineParams, "demo", sets=["build.units.docs_per_article=1", "evaluate.layer=2"])
     assert pipeline.build.units.docs_per_article == 1  # given
     assert pipeline.build.units.max_doc_tokens == 500  # the model default
     assert pipeline.build.rewrite.units_per_doc == 5 and pipeline.build.triples.test_fraction == 0.4  # the profile
     assert (pipeline.evaluate.layer, pipeline.evaluate.max_generation_queries) == (2, 48)
     assert (pipeline.evaluate.output_dir, pipeline.evaluate.work_dir) == ("data/eval", "data")
-    assert PipelineParams(profile="demo").train == TrainParams(profile="demo")
-    with pytest.raises(ValidationError, match="unknown profile 'laptop'"):
-        TrainParams(profile="laptop")
+    assert resolve_params(PipelineParams, "demo").train == resolve_params(TrainParams, "demo")
+    with pytest.raises(ParamsError, match="unknown profile 'laptop'"):
+        resolve_params(TrainParams, "laptop")
     assert set(PROFILES) == {"demo", "paper"}
+
+
+def test_the_models_know_no_profile():
+    """A profile is applied once, where parameters are resolved: a model given
+    ``profile`` as input does not read it."""
+    for model in MODELS.values():
+        assert "_profile" not in model.__pydantic_decorators__.model_validators
+
+
+def test_train_params_defaults_are_the_train_config_defaults():
+    """Written once: each default of the train-gear form is TrainConfig's (or its GearConfig's),
+    except the two that TrainConfig leaves to the checkpoint and to new_module_lr_mult (None)."""
+    paper = TrainConfig()
+    own = {"dataset", "output_dir", "init_checkpoint", "attention_dropout", "decoder_lr_mult"} | _LAUNCH_ONLY
+    for name, field in TrainParams.model_fields.items():
+        if name not in own:
+            assert field.default == setting(paper, name), name
+    assert TrainParams().decoder_lr_mult == paper.decoder_lr_multiplier()
+    epochs = TrainParams.model_fields["epochs"].description
+    assert f"paper {paper.epochs}, demo {TrainConfig.embedded().epochs}" in epochs
 
 
 def test_train_params_have_concrete_defaults_and_reach_the_train_config():

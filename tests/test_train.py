@@ -88,13 +88,13 @@ def test_queue_must_divide_by_the_global_batch(tiny_dir, dataset_dir, tmp_path):
 
 
 def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp_path):
-    params = TrainParams(dataset=str(dataset_dir), output_dir=str(tmp_path), init_checkpoint=str(tiny_dir),
-                         epochs=1, nproc_per_node=2, profile="demo")
+    params = TrainParams(**DEMO | dict(dataset=str(dataset_dir), output_dir=str(tmp_path), init_checkpoint=str(tiny_dir),
+                                       epochs=1, nproc_per_node=2))
     assert resolve_train_file(params.dataset, params.output_dir) == dataset_dir / "train.parquet"
     cfg = params.train_config(dataset_dir / "train.parquet", tmp_path / "run")
     assert (cfg.epochs, cfg.batch_size, cfg.max_doc_length, cfg.queue_size) == (1, 8, 512, 64)
     assert (cfg.cross_attention_init, cfg.freeze_doc_encoder, cfg.decoder_lr_mult) == ("identity", True, 30.0)
-    assert TrainParams(profile="paper").train_config(dataset_dir, tmp_path).max_doc_length == 512
+    assert TrainParams().train_config(dataset_dir, tmp_path).max_doc_length == 512
     run_dir = run_dir_for(params)
     assert run_dir.parent == tmp_path / MODELS_DIR
     assert run_dir_for(params.model_copy(update={"resume": False})) == run_dir  # not part of the key
@@ -110,8 +110,8 @@ def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp
 
 
 def _tiny_params(tiny_dir, dataset_dir, out, **kw) -> TrainParams:
-    base = dict(dataset=str(dataset_dir), output_dir=str(out), init_checkpoint=str(tiny_dir), epochs=1, batch_size=2,
-                queue_size=8, max_query_length=16, max_doc_length=32, max_unit_length=16, profile="demo")
+    base = DEMO | dict(dataset=str(dataset_dir), output_dir=str(out), init_checkpoint=str(tiny_dir), epochs=1, batch_size=2,
+                       queue_size=8, max_query_length=16, max_doc_length=32, max_unit_length=16)
     base.update(kw)
     return TrainParams(**base)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from flows.profiles import overrides
 from tasks.common import mark_complete, write_parquet
 from ui.browser import browser_skip_mark, chromium_page, run_parameters_text, start_custom_run, wait_for_final_state
 from ui.stack import PrefectStack, output_dir_for
@@ -111,8 +112,8 @@ def test_custom_training_run_from_the_ui(stack, tmp_path):
     bert = write_tiny_bert(tmp_path / "tiny-bert")
     # The operator's deployment defaults for this machine (what `prefect deploy
     # --param` or the deployment's edit page would set): tiny, quick training.
-    base = {"dataset": str(data / "datasets"), "output_dir": str(data), "init_checkpoint": str(bert),
-            "profile": "embedded", "epochs": 2, "batch_size": 2, "queue_size": 8, "max_query_length": 16,
+    base = {**overrides("demo", "train-gear"), "dataset": str(data / "datasets"), "output_dir": str(data),
+            "init_checkpoint": str(bert), "epochs": 2, "batch_size": 2, "queue_size": 8, "max_query_length": 16,
             "max_doc_length": 64, "max_unit_length": 16, "max_steps": DEFAULT_STEPS, "device": "cpu"}
     dep = stack.deployment("train-gear/train")
     stack.client.patch(f"/deployments/{dep['id']}", json={"parameters": {"params": base}}).raise_for_status()

@@ -8,9 +8,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS
 from tasks.evaluate.metrics import DEFAULT_KS
@@ -212,14 +212,6 @@ class EvalParams(BaseModel):
         BOOTSTRAP_RESAMPLES, ge=100, le=100_000,
         description="Resamples of the test queries behind each 95% interval (percentile bootstrap).",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _profile(cls, data: Any) -> Any:
-        """Input may name a ``profile`` (flows/profiles.py): its values fill the fields not given."""
-        from flows.profiles import fill_profile
-
-        return fill_profile(data, "evaluate-gear")
 
     @field_validator("ks")
     @classmethod
