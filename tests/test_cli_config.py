@@ -160,3 +160,28 @@ def test_train_and_evaluate_resolve_their_defaults(tmp_path):
 def test_gear_help_is_fast_and_imports_no_flow():
     code = "import sys, gear_cli; assert 'prefect' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_a_build_with_no_triples_prints_its_funnel_not_a_traceback(monkeypatch):
+    """A data condition: one line, the funnel, the rule that dropped the most; --debug adds the traceback."""
+    import flows.build_rir_dataset
+    from tasks.common import Funnel
+    from tasks.write_triples import NoTriplesError
+
+    funnel = Funnel({"extract_docs": {"input": 3, "kept": 1, "dropped:non_article_namespace": 2},
+                     "select_units.articles": {"input": 1, "dropped:not_english": 1},
+                     "clean_wikitext": {"dropped:list_item": 26}})
+
+    def no_triples(params):
+        raise NoTriplesError(funnel)
+
+    monkeypatch.setenv("GEAR_SHARED_PREFECT_DB", "1")  # no local API: the flow is replaced
+    monkeypatch.setattr(flows.build_rir_dataset, "build_rir_dataset", no_triples)
+    result = run("build-dataset")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: no triples: every pair was dropped (see the funnel), and an empty dataset is never published"
+    assert "| select_units.articles | dropped:not_english | 1 |" in lines
+    assert lines[-1] == "the rule that dropped the most: select_units.articles not_english (1 of 1)"
+    assert "Traceback" not in result.stderr
+    assert "Traceback" in run("--debug", "build-dataset").stderr

@@ -9,10 +9,13 @@ import pytest
 import torch
 from test_gear_model_fixtures import make_tiny_bert, write_triples
 
+from flows.profiles import overrides
 from gear_model import GearModel, TrainConfig
 from gear_model.checkpoint import list_checkpoints, load_checkpoint
 from gear_model.train import lr_at, train
 from tasks.train import MODELS_DIR, TrainParams, resolve_train_file, run_dir_for, run_training, torchrun_command
+
+DEMO = overrides("demo", "train-gear")  # the demo profile, as `gear train` resolves it
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +223,31 @@ def test_use_cuda_for_cuda_on_a_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     assert use_cuda_for("cuda") is True and use_cuda_for("auto") is True and use_cuda_for("cpu") is False
+
+
+@pytest.mark.slow
+def test_bad_triples_fail_at_once_with_the_trainers_reason(tiny_dir, tmp_path):
+    """A data error in the trainer: its own exit status and error event, raised as a final input error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gear_model.train import EXIT_DATA, main
+    from tasks.stage import is_retryable
+    from tasks.train import TrainingDataError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"query": ["q"], "document": ["d"], "doc_id": ["1"]}), bad / "train.parquet")  # no unit
+    params = _tiny_params(tiny_dir, bad, tmp_path / "out", device="cpu")
+    logs: list[str] = []
+    with pytest.raises(TrainingDataError, match="missing columns") as failed:
+        run_training(params, on_log=logs.append)
+    assert not is_retryable(failed.value) and str(bad / "train.parquet") in str(failed.value)
+    assert sum(line.startswith("launching:") for line in logs) == 1
+    config = tmp_path / "cfg.json"
+    tiny_config(tiny_dir, bad, tmp_path / "direct").save(config)
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(config)])
+    assert exited.value.code == EXIT_DATA
+    events = [json.loads(line) for line in (tmp_path / "direct" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "data"
