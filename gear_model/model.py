@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -110,6 +111,34 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+class DocumentStateMemo:
+    """E_d states by input, least recently used first out past ``max_bytes``
+    (a large evaluation set cannot fill memory; it only reuses less)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        states = self._states.get(key)
+        if states is not None:
+            self._states.move_to_end(key)
+        return states
+
+    def put(self, key: tuple, states: torch.Tensor) -> None:
+        size = states.numel() * states.element_size()
+        if size > self.max_bytes:
+            return
+        self._states[key] = states
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, dropped = self._states.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 class GearModel(nn.Module):
     def __init__(self, bert_config: BertConfig, gear_config: GearConfig, tokenizer):
         super().__init__()
@@ -138,6 +167,8 @@ class GearModel(nn.Module):
         # fills it; a saved GeAR model has none): the parts a learning-rate
         # multiplier for new modules is meant for.
         self.fresh_parameters: frozenset[str] = frozenset()
+        # E_d states of inputs seen before, while ``reusing_document_states`` is on.
+        self._document_state_memo: DocumentStateMemo | None = None
 
     # ------------------------------------------------------------------
     # Construction, saving, loading.
@@ -262,7 +293,29 @@ class GearModel(nn.Module):
 
     def doc_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoder: BertModel | None = None):
         encoder = encoder or self.doc_encoder
-        return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        memo = self._document_state_memo
+        if memo is None or encoder is not self.doc_encoder or self.training or torch.is_grad_enabled():
+            return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
+        states = memo.get(key)
+        if states is None:
+            states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            memo.put(key, states)
+        return states
+
+    @contextlib.contextmanager
+    def reusing_document_states(self, memo: DocumentStateMemo | None = None) -> Iterator[DocumentStateMemo]:
+        """Inside the block, inference reuses E_d's states of an input it has
+        encoded before (evaluation reads each document once for localisation,
+        diagnostics and generation). ``memo`` carries them across blocks; its
+        owner must drop it when E_d changes (``document_encoder_fingerprint``).
+        Training passes (train mode or gradients on) never use it."""
+        memo = DocumentStateMemo() if memo is None else memo
+        previous, self._document_state_memo = self._document_state_memo, memo
+        try:
+            yield memo
+        finally:
+            self._document_state_memo = previous
 
     def fuse(self, q_ids, q_mask, d_states, d_mask, return_layer: int | None = None):
         return self.fusion(self.query_encoder, q_ids, q_mask, d_states, d_mask, return_layer=return_layer)

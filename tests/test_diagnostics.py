@@ -183,3 +183,24 @@ def test_a_model_trained_with_l_loc_is_its_own_row_and_never_the_contrastive_bas
     # With no model named, evaluation takes the newest paper-recipe run and the L_loc run beside it.
     filled = EvalParams(output_dir=str(tmp_path / "eval"), work_dir=str(tmp_path)).with_latest_models()
     assert filled.model_dirs == [gear, with_loc]
+
+
+def test_held_out_evaluations_reuse_document_states_until_the_document_encoder_changes(tiny_dir):
+    from gear_model.heldout import HeldOut
+
+    model = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24)).eval()
+    held = HeldOut.from_rows(rows(3, per_doc=2))
+    calls = []
+    hook = model.doc_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = held.measure(model, generation_queries=2, max_new_tokens=4)
+        first_passes = len(calls)
+        calls.clear()
+        again = held.measure(model, generation_queries=2, max_new_tokens=4)
+        assert calls == [] and json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+        with torch.no_grad():  # E_d trained: its states are read afresh
+            next(model.doc_encoder.parameters()).mul_(1.5)
+        held.measure(model, generation_queries=2, max_new_tokens=4)
+        assert len(calls) == first_passes
+    finally:
+        hook.remove()

@@ -262,3 +262,36 @@ def test_two_process_gloo_gradients_match_one_process(tmp_path):
     # Both runs enqueued the same global batches in the same order.
     torch.testing.assert_close(one["queue"], two["queue"])
     assert torch.equal(one["ids"], two["ids"])
+
+
+def test_reused_document_states_change_no_output_and_encode_each_document_once(model):
+    from gear_model.model import DocumentStateMemo
+
+    calls = []
+    hook = model.doc_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        plain = (model.localize("kings", DOC, SPANS), model.generate("kings", DOC, max_new_tokens=5))
+        n_plain = len(calls)
+        calls.clear()
+        with model.reusing_document_states() as memo:
+            reused = [(model.localize(q, DOC, SPANS), model.generate(q, DOC, max_new_tokens=5)) for q in ("kings", "castle")]
+        assert len(calls) == 1 and len(memo) == 1 and n_plain == 2  # one E_d pass for two queries' three reads
+        np.testing.assert_array_equal(reused[0][0], plain[0])
+        assert reused[0][1] == plain[1]
+        calls.clear()
+        model.train()  # a training pass never reads the memo
+        try:
+            with model.reusing_document_states(memo):
+                d = model._tokenize([DOC], 32)
+                model.doc_states(d["input_ids"], d["attention_mask"])
+        finally:
+            model.eval()
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+    small = DocumentStateMemo(max_bytes=100)
+    small.put(("a",), torch.zeros(10))  # 40 bytes
+    small.put(("b",), torch.zeros(10))
+    assert small.get(("a",)) is not None  # "a" is now the most recently used
+    small.put(("c",), torch.zeros(10))  # 120 bytes: the least recently used ("b") goes
+    assert small.get(("b",)) is None and small.get(("a",)) is not None and small.bytes == 80

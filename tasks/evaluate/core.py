@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -122,42 +123,45 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         if not fusion_trained:
             results["not_applicable"] = {"localization": NOT_TRAINED_FUSION, "generation": NOT_TRAINED_FUSION}
     boot = {"resamples": params.bootstrap_resamples, "seed": params.seed}
-    for s in sets:
-        entry: dict[str, Any] = {"kind": s.kind, "source": s.source, "sizes": s.sizes(), "funnel": s.funnel.to_dict()}
-        encoder = model if system.kind in ("gear", "encoder") else None
-        entry["retrieval"] = evaluate_retrieval(s, params.ks, encoder, params.index_type, params.batch_size, **boot)
-        entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
-        if s.has_units and fusion_trained:
-            if system.kind == "gear":
-                by_layer, lifts = gear_layer_scores(model, s, params.localization_pooling)
+    # GeAR reads each document for localisation, diagnostics, generation and the figure: E_d runs once per document.
+    reuse = model.reusing_document_states() if system.kind == "gear" else contextlib.nullcontext()
+    with reuse:
+        for s in sets:
+            entry: dict[str, Any] = {"kind": s.kind, "source": s.source, "sizes": s.sizes(), "funnel": s.funnel.to_dict()}
+            encoder = model if system.kind in ("gear", "encoder") else None
+            entry["retrieval"] = evaluate_retrieval(s, params.ks, encoder, params.index_type, params.batch_size, **boot)
+            entry["localization"] = entry["localization_by_layer"] = entry["generation"] = None
+            if s.has_units and fusion_trained:
+                if system.kind == "gear":
+                    by_layer, lifts = gear_layer_scores(model, s, params.localization_pooling)
 
-                def at(l: int) -> dict:
-                    return evaluate_localization(s, precomputed_scorer(by_layer, l), params.ks, **boot)
+                    def at(l: int) -> dict:
+                        return evaluate_localization(s, precomputed_scorer(by_layer, l), params.ks, **boot)
 
-                if params.all_layers:
-                    entry["localization_by_layer"] = {str(l): at(l) for l in range(1, model.n_layers + 1)}
-                    entry["localization"] = entry["localization_by_layer"][str(layer)]
+                    if params.all_layers:
+                        entry["localization_by_layer"] = {str(l): at(l) for l in range(1, model.n_layers + 1)}
+                        entry["localization"] = entry["localization_by_layer"][str(layer)]
+                    else:
+                        entry["localization"] = at(layer)
+                elif system.kind == "encoder":
+                    entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks, **boot)
                 else:
-                    entry["localization"] = at(layer)
-            elif system.kind == "encoder":
-                entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size), params.ks, **boot)
-            else:
-                entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
-            if system.kind == "gear":
-                entry["diagnostics"] = gear_diagnostics(model, s, lifts, params.seed)
-            if system.generation:
-                entry["generation"] = evaluate_generation(
-                    model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
-                    params.bootstrap_resamples, **decoding_options(params),
-                )
-        # The random rows need no model; every system's results carry them for its own queries.
-        entry["retrieval_random"] = random_retrieval(s, params.ks, **boot)
-        entry["localization_random"] = random_localization(s, params.ks, **boot) if s.has_units else None
-        entry["localization_prior"] = unit_rule_prior(s, params.ks, **boot) if s.has_units else None
-        results["sets"][s.name] = entry
-    if system.figure and fusion_trained:
-        results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling,
-                                           decoding_options(params))
+                    entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
+                if system.kind == "gear":
+                    entry["diagnostics"] = gear_diagnostics(model, s, lifts, params.seed)
+                if system.generation:
+                    entry["generation"] = evaluate_generation(
+                        model, s, params.max_generation_queries, params.generation_max_tokens, params.seed,
+                        params.bootstrap_resamples, **decoding_options(params),
+                    )
+            # The random rows need no model; every system's results carry them for its own queries.
+            entry["retrieval_random"] = random_retrieval(s, params.ks, **boot)
+            entry["localization_random"] = random_localization(s, params.ks, **boot) if s.has_units else None
+            entry["localization_prior"] = unit_rule_prior(s, params.ks, **boot) if s.has_units else None
+            results["sets"][s.name] = entry
+        if system.figure and fusion_trained:
+            results["figure"] = figure_example(model, sets, layer, params.generation_max_tokens, params.localization_pooling,
+                                               decoding_options(params))
     results["elapsed_s"] = time.perf_counter() - t0
     run.info.update(system=system.name, elapsed_s=results["elapsed_s"])
     return {RESULTS_NAME: results}
