@@ -205,7 +205,9 @@ def train(cfg: TrainConfig) -> Path:
     # ---------------------------------------------------------------- optimizer
     groups = parameter_groups(trainer, cfg)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=use_cuda)
+    # The fused kernel runs on CPU too, where the per-tensor loop is the
+    # default and costs more than the forward pass of a small batch.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
     # One schedule shape for every group, scaled by the group's own peak lr.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
 
