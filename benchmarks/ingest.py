@@ -22,6 +22,23 @@ projects the full English dump (6.8 M articles) in core-hours.
 
 ``--copies 20`` gives the 4,120-page dump (about 10 minutes on 2 cores).
 ``--code-root`` runs another checkout's tasks/ (a before/after comparison).
+
+``--cli`` measures what a user runs instead: the whole process ``gear
+build-dataset --dump D --output-dir <fresh> --until select_units --workers 2``
+against ``python -m gensim.scripts.segment_wiki -w 2 -f D -o <out>`` on the
+same multistream dump, alternating (the first of each pair alternates too), at
+206, 1,030 and 4,120 pages; wall time, the ratio to gensim, CPU and peak RSS
+of each. Its fixed cost is the seconds from launch to the flow run's
+beginning and to its first task (Prefect's "Created task run" record), and a
+3-page build's whole wall time. Each `gear` runs as a user's first command
+(``--api cold``: it starts the local Prefect API and the script waits for it
+to stop before the next run) in a fresh PREFECT_HOME, after one untimed
+warm-up of each command (the API's migrated database template, made once per
+machine, and a warm disk cache). The full comparison:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ingest.py --cli --repeat 3
+
+(about 10 minutes on 2 quiet cores; ``--sizes 206 --repeat 1`` is a smoke run).
 """
 
 from __future__ import annotations
@@ -30,7 +47,9 @@ import argparse
 import gzip
 import json
 import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,8 +169,200 @@ def build_dumps(copies: int, out: Path, pages: int | None = None) -> tuple[Path,
     return multistream, plain
 
 
+# -- --cli: the whole `gear build-dataset` process against segment_wiki --------
+
+EXCERPT_PAGES = 206  # pages of the embedded excerpt, the unit of --sizes
+FIXED_PAGES = 3  # the smallest build: its wall time is nearly all fixed cost
+# The log lines that mark the CLI's fixed cost (task runs log "Created task run" at DEBUG, turned on below).
+CLI_MARKS = {"flow_begins": "Beginning flow run", "first_task": "Created task run"}
+_FUNNEL_ROW = re.compile(r"^\| ([\w.]+) \| ([\w:.-]+) \| (\d+) \|$")
+
+
+def _cli_env(home: Path, idle_s: int) -> dict[str, str]:
+    """A user's environment without PREFECT_* (so `gear` starts its own local API) in a fresh PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PREFECT_HOME=str(home), GEAR_API_IDLE_SECONDS=str(idle_s),
+               PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL="DEBUG")
+    return env
+
+
+def _api_pids(home: Path) -> list[int]:
+    """The local API servers that `gear` records under PREFECT_HOME (each runs in its own session, outside the tree)."""
+    pids = []
+    for info in home.rglob("server.json"):
+        try:
+            pids.append(int(json.loads(info.read_text())["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return pids
+
+
+def _wait_no_api(home: Path, timeout_s: float = 60) -> None:
+    """Wait for the local API to stop, so that a cold run starts its own and no server's shutdown
+    takes CPU from the next run."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while any(psutil.pid_exists(p) for p in _api_pids(home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _stop_api(home: Path) -> None:
+    import signal
+
+    for pid in _api_pids(home):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _wait_no_api(home)
+
+
+def _gear_argv(code_root: str | None) -> tuple[list[str], Path]:
+    """The `gear` command and its working folder: the venv's entry point, or another checkout's gear_cli.py."""
+    entry = Path(sys.executable).parent / "gear"
+    if code_root is None and entry.exists():
+        return [str(entry)], ROOT
+    # -c puts the working folder at the head of sys.path: that checkout's modules come first.
+    return [sys.executable, "-c", "import sys, gear_cli; sys.exit(gear_cli.app())"], Path(code_root or ROOT)
+
+
+def _run_cli(dump: Path, out: Path, args, home: Path, timed: bool = True) -> dict:
+    from process_tree import measure
+
+    gear, cwd = _gear_argv(args.code_root)
+    argv = [*gear, "build-dataset", "--dump", str(dump), "--output-dir", str(out), "--until", "select_units",
+            "--workers", str(args.cli_workers)]
+    res = measure(argv, cwd=cwd, env=_cli_env(home, 0 if args.api == "cold" else 600), marks=CLI_MARKS,
+                  extra_pids=lambda: _api_pids(home), timeout_s=args.run_timeout)
+    if res["rc"] != 0:
+        raise SystemExit(f"gear build-dataset on {dump.name} failed (rc {res['rc']}):\n{''.join(res['output'][-40:])}")
+    funnel = {}
+    for line in res.pop("output"):
+        m = _FUNNEL_ROW.match(line.strip())
+        if m:
+            funnel[f"{m.group(1)}:{m.group(2)}"] = int(m.group(3))
+    res["documents"] = funnel.get("select_units.documents:kept")
+    res["units"] = funnel.get("select_units.candidates:kept")
+    shutil.rmtree(out, ignore_errors=True)
+    if args.api == "cold":
+        _wait_no_api(home)
+    return _rounded(res)
+
+
+def _run_gensim(dump: Path, out: Path, args) -> dict:
+    from process_tree import measure
+
+    argv = [sys.executable, "-m", "gensim.scripts.segment_wiki", "-w", str(args.cli_workers), "-f", str(dump),
+            "-o", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = measure(argv, cwd=ROOT, env=env, timeout_s=args.run_timeout)
+    if res["rc"] != 0:
+        raise SystemExit(f"gensim on {dump.name} failed (rc {res['rc']}):\n{''.join(res['output'][-40:])}")
+    res.pop("output")
+    with gzip.open(out, "rt") as fh:
+        res["articles"] = sum(1 for _ in fh)
+    out.unlink()
+    return _rounded(res)
+
+
+def _rounded(res: dict) -> dict:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
+
+
+def _median(runs: list[dict]) -> dict:
+    import statistics
+
+    keys = [k for k, v in runs[0].items()
+            if k != "rc" and isinstance(v, (int, float)) and all(r.get(k) is not None for r in runs)]
+    return {k: round(statistics.median(r[k] for r in runs), 2) for k in keys}
+
+
+def _pairs(dump: Path, tmp: Path, args, home: Path, label: str) -> dict:
+    """``args.repeat`` alternating pairs of the CLI and gensim on one dump, the first of each pair alternating,
+    so that a slow spell of a shared machine hits both alike."""
+    cli, gensim = [], []
+    for i in range(args.repeat):
+        order = ("cli", "gensim") if i % 2 == 0 else ("gensim", "cli")
+        for kind in order:
+            if kind == "cli":
+                cli.append(_run_cli(dump, tmp / f"out-{label}-{i}", args, home))
+            else:
+                gensim.append(_run_gensim(dump, tmp / f"gensim-{label}-{i}.json.gz", args))
+            r = (cli if kind == "cli" else gensim)[-1]
+            print(f"{label}: {kind} #{i + 1}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB",
+                  file=sys.stderr, flush=True)
+    ratios = [round(c["wall_s"] / g["wall_s"], 2) for c, g in zip(cli, gensim)]
+    import statistics
+
+    return {"cli": {"median": _median(cli), "runs": cli}, "gensim": {"median": _median(gensim), "runs": gensim},
+            "ratio": round(statistics.median(ratios), 2), "ratios": ratios}
+
+
+def _size_dump(pages: int, out: Path) -> Path:
+    if pages < EXCERPT_PAGES:
+        return build_dumps(1, out, pages=pages)[0]
+    if pages % EXCERPT_PAGES:
+        raise SystemExit(f"--sizes: {pages} is neither under {EXCERPT_PAGES} nor a multiple of it")
+    return build_dumps(pages // EXCERPT_PAGES, out)[0]
+
+
+def cli_main(args) -> None:
+    gear, cwd = _gear_argv(args.code_root)
+    result: dict = {"mode": "cli", "cpu_count": os.cpu_count(), "workers": args.cli_workers, "api": args.api,
+                    "repeat": args.repeat, "code_root": str(cwd), "gear": " ".join(gear)}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-cli-") as tmp:
+        tmp = Path(tmp)
+        home = tmp / "prefect-home"
+        try:
+            fixed_dump = _size_dump(FIXED_PAGES, tmp / f"p{FIXED_PAGES}")
+            dumps = {p: _size_dump(p, tmp / f"p{p}") for p in args.sizes}
+            if not args.no_warmup:
+                # Untimed: the API's migrated database template (once per machine and Prefect version), and
+                # the imports, models and dumps in the disk cache, as for any command after the first.
+                _run_cli(fixed_dump, tmp / "out-warmup", args, home)
+                _run_gensim(fixed_dump, tmp / "gensim-warmup.json.gz", args)
+            result["fixed"] = {"pages": FIXED_PAGES, **_pairs(fixed_dump, tmp, args, home, f"{FIXED_PAGES} pages")}
+            result["sizes"] = {str(p): {"pages": p, **_pairs(d, tmp, args, home, f"{p} pages")} for p, d in dumps.items()}
+        finally:
+            _stop_api(home)
+    sizes = result["sizes"]
+    lo, hi = str(min(args.sizes)), str(max(args.sizes))
+    if lo != hi:
+        # What a page costs beyond the fixed cost, from the smallest to the largest dump.
+        span = (int(hi) - int(lo)) / 1000
+        result["marginal_s_per_1000_pages"] = {
+            k: round((sizes[hi][k]["median"]["wall_s"] - sizes[lo][k]["median"]["wall_s"]) / span, 2)
+            for k in ("cli", "gensim")}
+        result["cli_peak_rss_largest_over_smallest"] = round(
+            sizes[hi]["cli"]["median"]["peak_rss_mb"] / sizes[lo]["cli"]["median"]["peak_rss_mb"], 2)
+    print(json.dumps(result, indent=2))
+
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.1f}" if key in m else ""
+
+    print(f"\nwhole processes on the same multistream dump, {args.cli_workers} workers each, API {args.api}, "
+          f"median of {args.repeat}; cli = gear build-dataset --until select_units, gensim = segment_wiki\n")
+    print("| pages | run | wall s | vs gensim | flow begins s | first task s | CPU s | peak RSS MiB (largest process) "
+          "| peak RSS MiB (tree) | documents / articles |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in [result["fixed"], *sizes.values()]:
+        c, g = row["cli"]["median"], row["gensim"]["median"]
+        print(f"| {row['pages']:,} | cli | {c['wall_s']:.1f} | {row['ratio']}x | {cell(c, 'flow_begins_s')} | "
+              f"{cell(c, 'first_task_s')} | {c['cpu_s']:.1f} | {c['peak_rss_mb']:.0f} | {c['peak_tree_rss_mb']:.0f} | "
+              f"{c.get('documents', '')} |")
+        print(f"| {row['pages']:,} | gensim | {g['wall_s']:.1f} | 1x | | | {g['cpu_s']:.1f} | {g['peak_rss_mb']:.0f} | "
+              f"{g['peak_tree_rss_mb']:.0f} | {g['articles']} |")
+    f = result["fixed"]["cli"]["median"]
+    print(f"\nfixed cost of the CLI: first task {f.get('first_task_s', float('nan')):.1f} s after launch (flow run "
+          f"{f.get('flow_begins_s', float('nan')):.1f} s); a {FIXED_PAGES}-page build {f['wall_s']:.1f} s in all"
+          + (f"; marginal seconds per 1,000 pages: {result['marginal_s_per_1000_pages']}; CLI peak RSS "
+             f"{hi} / {lo} pages: {result['cli_peak_rss_largest_over_smallest']}x" if lo != hi else ""))
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The whole docstring, so that --help shows the command of the full --cli comparison.
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=2, help="copies of the 206-page excerpt in the dump (20: 4,120 pages)")
     ap.add_argument("--rss-pages", type=int, default=60, help="base of the RSS point: the excerpt's first N pages, then 10 copies of them")
     ap.add_argument("--pages-per-shard", type=int, default=100)
@@ -161,6 +372,16 @@ def main() -> None:
                     help="units.sentence_splitter values to measure (RSS: the first)")
     ap.add_argument("--skip-gensim", action="store_true")
     ap.add_argument("--skip-speed", action="store_true", help="only the memory points (1x and 10x, multistream and plain)")
+    ap.add_argument("--cli", action="store_true",
+                    help="whole `gear build-dataset --until select_units` against whole segment_wiki (see above)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[206, 1030, 4120],
+                    help=f"--cli: dump sizes in pages (under {EXCERPT_PAGES} or a multiple of it)")
+    ap.add_argument("--cli-workers", type=int, default=2, help="--cli: workers of both (gear --workers, gensim -w)")
+    ap.add_argument("--repeat", type=int, default=1, help="--cli: alternating pairs per size (the median is reported)")
+    ap.add_argument("--api", choices=["cold", "warm"], default="cold",
+                    help="--cli: cold: each gear starts the local Prefect API; warm: it finds one running")
+    ap.add_argument("--no-warmup", action="store_true", help="--cli: no untimed first run of each command")
+    ap.add_argument("--run-timeout", type=float, default=1800, help="--cli: seconds before a run is killed")
     ap.add_argument("--child-splitter", default="parser", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "gensim"], help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
@@ -170,6 +391,9 @@ def main() -> None:
         _child_main(args)
         return
     _paths(None)
+    if args.cli:
+        cli_main(args)
+        return
 
     result: dict = {"cpu_count": os.cpu_count(), "copies": args.copies, "pages_per_shard": args.pages_per_shard,
                     "code_root": args.code_root or str(ROOT)}
