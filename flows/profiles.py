@@ -40,8 +40,8 @@ DEMO_BUILD: dict[str, Any] = {
     "rewrite": {"units_per_doc": 5},
     "triples": {"test_fraction": 0.4},
 }
-# Generation is the slowest part of evaluation (1.4 queries/s on 2 cores): the
-# demo scores a seeded 48, and reports localisation at every fusion layer.
+# Generation is the slowest part of evaluation: the demo scores a seeded 48
+# queries, and reports localisation at every fusion layer.
 DEMO_EVALUATE: dict[str, Any] = {"all_layers": True, "max_generation_queries": 48}
 
 

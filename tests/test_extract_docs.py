@@ -106,7 +106,7 @@ def test_prefect_cache_key_trusts_only_a_finished_folder(embedded_articles, inge
     assert key_fn(None, params) is not None
     # A different config is a different folder, not yet built: no cache lookup.
     assert key_fn(None, {**params, "config": ExtractConfig(skip_list_pages=False)}) is None
-    assert extract_docs.task.retries == 2
+    assert extract_docs.task.retries == 0  # pure CPU: a retry would fail the same way
 
 
 def test_config_change_rebuilds(tmp_path):
