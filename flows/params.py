@@ -33,6 +33,7 @@ from tasks.assets import embedded_dump_path
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvalParams
 from tasks.extract_docs import ExtractConfig
+from tasks.params_model import PROFILE_KEY_HINT, ParamsModel
 from tasks.relevance import RelevanceConfig
 from tasks.rewrite import RewriteConfig
 from tasks.runners import TaskRunnerConfig
@@ -64,7 +65,7 @@ def newest_dump(pattern: str) -> Path:
     return max(candidates, key=lambda p: p.name)
 
 
-class BuildDatasetParams(BaseModel):
+class BuildDatasetParams(ParamsModel):
     """Everything `build-rir-dataset` needs; the paper's figures are the defaults."""
 
     # How and how far it runs, not what the dataset is: out of its version and lineage.
@@ -119,7 +120,7 @@ class BuildDatasetParams(BaseModel):
 _PIPELINE_EVALUATE = {"output_dir": "data/eval", "work_dir": "data"}
 
 
-class PipelineParams(BaseModel):
+class PipelineParams(ParamsModel):
     """The whole chain. Dataset, model and report paths are filled in from
     the step before, so leave `train.dataset`, `evaluate.model_dirs` and
     `evaluate.dataset` empty."""
@@ -263,6 +264,9 @@ def unknown_keys(model_cls: type[BaseModel], data: Mapping[str, Any], prefix: st
     for key, value in data.items():
         path = f"{prefix}{key}"
         field = model_cls.model_fields.get(key) if isinstance(key, str) else None
+        if field is None and key == "profile":
+            lines.append(f"unknown parameter {path!r} ({PROFILE_KEY_HINT})")
+            continue
         if field is None:
             close = difflib.get_close_matches(str(key), list(model_cls.model_fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
@@ -322,7 +326,10 @@ def format_errors(exc: ValidationError, model_cls: type[BaseModel]) -> list[str]
     by_path: dict[str, list[str]] = {}
     got: dict[str, Any] = {}
     for error in exc.errors():
-        path = _path(tuple(error["loc"]), model_cls)
+        loc = tuple(error["loc"])
+        path = _path(loc, model_cls)
+        if error["type"] == "extra_forbidden":  # the key is no field, so _path cannot name it
+            path = f"{_path(loc[:-1], model_cls)}.{loc[-1]}" if len(loc) > 1 else str(loc[-1])
         message = _message(error)
         if message not in by_path.setdefault(path, []):
             by_path[path].append(message)

@@ -25,10 +25,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tasks.common import PipelineInputError, stable_int
 from tasks.contracts import QUERIES_SCHEMA, as_paths, read_documents, read_queries
+from tasks.params_model import ParamsModel
 from tasks.stage import StageRun, stage
 
 STAGE = "dedup"
@@ -54,7 +55,7 @@ _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-class DedupConfig(BaseModel):
+class DedupConfig(ParamsModel):
     """How queries and documents are de-duplicated."""
 
     seed: int = Field(13, ge=0, description="Seed of the per-query keyword reorder (combined with doc_id and sentence index).")

@@ -33,12 +33,13 @@ from typing import Any
 
 import mwxml
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tasks import dump_reader, wikitext
 from tasks import shard as shard_mod
 from tasks.common import Funnel, PipelineInputError, freeze_long_lived
 from tasks.contracts import ARTICLES_SCHEMA
+from tasks.params_model import ParamsModel
 from tasks.records import Records, Rule
 from tasks.shard import Shard, open_shard
 from tasks.stage import StageRun, stage
@@ -48,7 +49,7 @@ CLEAN_STAGE = "clean_wikitext"  # counts of removed lines/elements, not pages
 CUT_FILE = "cut_articles.json"  # the page ids whose text is a lead (ExtractConfig.max_chars)
 
 
-class ExtractConfig(BaseModel):
+class ExtractConfig(ParamsModel):
     """Which pages become articles."""
 
     namespaces: list[int] = Field([0], description="Page namespaces to keep (0 = articles).")

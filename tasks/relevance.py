@@ -25,10 +25,11 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tasks.common import MODEL_LOAD_LOCK, read_marker
 from tasks.contracts import FILTERED_SCHEMA, QUERIES_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_scored
+from tasks.params_model import ParamsModel
 from tasks.stage import StageRun, stage
 
 SCORE_STAGE = "relevance_score"
@@ -56,7 +57,7 @@ def threshold_for(model: str, pooling: str = "mean") -> float:
     return BGE_THRESHOLD
 
 
-class RelevanceConfig(BaseModel):
+class RelevanceConfig(ParamsModel):
     """The relevance scorer (FlagEmbedding) and its threshold."""
 
     operational_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "cpu_threads"})

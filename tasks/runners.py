@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.params_model import ParamsModel
+
 if TYPE_CHECKING:  # the `gear` CLI reads the runner kinds without loading the stage runner
     from tasks.stage import Stage
 
@@ -31,7 +33,7 @@ RUNNERS: tuple[str, ...] = get_args(RunnerKind)
 _ENV = {"kind": "GEAR_TASK_RUNNER", "workers": "GEAR_WORKERS", "address": "GEAR_RUNNER_ADDRESS"}
 
 
-class TaskRunnerConfig(BaseModel):
+class TaskRunnerConfig(ParamsModel):
     """Where the mapped stages (extraction, unit selection, rewriting, relevance scoring) run."""
 
     kind: RunnerKind = Field(

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tasks.assets import SPACY_MODEL, embedded_encoder_path
 from tasks.common import MODEL_LOAD_LOCK, Funnel, PipelineInputError, freeze_long_lived
@@ -76,6 +76,7 @@ from tasks import extract_docs as extract_docs_module
 from tasks import shard as shard_module
 from tasks.extract_docs import LeadPages
 from tasks.records import Records
+from tasks.params_model import ParamsModel
 from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"
@@ -106,7 +107,7 @@ _LIST_DEBRIS = ("|", "•", "·", "\t")
 _STOP_THEN_SPACE = re.compile(r"[.!?] ")
 
 
-class UnitConfig(BaseModel):
+class UnitConfig(ParamsModel):
     """The paper's document and candidate rules (Appendix A) as parameters."""
 
     max_doc_tokens: int = Field(500, ge=16, le=100_000, description="Add sentences in order while the document stays within this many WordPiece tokens (paper: 500, < 512).")

@@ -60,11 +60,12 @@ from tasks.dump_reader import (
     with_siteinfo,
 )
 from tasks.multistream import PAGES_PER_STREAM, make_multistream, multistream_copy, write_multistream
+from tasks.params_model import ParamsModel
 
 log = logging.getLogger(__name__)
 
 
-class ShardConfig(BaseModel):
+class ShardConfig(ParamsModel):
     """How to cut a dump into shards."""
 
     pages_per_shard: int = Field(

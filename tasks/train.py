@@ -30,11 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gear_model.config import EMBEDDED, Device, TrainConfig, figures, setting, words
 from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
 from tasks.contracts import LATEST, dataset_file
+from tasks.params_model import ParamsModel
 from tasks.stage import StageRun, stage
 
 _GEAR_MODEL = Path(__file__).resolve().parent.parent / "gear_model"
@@ -60,7 +61,7 @@ def _paper(name: str) -> Any:
     return setting(_PAPER, name)
 
 
-class TrainParams(BaseModel):
+class TrainParams(ParamsModel):
     """Parameters of a GeAR training run (the train-gear form).
 
     The defaults are the paper's (Table 4), read from

@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tasks import dedup as dedup_mod
 from tasks import relevance as relevance_mod
@@ -54,6 +54,7 @@ from tasks.contracts import (
 )
 from tasks.dataset_card import build_card, publish_card_artifacts
 from tasks.dedup import DedupConfig, query_key
+from tasks.params_model import ParamsModel
 from tasks.relevance import RelevanceConfig
 from tasks.stage import StageRun, stage
 
@@ -63,7 +64,7 @@ __all__ = ["TRIPLES_SCHEMA", "DatasetInvariantError", "NoTriplesError", "Triples
 STAGE = "write_triples"
 
 
-class TriplesConfig(BaseModel):
+class TriplesConfig(ParamsModel):
     """Train/test split and dataset card."""
 
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of documents in the test split (paper: 5%).")

@@ -5,7 +5,9 @@
 - the demo training is exactly ``TrainConfig.embedded()``, the paper profile
   is the model defaults, and a profile fills only the fields not given;
 - profiles are applied where parameters are resolved (``resolve_params``),
-  never by the parameter models, which know no profile;
+  never by the parameter models, which know no profile and refuse a
+  ``profile`` key (as any unknown key) with a message that says where
+  profiles are applied;
 - TrainParams has a concrete default for every setting (no "type None" field
   in the Prefect form), reads it from TrainConfig (written once) and passes
   every one on to TrainConfig by name.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -120,10 +123,63 @@ def test_a_profile_fills_only_the_fields_not_given():
 
 
 def test_the_models_know_no_profile():
-    """A profile is applied once, where parameters are resolved: a model given
-    ``profile`` as input does not read it."""
+    """A profile is applied once, where parameters are resolved: no model reads one."""
     for model in MODELS.values():
         assert "_profile" not in model.__pydantic_decorators__.model_validators
+        assert "profile" not in model.model_fields
+
+
+PROFILE_HINT = "a profile is applied by the CLI (`gear <command> --profile demo`)"
+
+
+def test_a_profile_key_is_an_error_that_says_where_profiles_are_applied():
+    """``profile: demo`` in a deployment's or an API call's parameters would otherwise be
+    dropped, and the run would get the paper defaults without a word."""
+    import jsonschema
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+    from pydantic import ValidationError
+
+    from flows.params import format_errors
+    from flows.train_gear import train_gear
+
+    for model in MODELS.values():
+        with pytest.raises(ValidationError) as caught:
+            model.model_validate({"profile": "demo"})
+        (line,) = format_errors(caught.value, model)
+        assert line.startswith("parameters: 'profile' is not a parameter: " + PROFILE_HINT), line
+        assert "prefect.yaml's deployments" in line and "pass the values themselves" in line
+    with pytest.raises(ValidationError, match="'profile' is not a parameter"):
+        PipelineParams.model_validate({"train": {"profile": "demo"}})
+    # A flow run validates its parameters: the deployment's run fails with the message, not on the defaults.
+    with pytest.raises(ParameterTypeError, match=re.escape("'profile' is not a parameter: " + PROFILE_HINT)):
+        train_gear.validate_parameters({"params": {"profile": "demo", "epochs": 2}})
+    # The server refuses it before any run (enforce_parameter_schema), naming the key.
+    schema = parameter_schema(train_gear).model_dump_for_openapi()
+    with pytest.raises(jsonschema.ValidationError, match="'profile' was unexpected"):
+        jsonschema.validate({"params": {"profile": "demo"}}, schema)
+    # The CLI's --config / --set name it too, and point at --profile.
+    with pytest.raises(ParamsError, match=re.escape("--set profile=demo: unknown parameter 'profile' (a profile is applied")):
+        resolve_params(TrainParams, sets=["profile=demo"])
+
+
+def test_any_unknown_key_is_an_error_naming_it():
+    """pydantic's default drops unknown keys; the parameter models and their nested configs refuse them."""
+    from pydantic import ValidationError
+
+    from flows.params import format_errors
+
+    for model, data, expected in [
+        (TrainParams, {"epoch": 3}, "epoch: is not a parameter (got 3)"),
+        (EvalParams, {"layers": 2}, "layers: is not a parameter (got 2)"),
+        (BuildDatasetParams, {"relevance": {"treshold": 0.3}}, "relevance.treshold: is not a parameter (got 0.3)"),
+        (PipelineParams, {"build": {"units": {"docs": 1}}}, "build.units.docs: is not a parameter (got 1)"),
+        (BuildDatasetParams, {"rewrite": {"gate": {"max_words": 5}}}, "rewrite.gate.max_words: is not a parameter (got 5)"),
+        (BuildDatasetParams, {"runner": {"kinds": "dask"}}, "runner.kinds: is not a parameter (got 'dask')"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            model.model_validate(data)
+        assert format_errors(caught.value, model) == [expected]
 
 
 def test_train_params_defaults_are_the_train_config_defaults():

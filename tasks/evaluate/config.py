@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS
 from tasks.evaluate.metrics import DEFAULT_KS
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
+from tasks.params_model import ParamsModel
 
 SystemKind = Literal["gear", "encoder", "bm25"]
 
@@ -145,7 +146,7 @@ class SystemSpec(BaseModel):
     figure: bool = Field(False, description="Collect the Figure 3 attention example from this model.")
 
 
-class EvalParams(BaseModel):
+class EvalParams(ParamsModel):
     """Evaluate GeAR models beside baselines on the RIR test split and external sets
     (paper section 4, Tables 1-3); writes report.md, report.json and report.html."""
 

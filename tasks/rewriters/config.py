@@ -6,8 +6,9 @@ import warnings
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
+from tasks.params_model import ParamsModel
 from tasks.rewriters.quality import GateConfig
 
 PRODUCTION_MODEL = "meta-llama/Llama-3.1-70B-Instruct"
@@ -55,7 +56,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class RewriteConfig(BaseModel):
+class RewriteConfig(ParamsModel):
     """How candidate units are sampled, rewritten into keyword queries and gated."""
 
     operational_fields: ClassVar[frozenset[str]] = OPERATIONAL_FIELDS

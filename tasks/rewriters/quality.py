@@ -36,7 +36,9 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from tasks.params_model import ParamsModel
 
 # ``truncated`` (the backend stopped at max_new_tokens: finish_reason "length")
 # and ``backend_error`` (no usable answer) are decided by the stage from the
@@ -77,7 +79,7 @@ STOP_WORDS = frozenset(
 )
 
 
-class GateConfig(BaseModel):
+class GateConfig(ParamsModel):
     """The gate's thresholds; nested in the rewrite config as ``RewriteConfig.gate``
     (so it is part of the stage's cache key and of the Prefect UI form)."""
 
