@@ -30,7 +30,8 @@ pronoun (every candidate with ``require_subject``), each as one sentence.
 Where it differs from the parser splitter, the differences are the
 parser's: cuts inside a sentence with no stop ("tutored | Alexander the
 Great", "NOTE: | Since"), fragments that start in lower case, and the
-documents that lose their third candidate with those fragments.
+documents that lose their third candidate with those fragments
+(docs/BENCHMARKS.md, "Sentence splitters: senter against parser", lists them).
 ``sentence_splitter: parser`` (the dependency parser splits and parses every
 paragraph) is kept for comparison; the tagger, attribute ruler, NER and
 lemmatizer do not change the candidates, so they are never loaded.

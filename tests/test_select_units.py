@@ -286,7 +286,7 @@ def test_concurrent_calls_in_threads(hand_made, tmp_path):
 # (whole articles from extract_docs, 6 characters per token of spaCy budget,
 # transformers' tokenizer), so the fast path and the lead budget change nothing.
 # senter: the default since the recogniser's repairs (its differences from the
-# parser are listed in docs/ARCHITECTURE.md).
+# parser are listed in docs/BENCHMARKS.md, "Sentence splitters: senter against parser").
 REFERENCE = {
     ("parser", 1): {"documents.parquet": "e7b4c635a45e9178", "units.parquet": "66a39a19718a53f8", "funnel.json": "ceaed48027928e95"},
     ("parser", 3): {"documents.parquet": "2b4a8d43fcccd91d", "units.parquet": "fbd3877d3c8c2411", "funnel.json": "6e1cbe1aad3bf01f"},
@@ -409,7 +409,7 @@ def test_senter_units_match_the_parsers_on_the_embedded_dump(embedded, ingest_wo
              for name, out in (("parser", parser_out), ("senter", senter_out))}
     common = units["parser"] & units["senter"]
     # Measured: 346 shared of 356 and 346; the differences are sentence boundaries
-    # (docs/ARCHITECTURE.md lists them), never the subject parse of a shared sentence.
+    # (docs/BENCHMARKS.md, "Sentence splitters", lists them), never the subject parse of a shared sentence.
     assert len(common) / len(units["parser"] | units["senter"]) >= 0.95
     assert ("308-0", "Alexander the Great starting from 343 BC.") in units["parser"] - units["senter"]  # "tutored | Alexander"
     assert Funnel.load(senter_out / "funnel.json").to_dict()[CANDIDATE_STAGE]["kept"] == len(units["senter"])
