@@ -76,8 +76,8 @@ from tasks import dump_reader, wikitext
 from tasks import extract_docs as extract_docs_module
 from tasks import shard as shard_module
 from tasks.extract_docs import LeadPages
-from tasks.records import Records
 from tasks.params_model import ParamsModel
+from tasks.records import Records
 from tasks.stage import StageConfigError, StageRun, stage
 
 STAGE = "select_units"
