@@ -4,8 +4,10 @@ shard_dump -> extract_docs (per shard) -> select_units (per shard)
 -> rewrite_queries (per shard group) -> dedup -> relevance_score, relevance_filter (per shard)
 -> write_triples
 
-Every step is a stage on the runner (tasks/stage.py): cached in a
-content-addressed folder under ``output_dir``, retried, and locked.
+Every step after shard planning is a stage on the runner (tasks/stage.py):
+cached in a content-addressed folder under ``output_dir`` and locked; the
+stages that call an endpoint or a model retry (rewrite_queries,
+relevance_score), the rest are pure CPU and fail at once.
 """
 
 from __future__ import annotations

@@ -78,8 +78,9 @@ class GearConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# The flat names a TrainConfig had before it held a GearConfig: still read
-# from old train_config.json files and ``--set`` items, and routed to ``model``.
+# GearConfig's names, which ``from_dict`` also reads at the top level (the flat
+# shape of TrainParams, ``--set`` items and flat train_config.json files) and
+# routes to ``model``.
 _MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(GearConfig))
 
 
@@ -90,8 +91,8 @@ class TrainConfig:
     ``embedded()`` for the laptop run.
 
     ``to_dict()`` nests the model settings under ``"model"``; ``from_dict``
-    also reads the flat shape of older train_config.json files (``lm_weight``,
-    ``queue_size``, ``max_doc_length``, ... at the top level)."""
+    also reads the flat shape (``lm_weight``, ``queue_size``,
+    ``max_doc_length``, ... at the top level), as TrainParams gives it."""
 
     # Data and model.
     dataset: str = ""  # train.parquet, or a dataset version folder holding it
@@ -186,7 +187,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From ``to_dict()``'s shape, or the older flat one (model names at the top level)."""
+        """From ``to_dict()``'s shape, or the flat one (model names at the top level)."""
         names = {f.name for f in dataclasses.fields(cls)}
         top = {k: v for k, v in d.items() if k in names and k != "model"}
         model = d.get("model") or {}

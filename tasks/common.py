@@ -49,11 +49,10 @@ def freeze_long_lived() -> None:
     """Put every object alive now (modules, loaded models) out of the cyclic garbage collector's reach.
 
     Ingestion allocates millions of short-lived containers (tokens, nodes,
-    spans), and each full collection walked spaCy's pipelines and every import
-    again: a process running extract_docs + select_units over 824 pages took
-    0.88x the time with this (medians of paired runs). Objects frozen are
-    still freed by reference counting; a full collection first, so that no
-    garbage is frozen."""
+    spans), and each full collection would walk spaCy's pipelines and every
+    import again; frozen, they are out of its way (docs/BENCHMARKS.md, "What
+    makes it fast", gives the gain). Objects frozen are still freed by
+    reference counting; a full collection first, so that no garbage is frozen."""
     gc.collect()
     gc.freeze()
 

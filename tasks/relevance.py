@@ -80,9 +80,8 @@ class RelevanceConfig(ParamsModel):
     cpu_threads: int = Field(
         1, ge=1, le=512,
         description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
-        "task per shard). Scores differ in their last bits at another count (measured: 6e-8 between 1 and 2 "
-        "threads), so a build is byte-identical across runners and reruns only at the same value; the "
-        "process's own count is restored afterwards.",
+        "task per shard). Scores differ in their last bits at another count, so a build is byte-identical "
+        "across runners and reruns only at the same value; the process's own count is restored afterwards.",
     )
     max_length: int = Field(512, ge=16, le=8192, description="Token limit of a document (longer ones are truncated).")
     query_max_length: int = Field(64, ge=8, le=512, description="Token limit of a query.")
@@ -91,10 +90,9 @@ class RelevanceConfig(ParamsModel):
         ge=-1.0,
         le=1.0,
         description="Keep a pair when cosine(query, document) >= this. Empty = the model's calibrated value: "
-        "0.5 for BGE (paper); 0.3 for the embedded MiniLM with mean pooling. Measured with "
-        "benchmarks/relevance.py on the embedded dump (78 documents, 234 keyword queries of real candidate "
-        "units vs their own document, 9,360 random other-document pairs): 0.5 kept 44% of true pairs "
-        "(0.09% of random), 0.3 kept 79% of true pairs and 0.9% of random pairs, 0.35 kept 73% / 0.5%.",
+        "0.5 for BGE (paper); 0.3 for the embedded MiniLM with mean pooling, whose similarities run lower: "
+        "calibrated with benchmarks/relevance.py on the embedded dump, true pairs (a query and its own "
+        "document) against random ones (docs/BENCHMARKS.md, 'Relevance threshold calibration').",
     )
 
     def model_path(self) -> str:

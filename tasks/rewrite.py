@@ -274,7 +274,7 @@ def rewrite_queries(run: StageRun, units_dirs, config: RewriteConfig) -> dict:
             raw_path = out / "raw" / f"{fingerprint(_units_file(units_dir))[:16]}.parquet"
             cached = pl.read_parquet(raw_path) if raw_path.is_file() else None
             if cached is not None and set(cached.columns) != set(RAW_SCHEMA.names):
-                cached = None  # written by an older layout: nothing in it is known final
+                cached = None  # not this code's columns: nothing in it is known final
             if cached is not None and cached.height == sampled.height and (cached["status"] == OK).all():
                 raws.append(cached)  # finished by an earlier attempt of this task
                 progress.shard_done(sampled.height)

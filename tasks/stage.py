@@ -292,7 +292,7 @@ class Stage:
     def _build(self, out: Path, inputs: Mapping[str, Any], config: BaseModel) -> None:
         work = self.work_folder(out)
         if not self.in_place and out.exists():
-            shutil.rmtree(out)  # no marker (checked under the lock): an unfinished folder of an older layout
+            shutil.rmtree(out)  # no marker (checked under the lock): unfinished, so nothing in it is trusted
         if not (self.resumable or self.in_place) and work.exists():
             shutil.rmtree(work)  # what a killed attempt left; only a resumable body reuses it
         work.mkdir(parents=True, exist_ok=True)

@@ -179,9 +179,8 @@ class EvalParams(ParamsModel):
     localization_pooling: Literal["sum", "mean"] = Field(
         "mean",
         description="How a sentence pools its tokens' cross-attention weights: sum (the attention mass on the "
-        "sentence) or mean (mass per token). Candidate units are short (8-20 tokens); measured on the embedded "
-        "demo (19 test queries, 6-layer GeAR after 36 steps), sum put the true unit in the top 3 for 0/19 queries "
-        "at every layer, mean for 3-4/19.",
+        "sentence) or mean (mass per token). Candidate units are short (8-20 tokens), so a sum favours "
+        "the long sentences around them; mean does not.",
     )
     all_layers: bool = Field(False, description="Also report localisation at every fusion layer (to pick the best).")
     baselines: bool = Field(True, description="Add the pre-trained encoder and BM25 rows.")

@@ -37,7 +37,7 @@ OPERATIONAL_FIELDS = frozenset(
         "workers",
     }
 )
-# Gate thresholds that were RewriteConfig fields before RewriteConfig.gate.
+# Gate thresholds that a flat config gives at the top level; they belong in RewriteConfig.gate.
 LEGACY_GATE_FIELDS = ("max_query_words", "echo_similarity", "max_new_words")
 
 
@@ -82,8 +82,8 @@ class RewriteConfig(ParamsModel):
     batch_size: int = Field(
         32, ge=1, le=1024,
         description="local backend: sentences generated together (left padded). Decode steps read all "
-        "weights whatever the batch, so larger batches are cheaper per row; 32 was 1.12x faster than 16 "
-        "on 48 embedded units (finished rows leave the batch, so long outputs cost little).",
+        "weights whatever the batch, so larger batches are cheaper per row (finished rows leave the batch, "
+        "so long outputs cost little).",
     )
     use_worked_examples: bool | int | None = Field(
         None,
@@ -121,12 +121,13 @@ class RewriteConfig(ParamsModel):
         True,
         description="local backend: pass grouped key/value heads to torch's attention as they are "
         "(enable_gqa) instead of copying them per query head, as transformers does when there is "
-        "padding (identical outputs; ~14x less attention time per padded decode step).",
+        "padding (identical outputs; the copy is most of a padded decode step's attention time).",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256,
         description="local backend: torch intra-op threads. None: the faster of 1 and all cores, timed at "
-        "load (on a machine shared with other jobs, 2 OpenMP threads ran a decode step 5-10x slower than 1).",
+        "load (on a machine shared with other jobs, OpenMP threads that wait for a descheduled peer can make "
+        "a decode step several times slower at 2 threads than at 1).",
     )
     # vLLM in-process engine.
     tensor_parallel_size: int = Field(8, ge=1, le=64, description="vllm: GPUs one model is split over (paper: 70B on 8).")
@@ -167,8 +168,8 @@ class RewriteConfig(ParamsModel):
     @model_validator(mode="before")
     @classmethod
     def _gate_fields_moved(cls, data: Any) -> Any:
-        """Configs saved before the gate nested (flat max_query_words, echo_similarity,
-        max_new_words) still load: the values move into ``gate``, with a warning."""
+        """A flat config (max_query_words, echo_similarity, max_new_words at the
+        top level) loads: the values move into ``gate``, with a warning."""
         if not isinstance(data, dict) or not any(k in data for k in LEGACY_GATE_FIELDS):
             return data
         data = dict(data)

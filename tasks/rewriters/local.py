@@ -20,11 +20,14 @@ logits processor (``SentenceKeywordsProcessor``) allows only the sentence's
 own tokens, commas and stop tokens, within a word budget, and the LM head is
 computed only for the batch's allowed tokens.
 
-Where the time went (48 embedded units, 1 thread, machine shared with
-training jobs): before, 0.73 s per rewrite at batch 8, almost all of it in
-decode steps that each re-read the weights, concatenated the whole KV cache
-(DynamicCache) and copied every grouped KV head three times (repeat_kv);
-2 threads on the shared machine were 5-10x slower than 1.
+Why this shape: on CPU the time is in decode steps, and each step re-reads
+every weight whatever the batch (so a larger batch is cheaper per row), a
+DynamicCache would copy the whole KV cache to append one token (hence the
+static cache), and transformers would copy every grouped KV head per query
+head under a padding mask (hence ``gqa_attention``). On a machine shared with
+other jobs, OpenMP threads that wait for a descheduled peer slow every step,
+so the thread count is timed at load. benchmarks/rewrite.py measures the
+settings (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def _register_gqa_attention() -> None:
     that, with a padding mask, grouped-query heads are passed to torch's SDPA
     with ``enable_gqa=True`` instead of being copied out first. transformers
     copies them (``repeat_kv``) whenever a mask is given on CPU; with SmolLM2's
-    3 key/value heads for 9 query heads that copy was the largest cost of a
-    padded decode step (18.5 ms vs 1.3 ms per layer for 16 rows x 420
-    positions, bit-identical outputs)."""
+    3 key/value heads for 9 query heads that copy is the largest cost of a
+    padded decode step, and passing the heads as they are gives bit-identical
+    outputs."""
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -231,10 +234,9 @@ class LocalRewriter(Rewriter):
         (best of 2) with each; a forward pass would cost seconds on a busy
         machine at the wrong count. On a
         machine shared with other jobs, OpenMP threads that wait for a
-        descheduled peer made a decode step 5-10x slower at 2 threads than at
-        1 (measured: 1.3-3.0 s vs 0.16-0.24 s per step at batch 8); on an idle
-        machine all cores win. Runs before the prompt head is encoded, so that
-        this is already done at the chosen count."""
+        descheduled peer make a decode step several times slower at 2 threads
+        than at 1; on an idle machine all cores win. Runs before the prompt
+        head is encoded, so that this is already done at the chosen count."""
         import torch
 
         cores = os.cpu_count() or 1
@@ -352,8 +354,8 @@ class LocalRewriter(Rewriter):
         return input_ids, mask, None
 
     def _generate_hf(self, prompts, sentences, sampling):
-        """``generate()`` (the previous loop; kept as the reference the compact
-        loop is checked against)."""
+        """``generate()`` (``decode_loop="generate"``): transformers' own loop,
+        the reference the compact loop is checked against."""
         import torch
         from transformers import LogitsProcessorList
 
