@@ -150,6 +150,10 @@ class TrainConfig:
     # costs three passes through the decoder and its vocabulary-wide LM head.
     eval_dependence_queries: int = 64
     eval_pooling: str = "mean"
+    # A folder where a frozen E_d's document states are kept on disk, shared by
+    # the run's processes (the contrastive baseline, the held-out evaluation,
+    # evaluate-gear) so each document goes through E_d once; "" = in memory only.
+    doc_state_store: str = ""
     # Checkpoints and logging.
     save_every: int = 1000  # optimizer steps; 0 = only at epoch ends
     keep_last: int = 2

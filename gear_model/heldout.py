@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from gear_model.diagnostics import attention_lift, bootstrap_interval, document_dependence, is_punctuation_only
+from gear_model.doc_states import DocumentStateStore
 from gear_model.model import DocumentStateMemo, pool_sentences, sentence_membership
 
 COLUMNS = ("query", "document", "unit", "unit_index", "sentence_spans")
@@ -31,7 +32,7 @@ KS = (1, 3, 5, 10)
 
 
 class HeldOut:
-    def __init__(self, path: str | Path, max_queries: int = 200, seed: int = 0):
+    def __init__(self, path: str | Path, max_queries: int = 200, seed: int = 0, state_store: str | Path | None = None):
         self.path = Path(path)
         if self.path.is_dir():
             self.path = self.path / "test.parquet"
@@ -50,13 +51,14 @@ class HeldOut:
         # is unchanged (a frozen E_d: every evaluation after the first reuses them).
         self._states = DocumentStateMemo()
         self._states_of: str | None = None
+        self.state_store = state_store  # a DocumentStateStore root shared with the run's other processes
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]], seed: int = 0) -> HeldOut:
         """From rows already in memory (the ``COLUMNS`` keys), e.g. an evaluation set."""
         held = cls.__new__(cls)
         held.path, held.rows, held.seed = None, list(rows), seed
-        held._states, held._states_of = DocumentStateMemo(), None
+        held._states, held._states_of, held.state_store = DocumentStateMemo(), None, None
         return held
 
     def __len__(self) -> int:
@@ -69,7 +71,8 @@ class HeldOut:
         this many queries (three LM passes each; None: all)."""
         fingerprint = model.document_encoder_fingerprint()
         if fingerprint != self._states_of:
-            self._states, self._states_of = DocumentStateMemo(), fingerprint
+            store = DocumentStateStore(self.state_store, fingerprint) if self.state_store else None
+            self._states, self._states_of = DocumentStateMemo(store=store), fingerprint
         with model.reusing_document_states(self._states):
             out = self.localization(model, pooling, resamples)
             rows = self.rows

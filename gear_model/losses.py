@@ -34,6 +34,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from gear_model.doc_states import DocumentStateStore
 from gear_model.fusion import eager_attention
 from gear_model.model import GearModel, mean_pool
 
@@ -126,6 +127,8 @@ class GearPretrainer(nn.Module):
         # A frozen E_d in eval mode maps a document to the same states every
         # epoch, so they are computed once per distinct document (token ids).
         self._doc_state_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # On disk and shared with the run's other processes (``TrainConfig.doc_state_store``).
+        self.doc_state_store: DocumentStateStore | None = None
         self.query_encoder_m = copy.deepcopy(model.query_encoder).requires_grad_(False)
         if freeze_doc_encoder:
             # A frozen E_d is its own momentum copy: no second copy, no second forward.
@@ -155,10 +158,18 @@ class GearPretrainer(nn.Module):
         everywhere downstream, so padded positions are left zero)."""
         keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(d_ids, d_mask)]
         missing = [i for i, k in enumerate(keys) if k not in self._doc_state_cache]
+        if missing and self.doc_state_store is not None:  # encoded by another process of this run
+            for i in missing:
+                stored = self.doc_state_store.get(torch.tensor(keys[i]))
+                if stored is not None:
+                    self._doc_state_cache[keys[i]] = stored.to(d_ids.device)
+            missing = [i for i in missing if keys[i] not in self._doc_state_cache]
         if missing:
             states = self.model.doc_states(d_ids[missing], d_mask[missing])
             for j, i in enumerate(missing):
                 self._doc_state_cache[keys[i]] = states[j, : len(keys[i])].clone()
+                if self.doc_state_store is not None:
+                    self.doc_state_store.put(torch.tensor(keys[i]), self._doc_state_cache[keys[i]])
         first = self._doc_state_cache[keys[0]]
         out = torch.zeros(*d_ids.shape, first.shape[-1], dtype=first.dtype, device=d_ids.device)
         for i, k in enumerate(keys):

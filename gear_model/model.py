@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from gear_model.config import GearConfig
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, SENTENCE_END_TOKENS
+from gear_model.doc_states import DocumentStateStore
 from gear_model.fusion import FusionEncoder, eager_attention
 
 CONFIG_NAME = "config.json"
@@ -113,10 +114,12 @@ def _quiet_transformers() -> Iterator[None]:
 
 class DocumentStateMemo:
     """E_d states by input, least recently used first out past ``max_bytes``
-    (a large evaluation set cannot fill memory; it only reuses less)."""
+    (a large evaluation set cannot fill memory; it only reuses less); a
+    single document's states also come from, and go to, ``store``."""
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 1 << 30, store: DocumentStateStore | None = None):
         self.max_bytes, self.bytes = max_bytes, 0
+        self.store = store  # on disk, shared with other processes (gear_model/doc_states.py)
         self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def get(self, key: tuple) -> torch.Tensor | None:
@@ -299,7 +302,15 @@ class GearModel(nn.Module):
         key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
         states = memo.get(key)
         if states is None:
-            states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # One unpadded document: what a DocumentStateStore holds.
+            single = memo.store is not None and input_ids.shape[0] == 1 and bool(attention_mask.all())
+            stored = memo.store.get(input_ids[0]) if single else None
+            if stored is not None:
+                states = stored.to(self.device)[None]
+            else:
+                states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                if single:
+                    memo.store.put(input_ids[0], states[0])
             memo.put(key, states)
         return states
 

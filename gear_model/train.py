@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from gear_model.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gear_model.config import GearConfig, TrainConfig, TrainConfigError
 from gear_model.data import Collate, ResumableSampler, TrainingDataError, TriplesDataset
+from gear_model.doc_states import DocumentStateStore
 from gear_model.heldout import HeldOut
 from gear_model.losses import GearPretrainer
 from gear_model.model import GearModel
@@ -171,6 +172,8 @@ def train(cfg: TrainConfig) -> Path:
     trainer = GearPretrainer(
         model, momentum_eval_mode=cfg.momentum_eval_mode, freeze_doc_encoder=cfg.freeze_doc_encoder
     ).to(device).train()
+    if cfg.freeze_doc_encoder and cfg.doc_state_store:
+        trainer.doc_state_store = DocumentStateStore(cfg.doc_state_store, model.document_encoder_fingerprint())
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
@@ -180,7 +183,8 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainingDataError(f"{cfg.dataset}: no triple fits the training lengths ({dataset.stats})")
     # A contrastive-only run never trains its fusion, so it has no localisation to follow.
     heldout = (
-        HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed)
+        HeldOut(cfg.eval_file, cfg.eval_max_queries, cfg.seed, 
+                state_store=cfg.doc_state_store if cfg.freeze_doc_encoder and cfg.doc_state_store else None)
         if master and cfg.eval_file and (cfg.model.lm_weight > 0 or cfg.model.loc_weight > 0) else None
     )
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)

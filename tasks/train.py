@@ -43,7 +43,10 @@ STAGE = "train"
 MODELS_DIR = "models"
 # Fields that do not change the trained weights, so they stay out of the run key.
 _NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "keep_last",
-               "log_every", "num_threads", "stop_after_steps", "device"}
+               "log_every", "num_threads", "stop_after_steps", "device", "doc_state_store"}
+# Under the output dir: a frozen E_d's document states, shared by the run's
+# trainings and its evaluation (gear_model/doc_states.py).
+DOC_STATE_STORE = Path("cache") / "doc_states"
 # TrainParams fields that only the launcher reads (torchrun's layout, whether
 # to score the test split); every other field is a TrainConfig or GearConfig
 # field of the same name and is passed on as it is.
@@ -198,6 +201,7 @@ class TrainParams(ParamsModel):
             "dataset": str(dataset_file),
             "init_checkpoint": str(self.init_checkpoint or _embedded_encoder()),
             "output_dir": str(run_dir),
+            "doc_state_store": str(Path(self.output_dir) / DOC_STATE_STORE) if self.freeze_doc_encoder else "",
         })
 
     @property

@@ -204,3 +204,68 @@ def test_held_out_evaluations_reuse_document_states_until_the_document_encoder_c
         assert len(calls) == first_passes
     finally:
         hook.remove()
+
+
+def test_document_state_store_round_trip_read_only_and_size_cap(tmp_path):
+    from gear_model.doc_states import DocumentStateStore
+
+    ids, states = torch.tensor([101, 7, 8, 102]), torch.randn(4, 6)
+    store = DocumentStateStore(tmp_path, "f" * 64)
+    assert store.get(ids) is None
+    store.put(ids, states)
+    assert torch.equal(DocumentStateStore(tmp_path, "f" * 64).get(ids), states)  # another process reads it
+    assert DocumentStateStore(tmp_path, "e" * 64).get(ids) is None  # another E_d: another folder
+    reader = DocumentStateStore(tmp_path, "f" * 64, read_only=True)
+    reader.put(torch.tensor([1]), torch.randn(1, 6))
+    assert reader.get(torch.tensor([1])) is None
+    full = DocumentStateStore(tmp_path, "f" * 64, max_bytes=store.bytes)
+    full.put(torch.tensor([2]), torch.randn(1, 6))
+    assert full.get(torch.tensor([2])) is None and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_the_run_s_processes_encode_each_document_once_through_the_store(tiny_dir, tmp_path):
+    from gear_model.doc_states import DocumentStateStore
+    from gear_model.heldout import HeldOut
+
+    cfg = GearConfig(max_query_length=16, max_unit_length=24)
+    data = rows(3, per_doc=2)
+    plain = [{k: r[k] for k in ("query", "document", "unit", "doc_id")} for r in data]
+    batch = Collate(GearModel.from_encoder(tiny_dir, cfg).tokenizer, 16, 64, 24)(plain)
+
+    def encoder_passes(model, run):
+        calls = []
+        hook = model.doc_encoder.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            return run(), len(calls)
+        finally:
+            hook.remove()
+
+    torch.manual_seed(0)
+    gear = GearModel.from_encoder(tiny_dir, cfg)
+    first = GearPretrainer(gear, freeze_doc_encoder=True).eval()
+    first.doc_state_store = DocumentStateStore(tmp_path, gear.document_encoder_fingerprint())
+    states, passes = encoder_passes(gear, lambda: first.frozen_doc_states(batch["doc_ids"], batch["doc_mask"]))
+    assert passes == 1
+    torch.manual_seed(1)  # the contrastive baseline: other fresh modules, the same frozen E_d
+    contrastive = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24, lm_weight=0.0))
+    second = GearPretrainer(contrastive, freeze_doc_encoder=True).eval()
+    second.doc_state_store = DocumentStateStore(tmp_path, contrastive.document_encoder_fingerprint())
+    again, passes = encoder_passes(contrastive, lambda: second.frozen_doc_states(batch["doc_ids"], batch["doc_mask"]))
+    assert passes == 0 and torch.equal(again, states)
+    # The held-out evaluation reads single documents, which training stored: only
+    # the d_doc/d_pair batch of several documents goes through E_d again.
+    without_store, passes = encoder_passes(gear, lambda: HeldOut.from_rows(data).measure(gear))
+    assert passes == 4
+    with_store, passes = encoder_passes(gear, lambda: _measured(data, gear, tmp_path))
+    assert passes == 1
+    for layer, scores in without_store["localization_by_layer"].items():
+        assert with_store["localization_by_layer"][layer]["recall@3"] == scores["recall@3"]
+    assert with_store["document_dependence"] == without_store["document_dependence"]
+
+
+def _measured(data, model, store):
+    from gear_model.heldout import HeldOut
+
+    held = HeldOut.from_rows(data)
+    held.state_store = store
+    return held.measure(model)

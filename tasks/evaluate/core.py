@@ -106,6 +106,7 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
         random_localization,
         unit_rule_prior,
     )
+    from gear_model.model import DocumentStateMemo
     from tasks.evaluate.retrieval import evaluate_retrieval, random_retrieval
 
     t0 = time.perf_counter()
@@ -124,7 +125,8 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
             results["not_applicable"] = {"localization": NOT_TRAINED_FUSION, "generation": NOT_TRAINED_FUSION}
     boot = {"resamples": params.bootstrap_resamples, "seed": params.seed}
     # GeAR reads each document for localisation, diagnostics, generation and the figure: E_d runs once per document.
-    reuse = model.reusing_document_states() if system.kind == "gear" else contextlib.nullcontext()
+    reuse = model.reusing_document_states(DocumentStateMemo(store=trained_states(model, params))) \
+        if system.kind == "gear" else contextlib.nullcontext()
     with reuse:
         for s in sets:
             entry: dict[str, Any] = {"kind": s.kind, "source": s.source, "sizes": s.sizes(), "funnel": s.funnel.to_dict()}
@@ -169,6 +171,17 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
 
 CODE_VERSION = evaluate_system.code_version
 evaluate_system_task = evaluate_system.task
+
+
+def trained_states(model, params: EvalParams):
+    """The document states that training stored for this model's E_d under
+    the output folder (``tasks.train.DOC_STATE_STORE``), read-only: an
+    evaluation adds nothing to it. None when training stored none."""
+    from gear_model.doc_states import DocumentStateStore
+    from tasks.train import DOC_STATE_STORE
+
+    store = DocumentStateStore(params.cache_dir / DOC_STATE_STORE, model.document_encoder_fingerprint(), read_only=True)
+    return store if store.dir.is_dir() else None
 
 
 def gear_diagnostics(model, eval_set: EvalSet, lifts: dict[str, Any], seed: int) -> dict:
