@@ -302,16 +302,31 @@ class GearModel(nn.Module):
         key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
         states = memo.get(key)
         if states is None:
-            # One unpadded document: what a DocumentStateStore holds.
-            single = memo.store is not None and input_ids.shape[0] == 1 and bool(attention_mask.all())
-            stored = memo.store.get(input_ids[0]) if single else None
-            if stored is not None:
-                states = stored.to(self.device)[None]
-            else:
-                states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                if single:
-                    memo.store.put(input_ids[0], states[0])
+            states = self._stored_or_encoded(encoder, input_ids, attention_mask, memo.store)
             memo.put(key, states)
+        return states
+
+    def _stored_or_encoded(self, encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           store: DocumentStateStore | None) -> torch.Tensor:
+        """E_d states of a batch, from ``store`` when it holds every document
+        of the batch (each under its unpadded token ids; padded positions stay
+        zero, as every reader masks them); otherwise encoded, and each document's
+        states stored."""
+        lengths = attention_mask.sum(1).tolist()
+        right_padded = all(bool(attention_mask[i, :n].all()) for i, n in enumerate(lengths))
+        if store is None or not right_padded:
+            return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        documents = [input_ids[i, :n] for i, n in enumerate(lengths)]
+        stored = [store.get(ids) for ids in documents]
+        if all(s is not None for s in stored):
+            states = torch.zeros(*input_ids.shape, stored[0].shape[-1], dtype=stored[0].dtype, device=self.device)
+            for i, s in enumerate(stored):
+                states[i, : len(s)] = s.to(self.device)
+            return states
+        states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        for i, ids in enumerate(documents):
+            if stored[i] is None:
+                store.put(ids, states[i, : len(ids)])
         return states
 
     @contextlib.contextmanager
@@ -380,7 +395,20 @@ class GearModel(nn.Module):
     def encode_documents(self, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> np.ndarray:
         """E_d embeddings, (n, hidden) float32, L2-normalised."""
         length = max_length or self.gear_config.inference_max_doc_length
+        if self._document_state_memo is not None:  # the states may be known already: pool them
+            return self._pool_document_states(texts, batch_size, length)
         return self._encode(texts, batch_size, length, self.doc_encoder)
+
+    @torch.no_grad()
+    def _pool_document_states(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
+        """``_encode`` through ``doc_states``, so that the memo and its store serve it."""
+        self.eval()
+        out = [np.zeros((0, self.doc_encoder.config.hidden_size), dtype=np.float32)]
+        for i in range(0, len(texts), batch_size):
+            batch = self._tokenize(texts[i : i + batch_size], max_length).to(self.device)
+            states = self.doc_states(batch["input_ids"], batch["attention_mask"])
+            out.append(F.normalize(mean_pool(states, batch["attention_mask"]).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
 
     def document_encoder_fingerprint(self) -> str:
         """A digest of everything ``encode_documents`` depends on (E_d's

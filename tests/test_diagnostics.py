@@ -252,12 +252,11 @@ def test_the_run_s_processes_encode_each_document_once_through_the_store(tiny_di
     second.doc_state_store = DocumentStateStore(tmp_path, contrastive.document_encoder_fingerprint())
     again, passes = encoder_passes(contrastive, lambda: second.frozen_doc_states(batch["doc_ids"], batch["doc_mask"]))
     assert passes == 0 and torch.equal(again, states)
-    # The held-out evaluation reads single documents, which training stored: only
-    # the d_doc/d_pair batch of several documents goes through E_d again.
+    # The held-out evaluation reads the documents training stored: no E_d pass.
     without_store, passes = encoder_passes(gear, lambda: HeldOut.from_rows(data).measure(gear))
-    assert passes == 4
+    assert passes == 4  # each document for localisation, then one batch for d_doc/d_pair
     with_store, passes = encoder_passes(gear, lambda: _measured(data, gear, tmp_path))
-    assert passes == 1
+    assert passes == 0
     for layer, scores in without_store["localization_by_layer"].items():
         assert with_store["localization_by_layer"][layer]["recall@3"] == scores["recall@3"]
     assert with_store["document_dependence"] == without_store["document_dependence"]
@@ -269,3 +268,29 @@ def _measured(data, model, store):
     held = HeldOut.from_rows(data)
     held.state_store = store
     return held.measure(model)
+
+
+def test_document_vectors_and_batched_states_come_from_the_store(tiny_dir, tmp_path):
+    from gear_model.doc_states import DocumentStateStore
+    from gear_model.diagnostics import document_states
+    from gear_model.model import DocumentStateMemo
+
+    model = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24)).eval()
+    texts = [document(d)[0] for d in range(3)] + ["A short one."]
+    plain = model.encode_documents(texts, batch_size=2)
+    calls = []
+    hook = model.doc_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        store = DocumentStateStore(tmp_path, model.document_encoder_fingerprint())
+        with model.reusing_document_states(DocumentStateMemo(store=store)):
+            first = model.encode_documents(texts, batch_size=2)  # two padded batches, encoded and stored
+        assert len(calls) == 2
+        with model.reusing_document_states(DocumentStateMemo(store=store)):  # a new process: all from the store
+            again = model.encode_documents(texts, batch_size=3)
+            states = document_states(model, texts)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(first, plain, atol=1e-6)
+    np.testing.assert_allclose(again, plain, atol=1e-5)
+    assert set(states) == set(texts)

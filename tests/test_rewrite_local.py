@@ -107,3 +107,11 @@ def test_prefix_cache_gives_the_same_greedy_outputs_as_full_prompts(rewriter):
                                        torch_threads=rw.threads))
     assert full._prefix_cache is None
     assert full.rewrite(SENTENCES, seed=0) == rw.rewrite(SENTENCES, seed=0)
+
+
+def test_the_thread_probe_keeps_all_cores_through_timing_noise():
+    from tasks.rewriters.local import choose_thread_count
+
+    assert choose_thread_count({1: 0.009, 2: 0.010}, 2) == 2  # noise: all cores
+    assert choose_thread_count({1: 0.009, 2: 0.006}, 2) == 2
+    assert choose_thread_count({1: 0.009, 2: 0.030}, 2) == 1  # a contended machine: one thread

@@ -45,6 +45,15 @@ from tasks.rewriters.config import RewriteConfig
 from tasks.rewriters.prompts import build_messages
 
 log = logging.getLogger(__name__)
+# The thread probe: repeats per count, and how much faster one thread must be to win.
+THREAD_PROBE_REPEATS = 5
+THREAD_PROBE_MARGIN = 0.25
+
+
+def choose_thread_count(timings: dict[int, float], cores: int) -> int:
+    """All cores, unless the probe timed one thread faster by ``THREAD_PROBE_MARGIN``."""
+    return 1 if timings[1] < (1 - THREAD_PROBE_MARGIN) * timings[cores] else cores
+
 
 _WORD_SPLIT = re.compile(r"\s+")
 _EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
@@ -229,14 +238,16 @@ class LocalRewriter(Rewriter):
         return n
 
     def _calibrate_threads(self) -> int:
-        """Pick the faster intra-op thread count, 1 or all cores, by timing 24
-        matrix products of decode-step size with the model's largest weight
-        (best of 2) with each; a forward pass would cost seconds on a busy
-        machine at the wrong count. On a
-        machine shared with other jobs, OpenMP threads that wait for a
-        descheduled peer make a decode step several times slower at 2 threads
-        than at 1; on an idle machine all cores win. Runs before the prompt
-        head is encoded, so that this is already done at the chosen count."""
+        """Pick the intra-op thread count, 1 or all cores, by timing 24 matrix
+        products of decode-step size with the model's largest weight (best of
+        ``THREAD_PROBE_REPEATS``) with each; a forward pass would cost seconds
+        on a busy machine at the wrong count. On a machine shared with other
+        jobs, OpenMP threads that wait for a descheduled peer make a decode
+        step several times slower at 2 threads than at 1; on an idle machine
+        all cores win. A probe this short is noisy, so all cores stay unless
+        one thread is faster by ``THREAD_PROBE_MARGIN``: a contended machine
+        clears it by far, timing noise does not. Runs before the prompt head
+        is encoded, so that this is already done at the chosen count."""
         import torch
 
         cores = os.cpu_count() or 1
@@ -250,13 +261,13 @@ class LocalRewriter(Rewriter):
             for n in (1, cores):
                 torch.set_num_threads(n)
                 best = float("inf")
-                for _ in range(2):
+                for _ in range(THREAD_PROBE_REPEATS):
                     t = time.perf_counter()
                     for _ in range(24):
                         x @ weight.T
                     best = min(best, time.perf_counter() - t)
                 timings[n] = best
-        chosen = min(timings, key=timings.get)
+        chosen = choose_thread_count(timings, cores)
         log.info("local rewriter: forward probe %s s by thread count; using %d", {k: round(v, 3) for k, v in timings.items()}, chosen)
         return self._set_threads(chosen)
 
