@@ -28,7 +28,7 @@ from flows.profiles import PROFILES, overrides
 from gear_cli import app
 from gear_model.config import EMBEDDED, GearConfig, TrainConfig, setting
 from tasks.evaluate import EvalParams
-from tasks.train import _LAUNCH_ONLY, TrainParams
+from tasks.train import _LAUNCH_ONLY, DOC_STATE_STORE, TrainParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,8 +88,11 @@ def flat(cfg: TrainConfig) -> dict:
 
 def test_demo_training_is_the_embedded_run(tmp_path):
     train_file = tmp_path / "train.parquet"
-    demo = resolve_params(TrainParams, "demo", flags={"init_checkpoint": "/ckpt"}).train_config(train_file, tmp_path / "run")
-    expected = TrainConfig.embedded(dataset=str(train_file), init_checkpoint="/ckpt", output_dir=str(tmp_path / "run"))
+    params = resolve_params(TrainParams, "demo", flags={"init_checkpoint": "/ckpt"})
+    demo = params.train_config(train_file, tmp_path / "run")
+    # The frozen E_d's states are kept under the output folder (an operational path, outside the run key).
+    expected = TrainConfig.embedded(dataset=str(train_file), init_checkpoint="/ckpt", output_dir=str(tmp_path / "run"),
+                                    doc_state_store=str(Path(params.output_dir) / DOC_STATE_STORE))
     assert demo == expected
     assert resolve_params(TrainParams, "embedded") == resolve_params(TrainParams, "demo")  # the demo's other name
     assert overrides("demo", "train-gear")["decoder_lr_mult"] == EMBEDDED["decoder_lr_mult"]
