@@ -2,7 +2,7 @@
 
 GeAR: retrieval (E_q + FAISS over the E_d index), localisation (one fusion
 pass over the top-k documents' kept E_d token states, their sentences ranked
-by cross-attention) and generation (each unit, greedy, the k in one batch),
+by cross-attention) and generation (each unit, by ``GearModel.decode``, the k in one batch),
 timed by ``GearSearcher``; and localisation again with the hits re-encoded
 by E_d per query (what a corpus too big to keep its token states gets). Baseline: the untouched encoder retrieves from its own FAISS
 index, then encodes every sentence of every candidate document and ranks them
