@@ -26,6 +26,17 @@ STATES = "states"
 DEFAULT_MAX_BYTES = 2 << 30
 
 
+
+def pad_states(per_document: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Unpadded (tokens, hidden) states, one per row of the padded batch ``ids``
+    (rows, length), as one (rows, length, hidden) tensor on ``ids``' device;
+    padded positions stay zero (every reader masks them)."""
+    first = per_document[0]
+    out = torch.zeros(*ids.shape, first.shape[-1], dtype=first.dtype, device=ids.device)
+    for i, states in enumerate(per_document):
+        out[i, : len(states)] = states.to(ids.device)
+    return out
+
 class DocumentStateStore:
     """(tokens, hidden) float tensors by token ids, under ``root/<fingerprint>``.
 
@@ -40,7 +51,9 @@ class DocumentStateStore:
         self.dir = Path(root) / fingerprint[:24]
         self.read_only, self.max_bytes = read_only, max_bytes
         self.hits = self.misses = 0
-        self.bytes = sum(f.stat().st_size for f in self.dir.rglob("*.safetensors")) if self.dir.is_dir() else 0
+        # Only a writer needs the folder's size, for its cap.
+        self.bytes = 0 if read_only or not self.dir.is_dir() else \
+            sum(f.stat().st_size for f in self.dir.rglob("*.safetensors"))
 
     def _path(self, ids: torch.Tensor) -> Path:
         digest = hashlib.sha256(ids.detach().to(torch.int64).cpu().numpy().tobytes()).hexdigest()

@@ -34,7 +34,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from gear_model.doc_states import DocumentStateStore
+from gear_model.doc_states import DocumentStateStore, pad_states
 from gear_model.fusion import eager_attention
 from gear_model.model import GearModel, mean_pool
 
@@ -170,11 +170,7 @@ class GearPretrainer(nn.Module):
                 self._doc_state_cache[keys[i]] = states[j, : len(keys[i])].clone()
                 if self.doc_state_store is not None:
                     self.doc_state_store.put(torch.tensor(keys[i]), self._doc_state_cache[keys[i]])
-        first = self._doc_state_cache[keys[0]]
-        out = torch.zeros(*d_ids.shape, first.shape[-1], dtype=first.dtype, device=d_ids.device)
-        for i, k in enumerate(keys):
-            out[i, : len(k)] = self._doc_state_cache[k]
-        return out
+        return pad_states([self._doc_state_cache[k] for k in keys], d_ids)
 
     def momentum_pairs(self):
         pairs = [(self.model.query_encoder, self.query_encoder_m)]

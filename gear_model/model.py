@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from gear_model.config import GearConfig
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, SENTENCE_END_TOKENS
-from gear_model.doc_states import DocumentStateStore
+from gear_model.doc_states import DocumentStateStore, pad_states
 from gear_model.fusion import FusionEncoder, eager_attention
 
 CONFIG_NAME = "config.json"
@@ -319,10 +319,7 @@ class GearModel(nn.Module):
         documents = [input_ids[i, :n] for i, n in enumerate(lengths)]
         stored = [store.get(ids) for ids in documents]
         if all(s is not None for s in stored):
-            states = torch.zeros(*input_ids.shape, stored[0].shape[-1], dtype=stored[0].dtype, device=self.device)
-            for i, s in enumerate(stored):
-                states[i, : len(s)] = s.to(self.device)
-            return states
+            return pad_states(stored, input_ids)
         states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         for i, ids in enumerate(documents):
             if stored[i] is None:
