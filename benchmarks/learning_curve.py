@@ -62,27 +62,9 @@ def dataset_folder(path: str) -> Path:
 
 def stand_in_triples(train_file: Path, words: int, out_file: Path) -> Path:
     """Every rule-passing sentence of the training documents as a unit, queried by its first ``words`` content words."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from spacy.lang.en.stop_words import STOP_WORDS
+    from tasks.stand_in import write_training_triples
 
-    from tasks.select_units import unit_rule_reasons
-
-    docs = {}
-    for r in pq.read_table(train_file).to_pylist():
-        docs.setdefault(r["doc_id"], r)
-    rows = []
-    for doc_id, r in docs.items():
-        spans = [(sp["start"], sp["end"]) for sp in r["sentence_spans"]]
-        texts = [r["document"][a:b] for a, b in spans]
-        for i, reason in enumerate(unit_rule_reasons(texts)):
-            content = [w.strip(".,;:()\"'").lower() for w in texts[i].split()]
-            content = [w for w in content if w.isalnum() and w not in STOP_WORDS]
-            if reason is None and content:
-                rows.append({"query": " ".join(content[:words]), "document": r["document"], "unit": texts[i],
-                             "doc_id": doc_id, "unit_index": i, "unit_start": spans[i][0], "unit_end": spans[i][1],
-                             "sentence_spans": r["sentence_spans"]})
-    pq.write_table(pa.Table.from_pylist(rows), out_file)
+    write_training_triples(train_file, words, out_file, keep_dataset=False)
     return out_file
 
 

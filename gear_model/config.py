@@ -24,6 +24,9 @@ DEC_TOKEN = "[DEC]"
 # Where a run trains: auto = CUDA when available, else CPU.
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+# Where the optional localisation loss reads the fusion's attention (``GearConfig.loc_layers``).
+LocLayers = Literal["localisation", "all"]
+LOC_LAYERS: tuple[str, ...] = get_args(LocLayers)
 
 
 class TrainConfigError(ValueError):
@@ -58,6 +61,10 @@ class GearConfig:
     # Temperature of L_loc's softmax over the sentences' log attention mass per
     # token: below 1 it rewards ranking the unit first over concentrating mass on it.
     loc_temperature: float = 0.1
+    # Where L_loc reads the attention: "localisation" (the localisation layer
+    # only) or "all" (the mean of the loss over every fusion layer, so each
+    # layer learns to find the unit and evaluation can read the best one).
+    loc_layers: str = "localisation"
     # Token lengths used for training; inference defaults (documents) use
     # ``inference_max_doc_length``.
     max_query_length: int = 512
@@ -276,4 +283,4 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DEC_TOKEN", "DEVICES", "TrainConfigError", "EMBEDDED", "Device", "GearConfig", "TrainConfig", "figures", "setting", "words"]
+__all__ = ["DEC_TOKEN", "DEVICES", "LOC_LAYERS", "LocLayers", "TrainConfigError", "EMBEDDED", "Device", "GearConfig", "TrainConfig", "figures", "setting", "words"]

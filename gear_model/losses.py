@@ -252,10 +252,14 @@ class GearPretrainer(nn.Module):
             if self.loc_weight > 0:
                 if "doc_sentence" not in batch:
                     raise ValueError("loc_weight > 0 needs the triples' sentence_spans and unit_index columns")
+                every_layer = m.gear_config.loc_layers == "all"
                 with eager_attention(m.query_encoder.config):  # SDPA returns no attention weights
-                    fused, weights = m.fuse(q_ids, q_mask, d_states, d_mask, return_layer=m.resolve_layer(None))
-                loc = localisation_loss(weights, m.query_word_mask(q_ids), batch["doc_sentence"], batch["unit_sentence"],
-                                        m.gear_config.loc_temperature)
+                    fused, weights = m.fuse(q_ids, q_mask, d_states, d_mask,
+                                            return_layer=0 if every_layer else m.resolve_layer(None))
+                words = m.query_word_mask(q_ids)
+                loc = torch.stack([
+                    localisation_loss(w, words, batch["doc_sentence"], batch["unit_sentence"], m.gear_config.loc_temperature)
+                    for w in (weights if every_layer else [weights])]).mean()
                 loss = loss + self.loc_weight * loc
             else:
                 fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from gear_model.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gear_model.config import GearConfig, TrainConfig, TrainConfigError
+from gear_model.config import LOC_LAYERS, GearConfig, TrainConfig, TrainConfigError
 from gear_model.data import Collate, ResumableSampler, TrainingDataError, TriplesDataset
 from gear_model.doc_states import DocumentStateStore
 from gear_model.heldout import HeldOut
@@ -156,6 +156,8 @@ def train(cfg: TrainConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "train_config.json")
 
+    if cfg.model.loc_layers not in LOC_LAYERS:
+        raise TrainConfigError(f"loc_layers must be one of {LOC_LAYERS}, not {cfg.model.loc_layers!r}")
     global_batch = cfg.batch_size * world
     if cfg.model.queue_size % global_batch:
         raise TrainConfigError(

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from gear_model.config import EMBEDDED, Device, TrainConfig, figures, setting, words
+from gear_model.config import EMBEDDED, Device, LocLayers, TrainConfig, figures, setting, words
 from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
 from tasks.contracts import LATEST, dataset_file
 from tasks.params_model import ParamsModel
@@ -50,7 +50,9 @@ DOC_STATE_STORE = Path("cache") / "doc_states"
 # TrainParams fields that only the launcher reads (torchrun's layout, whether
 # to score the test split); every other field is a TrainConfig or GearConfig
 # field of the same name and is passed on as it is.
-_LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout"})
+_LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout", "stand_in_query_words"})
+# The run's training triples when it adds stand-in units (tasks/stand_in.py).
+STAND_IN_TRIPLES = "train_with_stand_ins.parquet"
 
 
 # The paper's run: every default of the form below is read from it (written once, in gear_model/config.py).
@@ -102,6 +104,10 @@ class TrainParams(ParamsModel):
         _paper("loc_weight"), ge=0, le=100,
         description="Weight of the optional localisation loss L_loc (not in the paper; 0 = off): cross-entropy of the "
         "unit among its document's sentences, scored by the localisation layer's attention mass per token.")
+    loc_layers: LocLayers = Field(
+        _paper("loc_layers"),
+        description="Where L_loc reads the fusion's attention: the localisation layer only, or every fusion layer "
+        "(the loss's mean over them, so each layer learns to find the unit).")
     lm_label_smoothing: float = Field(
         _paper("lm_label_smoothing"), ge=0.0, lt=1.0,
         description=f"Label smoothing of the LM targets ({figures('lm_label_smoothing')}; BLIP 0.1).")
@@ -158,6 +164,11 @@ class TrainParams(ParamsModel):
         _paper("eval_generation_queries"), ge=0, le=10_000,
         description="Held-out queries whose unit is generated and scored by ROUGE at each evaluation "
         f"({figures('eval_generation_queries')}).")
+    stand_in_query_words: int = Field(
+        0, ge=0, le=64,
+        description="If > 0, also train on stand-in units (not in the paper): every sentence of a training document "
+        "that passes the dataset's unit rules, queried by its first N content words (tasks/stand_in.py). They give "
+        "the optional localisation loss many distinct units per document; 0: the dataset's triples only.")
     seed: int = Field(_paper("seed"), description="Seed for initialisation, data order and dropout.")
     # The GPU layout defaults come from the worker's environment, so the job
     # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
@@ -191,14 +202,15 @@ class TrainParams(ParamsModel):
         value = os.environ.get(name, "").strip()
         return value if value else fallback
 
-    def train_config(self, dataset_file: Path, run_dir: Path) -> TrainConfig:
+    def train_config(self, dataset_file: Path, run_dir: Path, triples_file: Path | None = None) -> TrainConfig:
         """The resolved ``TrainConfig`` of this run: every field of the same name
-        (``TrainConfig``'s, or its model's ``GearConfig``), plus the resolved paths."""
+        (``TrainConfig``'s, or its model's ``GearConfig``), plus the resolved paths
+        (``triples_file``: what the trainer reads, when not the dataset's train.parquet)."""
         heldout = dataset_file.with_name("test.parquet")
         return TrainConfig.from_dict({
             **self.model_dump(exclude=_LAUNCH_ONLY),  # from_dict routes the model's names to ``model``
             "eval_file": str(heldout) if self.eval_heldout and heldout.is_file() else "",
-            "dataset": str(dataset_file),
+            "dataset": str(triples_file or dataset_file),
             "init_checkpoint": str(self.init_checkpoint or _embedded_encoder()),
             "output_dir": str(run_dir),
             "doc_state_store": str(Path(self.output_dir) / DOC_STATE_STORE) if self.freeze_doc_encoder else "",
@@ -239,6 +251,8 @@ def _run_identity(params: TrainParams) -> dict[str, Any]:
     # The held-out file is the train file's sibling (its content is in the dataset's); whether the run scores it is what counts.
     identity["eval_file"] = bool(config.eval_file)
     identity["world_size"] = params.world_size
+    if params.stand_in_query_words:
+        identity["stand_in_query_words"] = params.stand_in_query_words
     return identity
 
 
@@ -365,7 +379,16 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
     run_dir = run.out
     train_file = resolve_train_file(params.dataset, params.output_dir)
     model_dir = run_dir / "model"
-    config = params.train_config(train_file, run_dir)
+    triples_file = None
+    if params.stand_in_query_words:
+        from tasks.stand_in import write_training_triples
+
+        triples_file = run_dir / STAND_IN_TRIPLES
+        if not triples_file.is_file():
+            counts = write_training_triples(train_file, params.stand_in_query_words, triples_file)
+            on_log(f"stand-in units: {counts['stand_in_triples']} from {counts['documents']} training documents, "
+                   f"after the dataset's {counts['dataset_triples']} triples ({triples_file.name})")
+    config = params.train_config(train_file, run_dir, triples_file)
     config_file = run_dir / "train_config.json"
     config.save(config_file)
 

@@ -294,3 +294,22 @@ def test_document_vectors_and_batched_states_come_from_the_store(tiny_dir, tmp_p
     np.testing.assert_allclose(first, plain, atol=1e-6)
     np.testing.assert_allclose(again, plain, atol=1e-5)
     assert set(states) == set(texts)
+
+
+@pytest.mark.parametrize("loc_layers", ["localisation", "all"])
+def test_the_localisation_loss_reaches_the_layers_it_reads(tiny_dir, tmp_path, loc_layers):
+    pq.write_table(pa.Table.from_pylist(rows(2, per_doc=2)), tmp_path / "train.parquet")
+    model = GearModel.from_encoder(tiny_dir, GearConfig(queue_size=8, max_query_length=16, max_doc_length=64,
+                                                        max_unit_length=24, lm_weight=0.0, loc_weight=1.0,
+                                                        loc_layers=loc_layers))
+    trainer = GearPretrainer(model)
+    batch = Collate(model.tokenizer, 16, 64, 24)([TriplesDataset(tmp_path / "train.parquet", model.tokenizer, 64, 24)[i]
+                                                 for i in range(4)])
+    trainer(batch, alpha=0.0).loss.backward()
+    reached = [cross.self.query.weight.grad is not None and cross.self.query.weight.grad.abs().sum().item() > 0
+               for cross in model.fusion.cross]
+    layer = model.resolve_layer(None)
+    if loc_layers == "all":
+        assert all(reached)
+    else:  # layers after the localisation layer do not shape its attention
+        assert reached[:layer] == [True] * layer and not any(reached[layer:])
