@@ -153,6 +153,10 @@ class TrainConfig:
     eval_every: int = 0
     eval_max_queries: int = 200
     eval_generation_queries: int = 32
+    # Generation (beam search) is most of an evaluation's time: by default it
+    # runs at step 0 and at the last evaluation, what the "what training
+    # added" rows read; True also runs it at every evaluation in between.
+    eval_generation_every_eval: bool = False
     # d_doc / d_pair on a seeded sample of this many held-out queries: each
     # costs three passes through the decoder and its vocabulary-wide LM head.
     eval_dependence_queries: int = 64

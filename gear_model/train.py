@@ -275,15 +275,16 @@ def train(cfg: TrainConfig) -> Path:
         if distributed:
             dist.barrier()
 
-    def evaluate(reason: str) -> None:
+    def evaluate(reason: str, last: bool = False) -> None:
         """Rank 0 scores the held-out split; the others wait."""
         if heldout is not None:
             t0 = time.time()
+            generate = cfg.eval_generation_every_eval or reason == "start" or last
             record = {
                 "event": "eval", "step": step, "epoch": epoch, "reason": reason, "n_queries": len(heldout),
                 "layer": model.resolve_layer(None), "pooling": cfg.eval_pooling,
-                **heldout.measure(model, cfg.eval_pooling, cfg.eval_generation_queries, cfg.model.max_unit_length,
-                                  dependence_queries=cfg.eval_dependence_queries),
+                **heldout.measure(model, cfg.eval_pooling, cfg.eval_generation_queries if generate else 0,
+                                  cfg.model.max_unit_length, dependence_queries=cfg.eval_dependence_queries),
             }
             record["eval_s"] = time.time() - t0
             log(record)
@@ -387,7 +388,7 @@ def train(cfg: TrainConfig) -> Path:
         if not stopped:
             epoch += 1
             micro_in_epoch = 0
-            evaluate("epoch_end")
+            evaluate("epoch_end", last=epoch >= cfg.epochs or step >= total_steps)
             checkpoint("epoch_end")
 
     # ---------------------------------------------------------------- final model

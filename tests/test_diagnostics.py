@@ -313,3 +313,20 @@ def test_the_localisation_loss_reaches_the_layers_it_reads(tiny_dir, tmp_path, l
         assert all(reached)
     else:  # layers after the localisation layer do not shape its attention
         assert reached[:layer] == [True] * layer and not any(reached[layer:])
+
+
+def test_held_out_generation_runs_at_step_0_and_at_the_last_evaluation_only(tiny_dir, tmp_path):
+    pq.write_table(pa.Table.from_pylist(rows(4, per_doc=2)), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows(2, per_doc=2)), tmp_path / "test.parquet")
+
+    def evals(run: str, every: bool) -> list[tuple[int, bool]]:
+        cfg = TrainConfig(dataset=str(tmp_path / "train.parquet"), init_checkpoint=str(tiny_dir),
+                          output_dir=str(tmp_path / run), epochs=3, batch_size=4, lr=1e-3, save_every=0, num_threads=1,
+                          eval_file=str(tmp_path / "test.parquet"), eval_generation_queries=1, eval_generation_every_eval=every,
+                          model=GearConfig(queue_size=8, max_query_length=16, max_doc_length=64, max_unit_length=24))
+        train(cfg)
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["generation"] is not None) for r in records if r["event"] == "eval"]
+
+    assert evals("ends", False) == [(0, True), (2, False), (4, False), (6, True)]
+    assert evals("every", True) == [(0, True), (2, True), (4, True), (6, True)]
