@@ -135,8 +135,9 @@ class HeldOut:
         totals = {"rouge1": 0.0, "rougeL": 0.0}
         rows = self.rows[:n]
         punctuation_only, examples = 0, []
-        for r in rows:
-            generated = model.generate(r["query"], r["document"], max_new_tokens=max_new_tokens)
+        generations = model.generate_many([r["query"] for r in rows], [r["document"] for r in rows],
+                                          max_new_tokens=max_new_tokens)
+        for r, generated in zip(rows, generations, strict=True):
             result = scorer.score(r["unit"], generated)
             for name in totals:
                 totals[name] += result[name].fmeasure

@@ -31,7 +31,7 @@ from transformers import logging as hf_logging
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from gear_model.config import GearConfig
-from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, SENTENCE_END_TOKENS
+from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, GENERATION_BATCH, SENTENCE_END_TOKENS
 from gear_model.doc_states import DocumentStateStore, pad_states
 from gear_model.fusion import FusionEncoder, eager_attention
 
@@ -549,6 +549,28 @@ class GearModel(nn.Module):
         """The unit decoded from the fusion states of (query, document) (see ``decode``)."""
         q, _, fused, _ = self._fuse_one(query, document)
         return self.decode(fused, q["attention_mask"], max_new_tokens, num_beams, no_repeat_ngram_size)[0]
+
+    @torch.no_grad()
+    def generate_many(self, queries: Sequence[str], documents: Sequence[str], max_new_tokens: int = 48,
+                      num_beams: int = DEFAULT_NUM_BEAMS, no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM,
+                      batch_size: int = GENERATION_BATCH) -> list[str]:
+        """``generate`` for each (query, document) pair, decoded ``batch_size``
+        pairs at a time: each pair is fused alone, and the fused states are
+        padded (masked) into one beam search, whose per-step cost barely grows
+        with the batch on CPU."""
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
+        out: list[str] = []
+        for first in range(0, len(queries), batch_size):
+            states, masks = [], []
+            for query, document in zip(queries[first:first + batch_size], documents[first:first + batch_size]):
+                q, _, fused, _ = self._fuse_one(query, document)
+                states.append(fused[0])
+                masks.append(q["attention_mask"][0])
+            fused = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+            mask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)
+            out += self.decode(fused, mask, max_new_tokens, num_beams, no_repeat_ngram_size)
+        return out
 
     @torch.no_grad()
     def decode(self, fused: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int = 48,

@@ -170,6 +170,22 @@ def test_decoding_repeats_no_ngram_and_batches_like_one_query(model):
         with torch.no_grad():
             model.decoder.cls.predictions.bias.copy_(saved)
 
+def test_generating_many_pairs_at_once_gives_what_each_pair_alone_gives(model):
+    saved = _with_token_boost(model, "castle", 3.0)
+    try:
+        # Queries of different lengths: the shorter ones' fused states are padded and masked.
+        queries = ["kings", "who built the castle on the rock above the old town", "siege", "music festival summer"]
+        documents = [DOC, DOC, DOC[: len(DOC) // 2], DOC]
+        alone = [model.generate(q, d, max_new_tokens=12) for q, d in zip(queries, documents)]
+        assert model.generate_many(queries, documents, max_new_tokens=12, batch_size=3) == alone
+        assert model.generate_many([], []) == []
+        with pytest.raises(ValueError, match="2 queries but 1 documents"):
+            model.generate_many(queries[:2], documents[:1])
+    finally:
+        with torch.no_grad():
+            model.decoder.cls.predictions.bias.copy_(saved)
+
+
 def test_momentum_update_and_queue_arithmetic(model):
     trainer = GearPretrainer(model)
     online = next(model.query_encoder.parameters())

@@ -27,8 +27,8 @@ def evaluate_generation(
     if not queries:
         return {"metrics": None, "n_queries": 0}
     t0 = time.perf_counter()
-    predictions = [model.generate(q.query, eval_set.documents[q.doc_id], max_new_tokens=max_new_tokens, **decoding)
-                   for q in queries]
+    predictions = model.generate_many([q.query for q in queries], [eval_set.documents[q.doc_id] for q in queries],
+                                      max_new_tokens=max_new_tokens, **decoding)
     elapsed = time.perf_counter() - t0
     if eval_set.kind == "rir":
         per_query = rouge_per_query(predictions, [q.target for q in queries])
