@@ -60,11 +60,12 @@ def dataset_folder(path: str) -> Path:
     raise SystemExit(f"no dataset at {path} (want train.parquet/test.parquet, or datasets/LATEST)")
 
 
-def stand_in_triples(train_file: Path, words: int, out_file: Path) -> Path:
-    """Every rule-passing sentence of the training documents as a unit, queried by its first ``words`` content words."""
+def stand_in_triples(train_file: Path, words: int, out_file: Path, keep_dataset: bool = False) -> Path:
+    """Every rule-passing sentence of the training documents as a unit, queried by its first ``words``
+    content words (``keep_dataset``: after the dataset's own triples, as ``TrainParams.stand_in_query_words``)."""
     from tasks.stand_in import write_training_triples
 
-    write_training_triples(train_file, words, out_file, keep_dataset=False)
+    write_training_triples(train_file, words, out_file, keep_dataset=keep_dataset)
     return out_file
 
 
@@ -76,7 +77,7 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"curve-{name}-") as out:
         train_file = data / "train.parquet"
         if args.stand_in:
-            train_file = stand_in_triples(train_file, args.stand_in, Path(out) / "stand_in.parquet")
+            train_file = stand_in_triples(train_file, args.stand_in, Path(out) / "stand_in.parquet", args.with_dataset)
         make = paper_config if args.paper else TrainConfig.embedded
         cfg = make(
             **{
@@ -86,6 +87,7 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
                 "eval_file": str(data / "test.parquet"),
                 "eval_every": args.eval_every,
                 "eval_generation_queries": args.generation_queries,
+                "eval_generation_every_eval": True,
                 "max_steps": args.max_steps,
                 "epochs": 1000,
                 "resume": False,
@@ -174,6 +176,8 @@ def main() -> None:
     parser.add_argument("--paper", action="store_true", help="start from the paper's TrainConfig(), not the embedded one")
     parser.add_argument("--stand-in", type=int, default=0, metavar="N",
                         help="train on every rule-passing sentence of the training documents, queried by its first N content words")
+    parser.add_argument("--with-dataset", action="store_true",
+                        help="with --stand-in: train on the dataset's triples followed by the stand-ins (as train-gear does)")
     args = parser.parse_args()
     data = dataset_folder(args.dataset)
     variants = args.variant or ["embedded:"]

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from flows.profiles import fill, overrides
+from gear_model.config import LocLayers
 from tasks.assets import embedded_dump_path
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvalParams
@@ -120,6 +121,37 @@ class BuildDatasetParams(ParamsModel):
 _PIPELINE_EVALUATE = {"output_dir": "data/eval", "work_dir": "data"}
 
 
+class LocalisationRun(ParamsModel):
+    """What the "GeAR + L_loc (not in the paper)" run changes in the pipeline's
+    training: the localisation loss, the fusion cross-attention's init and
+    learning rate, and stand-in units (tasks/stand_in.py). Its own step-0
+    evaluation reads what training added to that init."""
+
+    loc_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="Weight of L_loc (train.loc_weight) in this run; 0: no run.")
+    loc_layers: LocLayers = Field(
+        "all", description="Where L_loc reads the attention: every fusion layer (their mean), or the localisation "
+        "layer only.")
+    cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
+        "random", description="Fusion cross-attention init of this run (random: the paper's, so its localisation "
+        "starts at chance and all of it is learned).")
+    new_module_lr_mult: float = Field(
+        30.0, gt=0, le=1000, description="Learning rate of the fresh fusion cross-attention as a multiple of train.lr.")
+    epochs: int = Field(4, ge=1, le=1000, description="Epochs of this run.")
+    stand_in_query_words: int = Field(
+        5, ge=0, le=64,
+        description="Stand-in units: every rule-passing sentence of a training document, queried by its first N "
+        "content words (0: none).")
+    stand_in_only: bool = Field(
+        True, description="Train on the stand-ins alone; off: after the dataset's triples (which L_loc memorises: "
+        "0.751 against 0.817 held-out R@3 in docs/LEARNING_CURVE.md).")
+
+    def training(self, train: TrainParams) -> TrainParams:
+        """The pipeline's training with this run's changes."""
+        return train.model_copy(update=self.model_dump())
+
+
 class PipelineParams(ParamsModel):
     """The whole chain. Dataset, model and report paths are filled in from
     the step before, so leave `train.dataset`, `evaluate.model_dirs` and
@@ -132,11 +164,11 @@ class PipelineParams(ParamsModel):
         title="Train the contrastive-only baseline",
         description="Also train the same model with LM weight 0 (the paper's 'GeAR w/o L_LM') for the tables.",
     )
-    localisation_loss_run: float = Field(
-        0.0, ge=0.0, le=100.0,
-        title="Also train GeAR + L_loc (not in the paper)",
-        description="If > 0, also train the GeAR model with the optional localisation loss at this weight "
-        "(train.loc_weight); it is reported as its own row beside the paper-recipe GeAR. 0: no extra run.",
+    localisation_run: LocalisationRun = Field(
+        LocalisationRun(),
+        title="GeAR + L_loc (not in the paper)",
+        description="An optional second GeAR run: the training above with the localisation loss L_loc, reported as "
+        "its own row beside the paper-recipe GeAR. Off while its loc_weight is 0.",
     )
     evaluate: EvalParams = Field(
         EvalParams(**_PIPELINE_EVALUATE),

@@ -40,6 +40,10 @@ DEMO_BUILD: dict[str, Any] = {
     "rewrite": {"units_per_doc": 5},
     "triples": {"test_fraction": 0.4},
 }
+# The demo also trains "GeAR + L_loc (not in the paper)" (flows/params.py:
+# LocalisationRun): from the paper's random fusion cross-attention, so that
+# its localisation is all learned, on the dataset's triples and stand-in units.
+DEMO_LOCALISATION_RUN: dict[str, Any] = {"loc_weight": 1.0}
 # Generation is the slowest part of evaluation: the demo scores a seeded 48
 # queries, and reports localisation at every fusion layer.
 DEMO_EVALUATE: dict[str, Any] = {"all_layers": True, "max_generation_queries": 48}
@@ -75,7 +79,7 @@ def overrides(profile: str, flow: str) -> dict[str, Any]:
     if flow == "train-gear":
         return demo_training()
     return {"build": overrides(name, "build-rir-dataset"), "train": overrides(name, "train-gear"),
-            "evaluate": overrides(name, "evaluate-gear")}
+            "localisation_run": copy.deepcopy(DEMO_LOCALISATION_RUN), "evaluate": overrides(name, "evaluate-gear")}
 
 
 def fill(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

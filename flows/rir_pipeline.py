@@ -21,9 +21,9 @@ def rir_pipeline(params: PipelineParams = PipelineParams()) -> str:
     dataset_dir = build_rir_dataset(params.build)
     model_dir = train_gear(params.train.model_copy(update={"dataset": dataset_dir}))
     model_dirs = [model_dir]
-    if params.localisation_loss_run > 0:
-        model_dirs.append(train_gear(params.train.model_copy(
-            update={"dataset": dataset_dir, "loc_weight": params.localisation_loss_run})))
+    if params.localisation_run.loc_weight > 0:
+        model_dirs.append(train_gear(params.localisation_run.training(params.train).model_copy(
+            update={"dataset": dataset_dir})))
     contrastive_dir = None
     if params.train_contrastive_baseline:
         contrastive_dir = train_gear(params.train.model_copy(update={"dataset": dataset_dir, "lm_weight": 0.0}))

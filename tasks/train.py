@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gear_model.config import EMBEDDED, Device, LocLayers, TrainConfig, figures, setting, words
 from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
@@ -50,7 +50,8 @@ DOC_STATE_STORE = Path("cache") / "doc_states"
 # TrainParams fields that only the launcher reads (torchrun's layout, whether
 # to score the test split); every other field is a TrainConfig or GearConfig
 # field of the same name and is passed on as it is.
-_LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout", "stand_in_query_words"})
+_LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout", "stand_in_query_words",
+                          "stand_in_only"})
 # The run's training triples when it adds stand-in units (tasks/stand_in.py).
 STAND_IN_TRIPLES = "train_with_stand_ins.parquet"
 
@@ -169,6 +170,10 @@ class TrainParams(ParamsModel):
         description="If > 0, also train on stand-in units (not in the paper): every sentence of a training document "
         "that passes the dataset's unit rules, queried by its first N content words (tasks/stand_in.py). They give "
         "the optional localisation loss many distinct units per document; 0: the dataset's triples only.")
+    stand_in_only: bool = Field(
+        False, description="Train on the stand-in units alone, without the dataset's triples (needs "
+        "stand_in_query_words > 0). With L_loc, the dataset's few units per document are memorised, while the "
+        "stand-ins teach localisation (docs/LEARNING_CURVE.md).")
     seed: int = Field(_paper("seed"), description="Seed for initialisation, data order and dropout.")
     # The GPU layout defaults come from the worker's environment, so the job
     # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
@@ -195,6 +200,12 @@ class TrainParams(ParamsModel):
     # (and not empty): the Prefect form shows no default for them.
     ENV_DEFAULTS: ClassVar[dict[str, str]] = {
         "nproc_per_node": "GEAR_GPUS_PER_NODE", "nnodes": "GEAR_NNODES", "rdzv_endpoint": "GEAR_RDZV_ENDPOINT"}
+
+    @model_validator(mode="after")
+    def _stand_ins_to_train_on(self) -> TrainParams:
+        if self.stand_in_only and not self.stand_in_query_words:
+            raise ValueError("stand_in_only needs stand_in_query_words > 0 (the words of a stand-in query)")
+        return self
 
     @staticmethod
     def _from_env(name: str, fallback: Any) -> Any:
@@ -253,6 +264,7 @@ def _run_identity(params: TrainParams) -> dict[str, Any]:
     identity["world_size"] = params.world_size
     if params.stand_in_query_words:
         identity["stand_in_query_words"] = params.stand_in_query_words
+        identity["stand_in_only"] = params.stand_in_only
     return identity
 
 
@@ -385,9 +397,11 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
 
         triples_file = run_dir / STAND_IN_TRIPLES
         if not triples_file.is_file():
-            counts = write_training_triples(train_file, params.stand_in_query_words, triples_file)
-            on_log(f"stand-in units: {counts['stand_in_triples']} from {counts['documents']} training documents, "
-                   f"after the dataset's {counts['dataset_triples']} triples ({triples_file.name})")
+            counts = write_training_triples(train_file, params.stand_in_query_words, triples_file,
+                                            keep_dataset=not params.stand_in_only)
+            on_log(f"stand-in units: {counts['stand_in_triples']} from {counts['documents']} training documents"
+                   + (" (without the dataset's triples)" if params.stand_in_only else
+                      f", after the dataset's {counts['dataset_triples']} triples") + f" ({triples_file.name})")
     config = params.train_config(train_file, run_dir, triples_file)
     config_file = run_dir / "train_config.json"
     config.save(config_file)

@@ -82,3 +82,22 @@ def test_stand_ins_are_part_of_the_run_key_only_when_asked_for(tmp_path):
     # The trainer's config reads the stand-in file, and scores the dataset's own test split.
     cfg = params.train_config(tmp_path / "data" / "train.parquet", tmp_path / "run", tmp_path / "run" / "s.parquet")
     assert cfg.dataset == str(tmp_path / "run" / "s.parquet")
+
+
+def test_stand_in_only_needs_stand_ins_and_makes_its_own_run(tmp_path):
+    dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match="stand_in_only needs stand_in_query_words"):
+        TrainParams(stand_in_only=True)
+    params = TrainParams(dataset=str(tmp_path / "data"), output_dir=str(tmp_path), init_checkpoint=str(tmp_path),
+                         stand_in_query_words=5)
+    assert run_dir_for(params) != run_dir_for(params.model_copy(update={"stand_in_only": True}))
+
+
+def test_the_pipeline_localisation_run_is_the_training_with_its_changes():
+    from flows.params import LocalisationRun
+
+    train = TrainParams(epochs=7, lr=2e-4, cross_attention_init="identity")
+    run = LocalisationRun(loc_weight=1.0).training(train)
+    assert (run.loc_weight, run.loc_layers, run.cross_attention_init, run.stand_in_only, run.epochs) == (
+        1.0, "all", "random", True, 4)
+    assert run.lr == 2e-4 and train.loc_weight == 0.0  # the rest is the pipeline's training, which stays as it was
