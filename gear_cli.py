@@ -573,11 +573,13 @@ def evaluate(
     root = Path(output_dir or "data")
     fill: dict[str, Any] = {}
     if not params.model_dirs:
-        from tasks.evaluate.config import latest_models
+        from tasks.evaluate.config import latest_loc_model, latest_models
 
-        # The newest GeAR run and, when there is one, the newest contrastive-only baseline.
+        # The newest GeAR run, the newest GeAR + L_loc run and contrastive-only baseline when there are
+        # ones (as the evaluate deployment finds them: EvalParams.with_latest_models).
         gear, contrastive = latest_models(root / "models")
-        fill["model_dirs"] = [gear or str(root / "models")]
+        loc = latest_loc_model(root / "models", gear)
+        fill["model_dirs"] = [gear or str(root / "models"), *([loc] if loc else [])]
         if contrastive and not params.contrastive_model_dir:
             fill["contrastive_model_dir"] = contrastive
     if not params.dataset:

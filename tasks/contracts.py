@@ -96,6 +96,8 @@ TRIPLES_SCHEMA = pa.schema(
 
 DATASETS_DIR = "datasets"
 LATEST = "LATEST"  # in datasets/ (and models/): the newest finished version's name
+# In a training run's folder: its triples when it trains on stand-in units (tasks/stand_in.py).
+STAND_IN_TRIPLES = "train_with_stand_ins.parquet"
 
 
 def as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from gear_model.config import EMBEDDED, Device, LocLayers, TrainConfig, figures, setting, words
 from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
-from tasks.contracts import LATEST, dataset_file
+from tasks.contracts import LATEST, STAND_IN_TRIPLES, dataset_file
 from tasks.params_model import ParamsModel
 from tasks.stage import StageRun, stage
 
@@ -52,8 +52,6 @@ DOC_STATE_STORE = Path("cache") / "doc_states"
 # field of the same name and is passed on as it is.
 _LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout", "stand_in_query_words",
                           "stand_in_only"})
-# The run's training triples when it adds stand-in units (tasks/stand_in.py).
-STAND_IN_TRIPLES = "train_with_stand_ins.parquet"
 
 
 # The paper's run: every default of the form below is read from it (written once, in gear_model/config.py).

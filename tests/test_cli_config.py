@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,32 @@ def test_a_build_with_no_triples_prints_its_funnel_not_a_traceback(monkeypatch):
     assert lines[-1] == "the rule that dropped the most: select_units.articles not_english (1 of 1)"
     assert "Traceback" not in result.stderr
     assert "Traceback" in run("--debug", "build-dataset").stderr
+
+
+def test_evaluate_takes_the_newest_gear_and_gear_l_loc_runs_of_the_output_dir(tmp_path):
+    import json
+
+    from tasks.common import SUCCESS_MARKER
+    from tasks.contracts import STAND_IN_TRIPLES
+
+    data = tmp_path / "datasets" / "v1"
+
+    def trained(key: str, lm: float, loc: float, dataset: str) -> str:
+        model = tmp_path / "models" / key / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"gear": {"lm_weight": lm, "loc_weight": loc}}))
+        (model.parent / "train_config.json").write_text(json.dumps(
+            {"dataset": dataset, "eval_file": str(data / "test.parquet")}))
+        (model.parent / SUCCESS_MARKER).write_text("{}")
+        return str(model)
+
+    gear = trained("a", 1.0, 0.0, str(data / "train.parquet"))
+    other = trained("b", 1.0, 1.0, str(tmp_path / "datasets" / "v0" / "train.parquet"))
+    # A run on stand-in units trains on a file in its own folder; it belongs to the dataset it was made from.
+    with_loc = trained("c", 1.0, 1.0, str(tmp_path / "models" / "c" / STAND_IN_TRIPLES))
+    os.utime(Path(other).parent / SUCCESS_MARKER, (2e9, 2e9))  # the newest, but of another dataset
+    contrastive = trained("d", 0.0, 0.0, str(data / "train.parquet"))
+    result = run("evaluate", "--output-dir", str(tmp_path), "--dry-run")
+    assert result.exit_code == 0, result.output
+    params = EvalParams.model_validate(yaml.safe_load(result.stdout))
+    assert params.model_dirs == [gear, with_loc] and params.contrastive_model_dir == contrastive

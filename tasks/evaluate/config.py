@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS
+from tasks.contracts import STAND_IN_TRIPLES
 from tasks.evaluate.metrics import DEFAULT_KS
 from tasks.evaluate.stats import BOOTSTRAP_RESAMPLES
 from tasks.params_model import ParamsModel
@@ -44,7 +45,11 @@ def _model_facts(model_dir: Path) -> tuple[float, str | None] | None:
         return None
     dataset = None
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        dataset = json.loads((model_dir.parent / "train_config.json").read_text()).get("dataset")
+        train_config = json.loads((model_dir.parent / "train_config.json").read_text())
+        dataset = train_config.get("dataset")
+        if dataset and Path(dataset).name == STAND_IN_TRIPLES and train_config.get("eval_file"):
+            # Stand-in units are written into the run's folder; their dataset is the held-out split's.
+            dataset = str(Path(train_config["eval_file"]).with_name("train.parquet"))
     return weight, dataset
 
 
