@@ -1,4 +1,4 @@
-"""train-gear's stage: launch ``gear_model.train`` under torchrun and follow it.
+"""train-gear's stage: launch ``gear_model.train`` (under torchrun for more than one process) and follow it.
 
 The core (``run_training``) resolves the dataset, fixes the run's folder
 ``<output_dir>/models/<key>`` (the key hashes the resolved training config,
@@ -285,6 +285,11 @@ def run_dir_for(params: TrainParams) -> Path:
 
 
 def torchrun_command(params: TrainParams, config_file: Path) -> list[str]:
+    """The trainer's command: under torchrun, or, for one process on one node, the trainer alone
+    (torchrun's agent would only add its own start-up, about 2 s, to a run that needs no rendezvous)."""
+    trainer = ["-m", "gear_model.train", "--config", str(config_file)]
+    if params.world_size == 1:
+        return [sys.executable, *trainer]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.nproc_per_node}"]
     if params.nnodes > 1:
         if not params.rdzv_endpoint:
@@ -293,7 +298,7 @@ def torchrun_command(params: TrainParams, config_file: Path) -> list[str]:
                 f"--rdzv_endpoint={params.rdzv_endpoint}", "--rdzv_id=gear-train"]
     else:
         cmd += ["--standalone", "--nnodes=1"]
-    return cmd + ["-m", "gear_model.train", "--config", str(config_file)]
+    return cmd + trainer
 
 
 class MetricsTail:

@@ -110,6 +110,9 @@ def test_params_resolve_to_a_train_config_and_command(tiny_dir, dataset_dir, tmp
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=head:29500"} <= set(cmd)
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         torchrun_command(multi.model_copy(update={"rdzv_endpoint": ""}), tmp_path / "c.json")
+    # One process on one node needs no rendezvous: the trainer runs alone, without torchrun's agent.
+    single = torchrun_command(params.model_copy(update={"nproc_per_node": 1}), tmp_path / "c.json")
+    assert single[1:] == ["-m", "gear_model.train", "--config", str(tmp_path / "c.json")]
 
 
 def _tiny_params(tiny_dir, dataset_dir, out, **kw) -> TrainParams:
