@@ -613,7 +613,7 @@ def evaluate(
 
 @app.command("pipeline")
 def pipeline(
-    profile: Annotated[Profile, _profile_opt("Default: demo (the embedded run, about 10 min on 2 CPU cores).")] = Profile.demo,
+    profile: Annotated[Profile, _profile_opt("Default: demo (the embedded run, about 15 min on 2 CPU cores).")] = Profile.demo,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dump: DumpOpt = None,
