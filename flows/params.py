@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from flows.profiles import fill, overrides
-from gear_model.config import LocLayers
+from gear_model.config import CrossAttentionInit, LocLayers
 from tasks.assets import embedded_dump_path
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvalParams
@@ -133,7 +133,7 @@ class LocalisationRun(ParamsModel):
     loc_layers: LocLayers = Field(
         "all", description="Where L_loc reads the attention: every fusion layer (their mean), or the localisation "
         "layer only.")
-    cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
+    cross_attention_init: CrossAttentionInit = Field(
         "random", description="Fusion cross-attention init of this run (random: the paper's, so its localisation "
         "starts at chance and all of it is learned).")
     new_module_lr_mult: float = Field(
@@ -144,8 +144,8 @@ class LocalisationRun(ParamsModel):
         description="Stand-in units: every rule-passing sentence of a training document, queried by its first N "
         "content words (0: none).")
     stand_in_only: bool = Field(
-        True, description="Train on the stand-ins alone; off: after the dataset's triples (which L_loc memorises: "
-        "0.751 against 0.817 held-out R@3 in docs/LEARNING_CURVE.md).")
+        True, description="Train on the stand-ins alone; off: after the dataset's triples, whose few units per "
+        "document L_loc memorises (docs/LEARNING_CURVE.md, section 5).")
 
     def training(self, train: TrainParams) -> TrainParams:
         """The pipeline's training with this run's changes."""

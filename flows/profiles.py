@@ -42,7 +42,7 @@ DEMO_BUILD: dict[str, Any] = {
 }
 # The demo also trains "GeAR + L_loc (not in the paper)" (flows/params.py:
 # LocalisationRun): from the paper's random fusion cross-attention, so that
-# its localisation is all learned, on the dataset's triples and stand-in units.
+# its localisation is all learned, on stand-in units of the training documents.
 DEMO_LOCALISATION_RUN: dict[str, Any] = {"loc_weight": 1.0}
 # Generation is the slowest part of evaluation: the demo scores a seeded 48
 # queries, and reports localisation at every fusion layer.

@@ -24,6 +24,8 @@ DEC_TOKEN = "[DEC]"
 # Where a run trains: auto = CUDA when available, else CPU.
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+# How the fusion cross-attention starts (``TrainConfig.cross_attention_init``).
+CrossAttentionInit = Literal["random", "self_attention", "identity"]
 # Where the optional localisation loss reads the fusion's attention (``GearConfig.loc_layers``).
 LocLayers = Literal["localisation", "all"]
 LOC_LAYERS: tuple[str, ...] = get_args(LocLayers)
@@ -287,4 +289,4 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DEC_TOKEN", "DEVICES", "LOC_LAYERS", "LocLayers", "TrainConfigError", "EMBEDDED", "Device", "GearConfig", "TrainConfig", "figures", "setting", "words"]
+__all__ = ["DEC_TOKEN", "DEVICES", "LOC_LAYERS", "CrossAttentionInit", "LocLayers", "TrainConfigError", "EMBEDDED", "Device", "GearConfig", "TrainConfig", "figures", "setting", "words"]

@@ -19,7 +19,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel
 from transformers import logging as hf_logging
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from gear_model.config import GearConfig
+from gear_model.config import CrossAttentionInit, GearConfig
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, GENERATION_BATCH, SENTENCE_END_TOKENS
 from gear_model.doc_states import DocumentStateStore, pad_states
 from gear_model.fusion import FusionEncoder, eager_attention
 
 CONFIG_NAME = "config.json"
-CROSS_ATTENTION_INITS = ("random", "self_attention", "identity")
+CROSS_ATTENTION_INITS = get_args(CrossAttentionInit)
 WEIGHTS_NAME = "model.safetensors"
 
 

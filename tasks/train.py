@@ -28,11 +28,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from gear_model.config import EMBEDDED, Device, LocLayers, TrainConfig, figures, setting, words
+from gear_model.config import EMBEDDED, CrossAttentionInit, Device, LocLayers, TrainConfig, figures, setting, words
 from tasks.common import ConfigError, PipelineInputError, ProgressArtifact, in_prefect_run, is_complete, write_text
 from tasks.contracts import LATEST, STAND_IN_TRIPLES, dataset_file
 from tasks.params_model import ParamsModel
@@ -149,7 +149,7 @@ class TrainParams(ParamsModel):
     freeze_doc_encoder: bool = Field(
         _paper("freeze_doc_encoder"),
         description=f"Keep the document encoder as initialised (no gradient, no momentum copy; {figures('freeze_doc_encoder')}).")
-    cross_attention_init: Literal["random", "self_attention", "identity"] = Field(
+    cross_attention_init: CrossAttentionInit = Field(
         _paper("cross_attention_init"),
         description="Fusion cross-attention init: random (BERT init, as BLIP), a copy of the query encoder's "
         "self-attention of the same layer, or identity query/key projections (attention starts as token-state "
