@@ -547,8 +547,7 @@ class GearModel(nn.Module):
     def generate(self, query: str, document: str, max_new_tokens: int = 48, num_beams: int = DEFAULT_NUM_BEAMS,
                  no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM) -> str:
         """The unit decoded from the fusion states of (query, document) (see ``decode``)."""
-        q, _, fused, _ = self._fuse_one(query, document)
-        return self.decode(fused, q["attention_mask"], max_new_tokens, num_beams, no_repeat_ngram_size)[0]
+        return self.generate_many([query], [document], max_new_tokens, num_beams, no_repeat_ngram_size)[0]
 
     @torch.no_grad()
     def generate_many(self, queries: Sequence[str], documents: Sequence[str], max_new_tokens: int = 48,

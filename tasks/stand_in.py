@@ -44,14 +44,13 @@ def content_words(text: str) -> list[str]:
     return [w for w in words if w.isalnum() and w not in STOP_WORDS]
 
 
-def stand_in_rows(train_file: Path, query_words: int) -> list[dict[str, Any]]:
-    """One stand-in triple per rule-passing sentence of each document of ``train_file``."""
+def stand_in_rows(triples: pa.Table, query_words: int, config) -> list[dict[str, Any]]:
+    """One stand-in triple per rule-passing sentence (under ``config``, a ``UnitConfig``) of each document of ``triples``."""
     from tasks.select_units import unit_rule_reasons
 
     documents: dict[str, dict[str, Any]] = {}
-    for row in pq.read_table(train_file, columns=["doc_id", "document", "sentence_spans"]).to_pylist():
+    for row in triples.select(["doc_id", "document", "sentence_spans"]).to_pylist():
         documents.setdefault(row["doc_id"], row)
-    config = unit_rules(train_file)
     rows = []
     for doc_id, doc in documents.items():
         spans = [(span["start"], span["end"]) for span in doc["sentence_spans"]]
@@ -69,18 +68,14 @@ def write_training_triples(train_file: Path, query_words: int, out_file: Path, k
     """``out_file``: the dataset's triples (``keep_dataset``) followed by the
     stand-ins of its documents, in the trainer's columns; written atomically.
     Returns the counts. A dataset without sentence spans cannot have them."""
-    from tasks.common import PipelineInputError
+    from tasks.common import PipelineInputError, write_parquet
 
     table = pq.read_table(train_file)
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise PipelineInputError(train_file, f"stand-in units need the columns {missing} (rebuild the dataset)")
     table = table.select(list(COLUMNS))
-    stand_ins = pa.Table.from_pylist(stand_in_rows(train_file, query_words), schema=table.schema)
-    out = pa.concat_tables([table, stand_ins]) if keep_dataset else stand_ins
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    pq.write_table(out, tmp)
-    tmp.replace(out_file)
+    stand_ins = pa.Table.from_pylist(stand_in_rows(table, query_words, unit_rules(train_file)), schema=table.schema)
+    write_parquet(pa.concat_tables([table, stand_ins]) if keep_dataset else stand_ins, out_file)
     return {"dataset_triples": table.num_rows if keep_dataset else 0, "stand_in_triples": stand_ins.num_rows,
             "documents": len(set(table.column("doc_id").to_pylist()))}
