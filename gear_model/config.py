@@ -174,7 +174,7 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda (cuda without CUDA is an error)
-    bf16: bool = True  # bf16 autocast when on CUDA
+    bf16: bool = True  # bf16 autocast of the training step, on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX)
     num_threads: int = 0  # CPU threads per process; 0 = torch's default
 
     @classmethod

@@ -131,6 +131,21 @@ def use_cuda_for(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without
+    it, oneDNN emulates bf16 and autocast would be slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def training_precision(bf16: bool, use_cuda: bool) -> str:
+    """"bf16" (autocast) or "fp32": bf16 when asked for, on CUDA or on a CPU with native bf16."""
+    return "bf16" if bf16 and (use_cuda or cpu_has_native_bf16()) else "fp32"
+
+
 def train(cfg: TrainConfig) -> Path:
     # ---------------------------------------------------------------- set-up
     use_cuda = use_cuda_for(cfg.device)  # before any process group, folder or model
@@ -148,8 +163,9 @@ def train(cfg: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    precision = training_precision(cfg.bf16, use_cuda)
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.bf16 else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
     out_dir = Path(cfg.output_dir)
     if master:
@@ -308,7 +324,7 @@ def train(cfg: TrainConfig) -> Path:
     log({
         "event": "start", "step": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "world_size": world, "global_batch": global_batch * cfg.grad_accum, "n_train": len(dataset),
-        "parameters": n_params, "trainable_parameters": n_trainable, "device": str(device),
+        "parameters": n_params, "trainable_parameters": n_trainable, "device": str(device), "precision": precision,
         "length_fit": dataset.stats,
     })
     if master:

@@ -500,6 +500,7 @@ def summarise(steps: list[dict[str, Any]], done: dict[str, Any], start: dict[str
         "final_itc": steps[-1]["itc"],
         "final_lm": steps[-1]["lm"],
         "mean_samples_per_s": sum(rates) / len(rates),
+        "precision": (start or {}).get("precision"),
         "elapsed_s": done.get("elapsed_s"),
         **({"final_heldout_recall@3": evals[-1]["localization"]["recall@3"],
             "heldout_random_recall@3": evals[-1]["localization"]["random_recall@3"]} if evals else {}),

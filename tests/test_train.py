@@ -254,3 +254,28 @@ def test_bad_triples_fail_at_once_with_the_trainers_reason(tiny_dir, tmp_path):
     assert exited.value.code == EXIT_DATA
     events = [json.loads(line) for line in (tmp_path / "direct" / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "error" and events[-1]["kind"] == "data"
+
+
+def test_bf16_autocast_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    import gear_model.train as trainer
+
+    assert trainer.training_precision(True, use_cuda=True) == "bf16"
+    assert trainer.training_precision(False, use_cuda=True) == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert trainer.training_precision(True, use_cuda=False) == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.training_precision(True, use_cuda=False) == "bf16"
+    assert trainer.training_precision(False, use_cuda=False) == "fp32"
+
+
+def test_the_start_record_says_which_precision_trained(tiny_dir, dataset_dir, tmp_path):
+    from gear_model.train import cpu_has_native_bf16
+
+    out = tmp_path / "fp32"
+    train(tiny_config(tiny_dir, dataset_dir, out, bf16=False, epochs=1))
+    start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["precision"] == "fp32"
+    out = tmp_path / "auto"
+    train(tiny_config(tiny_dir, dataset_dir, out, epochs=1))
+    start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
