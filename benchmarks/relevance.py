@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     ap.add_argument("--instruction", default=None)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="empty: the stage's default for the device")
     ap.add_argument("--max-docs", type=int, default=200)
     ap.add_argument("--random-per-query", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)

@@ -34,6 +34,10 @@ from tasks.stage import StageRun, stage
 
 SCORE_STAGE = "relevance_score"
 FILTER_STAGE = "relevance"
+# Default texts per forward pass: a GPU wants large batches; on CPU, 512-token
+# documents run faster in small ones (benchmarks/relevance_speed.py).
+GPU_BATCH_SIZE = 64
+CPU_BATCH_SIZE = 8
 
 PRODUCTION_MODEL = "BAAI/bge-base-en-v1.5"
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
@@ -76,7 +80,10 @@ class RelevanceConfig(ParamsModel):
     )
     use_fp16: bool = Field(False, description="Half precision (GPU only; on CPU FlagEmbedding runs fp32).")
     device: str | None = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda:0'; empty = every visible GPU, else CPU.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Texts per forward pass.")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096,
+        description=f"Texts per forward pass. Empty = {GPU_BATCH_SIZE} on a GPU, {CPU_BATCH_SIZE} on CPU, where "
+        "a batch of 512-token documents is faster the smaller it is (benchmarks/relevance_speed.py).")
     cpu_threads: int = Field(
         1, ge=1, le=512,
         description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
@@ -97,6 +104,11 @@ class RelevanceConfig(ParamsModel):
 
     def model_path(self) -> str:
         return self.model or default_model()
+
+    def resolved_batch_size(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_BATCH_SIZE if on_gpu(self.device) else CPU_BATCH_SIZE
 
     def resolved_threshold(self) -> float:
         return self.threshold if self.threshold is not None else threshold_for(self.model_path(), self.pooling)
@@ -119,6 +131,15 @@ class RelevanceConfig(ParamsModel):
             threshold=BGE_THRESHOLD,
         )
         return cls(**(base | overrides))
+
+
+def on_gpu(device: str | None) -> bool:
+    """Whether FlagEmbedding runs on a GPU for ``device`` (empty: every visible GPU, if any)."""
+    if device:
+        return not device.startswith("cpu")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------
@@ -190,7 +211,7 @@ class RelevanceScorer:
         with MODEL_LOAD_LOCK:
             self.model = _load_model(
                 c.model_path(), c.pooling, c.query_instruction, c.use_fp16, c.device,
-                c.batch_size, c.max_length, c.query_max_length,
+                c.resolved_batch_size(), c.max_length, c.query_max_length,
             )
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:

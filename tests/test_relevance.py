@@ -220,3 +220,13 @@ def test_scorers_in_threads_share_one_count_and_wait_for_another():
     assert log.index(("in", 2, 2)) > max(i for i, e in enumerate(log) if e == ("leaving", 1))
     assert log.count(("leaving", 1)) == 2
     assert torch.get_num_threads() == before
+
+
+def test_batch_size_defaults_to_the_device():
+    from tasks.relevance import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+
+    assert RelevanceConfig(device="cpu").resolved_batch_size() == CPU_BATCH_SIZE
+    assert RelevanceConfig(device="cuda:0").resolved_batch_size() == GPU_BATCH_SIZE
+    assert RelevanceConfig(device="cpu", batch_size=32).resolved_batch_size() == 32
+    # Operational: a batch size never changes which scores a cached stage holds.
+    assert RelevanceConfig(batch_size=4).scoring_identity() == RelevanceConfig().scoring_identity()
