@@ -2,7 +2,8 @@
 
 CPU (always): the embedded MiniLM GeAR at the embedded default lengths
 (batch 16, query 32 / doc 128 / unit 48), with the momentum encoders in train
-mode (BLIP) and in eval mode without attention dropout (the embedded default).
+mode (BLIP) and in eval mode without attention dropout (the embedded default),
+the latter also in bf16 autocast where the CPU has native bf16 (as the trainer runs).
 GPU (when CUDA is available): a bert-base-sized GeAR (random init from
 BertConfig(), no download) in bf16 autocast at batch 16 x 512 tokens, with a
 model-FLOPs-utilisation estimate.
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gear_model import GearConfig, GearModel  # noqa: E402
 from gear_model.losses import GearPretrainer  # noqa: E402
-from gear_model.train import override_dropout  # noqa: E402
+from gear_model.train import cpu_has_native_bf16, override_dropout  # noqa: E402
 
 # bf16 dense peak (no sparsity) for MFU, by device-name substring.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -82,7 +83,7 @@ def bench(name: str, model: GearModel, device, batch: int, lengths: tuple[int, i
     optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     data = synthetic_batch(model.tokenizer, batch, *lengths, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -136,11 +137,14 @@ def main() -> None:
 
         init = args.init or embedded_encoder_path()
         lengths = (32, 128, 48)  # TrainConfig.embedded()
-        for name, eval_mode, attn_drop in (("cpu-minilm-blip", False, None), ("cpu-minilm-embedded", True, 0.0)):
+        configs = [("cpu-minilm-blip", False, None, False), ("cpu-minilm-embedded", True, 0.0, False)]
+        if cpu_has_native_bf16():  # what the trainer runs here (TrainConfig.bf16)
+            configs.append(("cpu-minilm-embedded-bf16", True, 0.0, True))
+        for name, eval_mode, attn_drop, bf16 in configs:
             torch.manual_seed(0)
             model = GearModel.from_encoder(init, GearConfig(queue_size=64))
             results.append(bench(name, model, torch.device("cpu"), 16, lengths, args.steps, args.warmup,
-                                 bf16=False, momentum_eval_mode=eval_mode, attention_dropout=attn_drop))
+                                 bf16=bf16, momentum_eval_mode=eval_mode, attention_dropout=attn_drop))
             print(json.dumps(results[-1]), flush=True)
     if torch.cuda.is_available() and not args.cpu_only:
         from transformers import AutoTokenizer, BertConfig
