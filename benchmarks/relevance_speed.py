@@ -6,7 +6,7 @@ each setting, the settings alternating for ``--repeat`` rounds, and prints
 seconds per setting with the largest embedding difference from the first
 setting (scores must not depend on an operational field).
 
-    .venv/bin/python benchmarks/relevance_speed.py [--docs 180] [--settings 1x64 1x8 2x8] [--repeat 2]
+    .venv/bin/python benchmarks/relevance_speed.py [--docs 180] [--settings 1x64 1x8 1x1 2x1] [--repeat 2]
 
 A setting is THREADSxBATCH.
 """
@@ -33,7 +33,7 @@ from tasks.relevance import RelevanceConfig, RelevanceScorer  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=180, help="at most this many articles of the embedded dump (78 of its articles qualify)")
-    ap.add_argument("--settings", nargs="+", default=["1x64", "1x8", "2x8"])
+    ap.add_argument("--settings", nargs="+", default=["1x64", "1x8", "1x1", "2x1"])
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 

@@ -34,10 +34,12 @@ from tasks.stage import StageRun, stage
 
 SCORE_STAGE = "relevance_score"
 FILTER_STAGE = "relevance"
-# Default texts per forward pass: a GPU wants large batches; on CPU, 512-token
-# documents run faster in small ones (benchmarks/relevance_speed.py).
+# Default texts per forward pass. A GPU wants large batches. On CPU one text
+# per pass is the fastest for 512-token documents (benchmarks/relevance_speed.py)
+# and pads nothing, so a text's embedding does not depend on the texts scored
+# beside it: shard by shard scores what all at once scores, to the last bit.
 GPU_BATCH_SIZE = 64
-CPU_BATCH_SIZE = 8
+CPU_BATCH_SIZE = 1
 
 PRODUCTION_MODEL = "BAAI/bge-base-en-v1.5"
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
@@ -82,8 +84,9 @@ class RelevanceConfig(ParamsModel):
     device: str | None = Field("cpu", description="Torch device, e.g. 'cpu', 'cuda:0'; empty = every visible GPU, else CPU.")
     batch_size: int | None = Field(
         None, ge=1, le=4096,
-        description=f"Texts per forward pass. Empty = {GPU_BATCH_SIZE} on a GPU, {CPU_BATCH_SIZE} on CPU, where "
-        "a batch of 512-token documents is faster the smaller it is (benchmarks/relevance_speed.py).")
+        description=f"Texts per forward pass. Empty = {GPU_BATCH_SIZE} on a GPU, {CPU_BATCH_SIZE} on CPU (the fastest "
+        "there for 512-token documents, and without padding a score does not depend on the shard; "
+        "benchmarks/relevance_speed.py).")
     cpu_threads: int = Field(
         1, ge=1, le=512,
         description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
