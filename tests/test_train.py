@@ -268,14 +268,19 @@ def test_bf16_autocast_only_where_the_hardware_multiplies_bf16(monkeypatch):
     assert trainer.training_precision(False, use_cuda=False) == "fp32"
 
 
+def start_record(out) -> dict:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return next(r for r in records if r["event"] == "start")
+
+
 def test_the_start_record_says_which_precision_trained(tiny_dir, dataset_dir, tmp_path):
     from gear_model.train import cpu_has_native_bf16
 
     out = tmp_path / "fp32"
     train(tiny_config(tiny_dir, dataset_dir, out, bf16=False, epochs=1))
-    start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    start = start_record(out)
     assert start["precision"] == "fp32"
     out = tmp_path / "auto"
     train(tiny_config(tiny_dir, dataset_dir, out, epochs=1))
-    start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    start = start_record(out)
     assert start["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
