@@ -122,9 +122,10 @@ _PIPELINE_EVALUATE = {"output_dir": "data/eval", "work_dir": "data"}
 
 
 class LocalisationRun(ParamsModel):
-    """What the "GeAR + L_loc (not in the paper)" run changes in the pipeline's
-    training: the localisation loss, the fusion cross-attention's init and
-    learning rate, and stand-in units (tasks/stand_in.py). Its own step-0
+    """What the "GeAR + L_loc + copy (not in the paper)" run changes in the pipeline's
+    training: the localisation loss, a decoder that copies from the query, the
+    fusion cross-attention's init and learning rate, and stand-in units
+    (tasks/stand_in.py). Its own step-0
     evaluation reads what training added to that init."""
 
     loc_weight: float = Field(
@@ -133,6 +134,9 @@ class LocalisationRun(ParamsModel):
     loc_layers: LocLayers = Field(
         "all", description="Where L_loc reads the attention: every fusion layer (their mean), or the localisation "
         "layer only.")
+    copy_from_query: bool = Field(
+        True, description="A decoder that can copy the query's words (pointer-generator head, not in the paper): "
+        "a query rewrites its unit, and a decoder trained on a few hundred units rarely learns their rare words.")
     cross_attention_init: CrossAttentionInit = Field(
         "random", description="Fusion cross-attention init of this run (random: the paper's, so its localisation "
         "starts at chance and all of it is learned).")
@@ -166,9 +170,10 @@ class PipelineParams(ParamsModel):
     )
     localisation_run: LocalisationRun = Field(
         LocalisationRun(),
-        title="GeAR + L_loc (not in the paper)",
-        description="An optional second GeAR run: the training above with the localisation loss L_loc, reported as "
-        "its own row beside the paper-recipe GeAR. Off while its loc_weight is 0.",
+        title="GeAR + L_loc + copy (not in the paper)",
+        description="An optional second GeAR run: the training above with the localisation loss L_loc and a decoder "
+        "that copies from the query, reported as its own row beside the paper-recipe GeAR. Off while its loc_weight "
+        "is 0.",
     )
     evaluate: EvalParams = Field(
         EvalParams(**_PIPELINE_EVALUATE),

@@ -40,9 +40,10 @@ DEMO_BUILD: dict[str, Any] = {
     "rewrite": {"units_per_doc": 5},
     "triples": {"test_fraction": 0.4},
 }
-# The demo also trains "GeAR + L_loc (not in the paper)" (flows/params.py:
+# The demo also trains "GeAR + L_loc + copy (not in the paper)" (flows/params.py:
 # LocalisationRun): from the paper's random fusion cross-attention, so that
-# its localisation is all learned, on stand-in units of the training documents.
+# its localisation is all learned, on stand-in units of the training documents,
+# with a decoder that copies from the query.
 DEMO_LOCALISATION_RUN: dict[str, Any] = {"loc_weight": 1.0}
 # Generation is the slowest part of evaluation: the demo scores a seeded 48
 # queries, and reports localisation at every fusion layer.

@@ -67,6 +67,9 @@ class GearConfig:
     # only) or "all" (the mean of the loss over every fusion layer, so each
     # layer learns to find the unit and evaluation can read the best one).
     loc_layers: str = "localisation"
+    # A pointer-generator head on the decoder (not in the paper; gear_model/copying.py):
+    # each step mixes the vocabulary softmax with copying a word of the query.
+    copy_from_query: bool = False
     # Token lengths used for training; inference defaults (documents) use
     # ``inference_max_doc_length``.
     max_query_length: int = 512

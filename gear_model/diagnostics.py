@@ -73,7 +73,8 @@ def lm_loss_per_row(model, queries: Sequence[str], documents: Sequence[str], uni
         for j, x in enumerate(docs):
             d_mask[j, : len(x)] = 1
         fused, _ = model.fuse(q["input_ids"], q["attention_mask"], d_states, d_mask)
-        out.append(model.lm_loss(fused, q["attention_mask"], u["input_ids"], u["attention_mask"], per_row=True).cpu())
+        out.append(model.lm_loss(fused, q["attention_mask"], u["input_ids"], u["attention_mask"], per_row=True,
+                                 q_ids=q["input_ids"]).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

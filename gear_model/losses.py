@@ -264,7 +264,8 @@ class GearPretrainer(nn.Module):
             else:
                 fused, _ = m.fuse(q_ids, q_mask, d_states, d_mask)
             if self.lm_weight > 0:
-                lm = m.lm_loss(fused, q_mask, batch["unit_ids"], batch["unit_mask"], label_smoothing=self.label_smoothing)
+                lm = m.lm_loss(fused, q_mask, batch["unit_ids"], batch["unit_mask"], label_smoothing=self.label_smoothing,
+                                q_ids=q_ids)
                 loss = loss + self.lm_weight * lm
         return LossOutput(loss=loss, itc=itc.detach(), lm=lm.detach(), loc=loc.detach())
 

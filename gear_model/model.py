@@ -31,6 +31,7 @@ from transformers import logging as hf_logging
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from gear_model.config import CrossAttentionInit, GearConfig
+from gear_model.copying import COPY_PARAMETER_PREFIXES, QueryCopyingLMHeadModel
 from gear_model.decoding import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NUM_BEAMS, GENERATION_BATCH, SENTENCE_END_TOKENS
 from gear_model.doc_states import DocumentStateStore, pad_states
 from gear_model.fusion import FusionEncoder, eager_attention
@@ -163,7 +164,7 @@ class GearModel(nn.Module):
         dec_config.add_cross_attention = True
         dec_config.vocab_size = len(tokenizer)
         dec_config.tie_word_embeddings = True
-        self.decoder = BertLMHeadModel(dec_config)
+        self.decoder = (QueryCopyingLMHeadModel if gear_config.copy_from_query else BertLMHeadModel)(dec_config)
 
         self.temp = nn.Parameter(torch.tensor(gear_config.temp_init))
         # Names of the parameters that no checkpoint initialised (``from_encoder``
@@ -215,7 +216,9 @@ class GearModel(nn.Module):
                 str(bert_dir), is_decoder=True, add_cross_attention=True, output_loading_info=True
             )
             dec.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            model.decoder.load_state_dict(dec.state_dict())
+            missing, unexpected = model.decoder.load_state_dict(dec.state_dict(), strict=False)
+            if unexpected or any(not name.startswith(COPY_PARAMETER_PREFIXES) for name in missing):
+                raise ValueError(f"{bert_dir}: decoder weights missing {missing}, unexpected {unexpected}")
             model.decoder.tie_weights()
         # What the checkpoint did not hold is new, whatever the cross-attention
         # init copies into the fusion blocks (none of them was trained for fusion).
@@ -223,6 +226,7 @@ class GearModel(nn.Module):
         model.fresh_parameters = frozenset(
             [f"fusion.{name}" for name, _ in model.fusion.named_parameters()]
             + [f"decoder.{name}" for name in loading["missing_keys"] if name in decoder_names]
+            + [f"decoder.{name}" for name in missing]
         )
         if decoder_cross_attention_init == "self_attention":
             for layer in model.decoder.bert.encoder.layer:
@@ -351,16 +355,20 @@ class GearModel(nn.Module):
         labels[:, 0] = -100
         return ids, labels
 
-    def lm_loss(self, fused, q_mask, unit_ids, unit_mask, per_row: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
+    def lm_loss(self, fused, q_mask, unit_ids, unit_mask, per_row: bool = False, label_smoothing: float = 0.0,
+                q_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the unit given the fusion states.
 
         Averaged over each unit's tokens, then over the batch, so the loss does
         not depend on how a global batch is split across processes
         (``per_row``: one loss per row, not averaged over the batch).
+        ``q_ids``, the query's token ids, are what a copying decoder
+        (``copy_from_query``) copies from; it needs them.
         """
         ids, labels = self.decoder_inputs(unit_ids, unit_mask)
         logits = self.decoder(
-            input_ids=ids, attention_mask=unit_mask, encoder_hidden_states=fused, encoder_attention_mask=q_mask
+            input_ids=ids, attention_mask=unit_mask, encoder_hidden_states=fused, encoder_attention_mask=q_mask,
+            **self.copy_sources(q_ids),
         ).logits
         logits, targets = logits[:, :-1].float(), labels[:, 1:]
         per_token = F.cross_entropy(
@@ -369,6 +377,14 @@ class GearModel(nn.Module):
         n_tokens = (targets != -100).sum(1).clamp(min=1)
         rows = per_token.sum(1) / n_tokens
         return rows if per_row else rows.mean()
+
+    def copy_sources(self, q_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The decoder's extra inputs for copying from the query (none without ``copy_from_query``)."""
+        if not self.gear_config.copy_from_query:
+            return {}
+        if q_ids is None:
+            raise ValueError("a decoder that copies from the query (copy_from_query) needs the query's token ids")
+        return {"copy_source_ids": q_ids, "copy_source_mask": self.query_word_mask(q_ids)}
 
     def query_word_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, Lq) bool: the query's word tokens (not [CLS], [SEP], [PAD] or [DEC])."""
@@ -561,20 +577,24 @@ class GearModel(nn.Module):
             raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
         out: list[str] = []
         for first in range(0, len(queries), batch_size):
-            states, masks = [], []
+            states, masks, ids = [], [], []
             for query, document in zip(queries[first:first + batch_size], documents[first:first + batch_size]):
                 q, _, fused, _ = self._fuse_one(query, document)
                 states.append(fused[0])
                 masks.append(q["attention_mask"][0])
+                ids.append(q["input_ids"][0])
             fused = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
             mask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)
-            out += self.decode(fused, mask, max_new_tokens, num_beams, no_repeat_ngram_size)
+            q_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+            out += self.decode(fused, mask, max_new_tokens, num_beams, no_repeat_ngram_size, q_ids=q_ids)
         return out
 
     @torch.no_grad()
     def decode(self, fused: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int = 48,
-               num_beams: int = DEFAULT_NUM_BEAMS, no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM) -> list[str]:
-        """One unit per row of fused states (B, Lq, H), by beam search.
+               num_beams: int = DEFAULT_NUM_BEAMS, no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM,
+               q_ids: torch.Tensor | None = None) -> list[str]:
+        """One unit per row of fused states (B, Lq, H), by beam search
+        (``q_ids``: the query's token ids, for a decoder that copies from them).
 
         A unit is one sentence, so decoding stops at [SEP] or at the first
         sentence-final token (``sentence_end_ids``); ``no_repeat_ngram_size``
@@ -596,6 +616,7 @@ class GearModel(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size,
             eos_token_id=[self.tokenizer.sep_token_id, *self.sentence_end_ids],
             pad_token_id=self.tokenizer.pad_token_id,
+            **{k: v.expand(fused.shape[0], -1) for k, v in self.copy_sources(q_ids).items()},
         )
         return [self.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
 

@@ -467,7 +467,7 @@ class GearSearcher:
     def read(self, query: str, rows: list[int]):
         """One fusion pass over (query, each document): per document its sentences ranked by
         the cross-attention and its tokens' weights, and the fused states (k, Lq, H) with the
-        query mask, from which ``generate`` decodes. Same numbers as ``GearModel.localize``."""
+        query mask and ids, from which ``generate`` decodes. Same numbers as ``GearModel.localize``."""
         import torch
 
         from gear_model.fusion import eager_attention
@@ -501,12 +501,12 @@ class GearSearcher:
             per_token = (per_query_token[query_mask] if query_mask.any() else per_query_token).mean(0)
             tokens = [(int(a), int(b), float(w)) for (a, b), w in zip(att.offsets, per_token) if b > a]
             read.append((sentences, tokens))
-        return read, fused, q["attention_mask"]
+        return read, fused, q["attention_mask"], q["input_ids"]
 
-    def generate(self, fused, query_mask) -> list[str]:
+    def generate(self, fused, query_mask, query_ids) -> list[str]:
         """Each hit's unit decoded from its fused states, all k in one batch
         (``GearModel.decode``, as evaluation decodes)."""
-        return self.model.decode(fused, query_mask, self.max_new_tokens)
+        return self.model.decode(fused, query_mask, self.max_new_tokens, q_ids=query_ids)
 
     def search(self, query: str, k: int = 5, generate: bool = True) -> list[SearchHit]:
         """The top-k documents for ``query``, best first (see ``SearchHit``)."""
@@ -515,9 +515,9 @@ class GearSearcher:
             t0 = time.perf_counter()
             found = self.retrieve(query, k)
             t1 = time.perf_counter()
-            read, fused, query_mask = self.read(query, [i for i, _ in found])
+            read, fused, query_mask, query_ids = self.read(query, [i for i, _ in found])
             t2 = time.perf_counter()
-            units = self.generate(fused, query_mask) if generate else [""] * len(found)
+            units = self.generate(fused, query_mask, query_ids) if generate else [""] * len(found)
             self.timings = {"retrieval": t1 - t0, "localization": t2 - t1, "generation": time.perf_counter() - t2}
         hits = []
         for (i, score), (sentences, tokens), unit in zip(found, read, units):

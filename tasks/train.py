@@ -107,6 +107,10 @@ class TrainParams(ParamsModel):
         _paper("loc_layers"),
         description="Where L_loc reads the fusion's attention: the localisation layer only, or every fusion layer "
         "(the loss's mean over them, so each layer learns to find the unit).")
+    copy_from_query: bool = Field(
+        _paper("copy_from_query"),
+        description="A pointer-generator head on the decoder (not in the paper; off = the paper's decoder): each "
+        "step mixes the vocabulary softmax with copying one of the query's words, gated by the decoder state.")
     lm_label_smoothing: float = Field(
         _paper("lm_label_smoothing"), ge=0.0, lt=1.0,
         description=f"Label smoothing of the LM targets ({figures('lm_label_smoothing')}; BLIP 0.1).")

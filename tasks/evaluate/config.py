@@ -56,18 +56,36 @@ def _model_facts(model_dir: Path) -> tuple[float, str | None] | None:
 LOC_ROW = "GeAR + L_loc (not in the paper)"
 
 
+def _saved_gear_config(model_dir: str | os.PathLike) -> dict:
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("gear") or {}
+    return {}
+
+
 def saved_loc_weight(model_dir: str | os.PathLike) -> float:
     """The optional localisation loss weight a GeAR model was trained with (0: the paper's losses)."""
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        return float((config.get("gear") or {}).get("loc_weight", 0.0))
+    with contextlib.suppress(ValueError, TypeError):
+        return float(_saved_gear_config(model_dir).get("loc_weight", 0.0))
     return 0.0
 
 
+def not_in_paper(model_dir: str | os.PathLike) -> list[str]:
+    """What a saved GeAR model adds to the paper's recipe: "L_loc" (the
+    localisation loss) and "copy" (a decoder that copies from the query)."""
+    extras = ["L_loc"] if saved_loc_weight(model_dir) > 0 else []
+    return extras + (["copy"] if _saved_gear_config(model_dir).get("copy_from_query") else [])
+
+
+def gear_row_name(model_dir: str | os.PathLike) -> str:
+    """"GeAR" for the paper's recipe, else what it adds: "GeAR + L_loc (not in the paper)" (``LOC_ROW``),
+    "GeAR + L_loc + copy (not in the paper)", "GeAR + copy (not in the paper)"."""
+    extras = not_in_paper(model_dir)
+    return "GeAR" if not extras else f"GeAR + {' + '.join(extras)} (not in the paper)"
+
+
 def gear_row_names(model_dirs: list[str]) -> list[str]:
-    """Row labels: "GeAR" for the paper's losses, ``LOC_ROW`` for a model trained
-    with L_loc; the run folder's name is added where two rows would share a label."""
-    names = [LOC_ROW if saved_loc_weight(d) > 0 else "GeAR" for d in model_dirs]
+    """Row labels (``gear_row_name``); the run folder's name is added where two rows would share a label."""
+    names = [gear_row_name(d) for d in model_dirs]
     return [f"{n} ({Path(d).parent.name if Path(d).name == 'model' else Path(d).name})" if names.count(n) > 1 else n
             for n, d in zip(names, model_dirs, strict=True)]
 
@@ -106,10 +124,10 @@ def latest_models(models_dir: str | os.PathLike) -> tuple[str | None, str | None
         when = (marker if marker.is_file() else model / "config.json").stat().st_mtime
         runs.append((is_latest, when, model, *facts))
     runs.sort(key=lambda r: (r[0], r[1], r[2].parent.name), reverse=True)
-    # The paper-recipe row prefers a run without the optional localisation loss.
-    gear = next((r for r in runs if r[3] > 0 and saved_loc_weight(r[2]) == 0), None) or next(
+    # The paper-recipe row prefers a run with nothing the paper does not have.
+    gear = next((r for r in runs if r[3] > 0 and not not_in_paper(r[2])), None) or next(
         (r for r in runs if r[3] > 0), None)
-    contrastive = [r for r in runs if r[3] == 0 and saved_loc_weight(r[2]) == 0]
+    contrastive = [r for r in runs if r[3] == 0 and not not_in_paper(r[2])]
     if gear is not None and gear[4] is not None:
         same = [r for r in contrastive if r[4] == gear[4]]
         contrastive = same or contrastive
