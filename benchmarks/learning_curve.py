@@ -60,12 +60,14 @@ def dataset_folder(path: str) -> Path:
     raise SystemExit(f"no dataset at {path} (want train.parquet/test.parquet, or datasets/LATEST)")
 
 
-def stand_in_triples(train_file: Path, words: int, out_file: Path, keep_dataset: bool = False) -> Path:
+def stand_in_triples(train_file: Path, words: int, out_file: Path, keep_dataset: bool = False,
+                     sampled: bool = False) -> Path:
     """Every rule-passing sentence of the training documents as a unit, queried by its first ``words``
-    content words (``keep_dataset``: after the dataset's own triples, as ``TrainParams.stand_in_query_words``)."""
+    content words, or ``words`` drawn from the whole sentence (``sampled``); ``keep_dataset``: after the
+    dataset's own triples, as ``TrainParams.stand_in_query_words``."""
     from tasks.stand_in import write_training_triples
 
-    write_training_triples(train_file, words, out_file, keep_dataset=keep_dataset)
+    write_training_triples(train_file, words, out_file, keep_dataset=keep_dataset, sampled=sampled)
     return out_file
 
 
@@ -77,7 +79,8 @@ def run_variant(name: str, fields: dict, data: Path, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"curve-{name}-") as out:
         train_file = data / "train.parquet"
         if args.stand_in:
-            train_file = stand_in_triples(train_file, args.stand_in, Path(out) / "stand_in.parquet", args.with_dataset)
+            train_file = stand_in_triples(train_file, args.stand_in, Path(out) / "stand_in.parquet", args.with_dataset,
+                                          args.stand_in_sampled)
         make = paper_config if args.paper else TrainConfig.embedded
         cfg = make(
             **{
@@ -176,6 +179,8 @@ def main() -> None:
     parser.add_argument("--paper", action="store_true", help="start from the paper's TrainConfig(), not the embedded one")
     parser.add_argument("--stand-in", type=int, default=0, metavar="N",
                         help="train on every rule-passing sentence of the training documents, queried by its first N content words")
+    parser.add_argument("--stand-in-sampled", action="store_true",
+                        help="with --stand-in: draw the N query words from the whole sentence, shuffled")
     parser.add_argument("--with-dataset", action="store_true",
                         help="with --stand-in: train on the dataset's triples followed by the stand-ins (as train-gear does)")
     args = parser.parse_args()

@@ -144,9 +144,12 @@ class LocalisationRun(ParamsModel):
         30.0, gt=0, le=1000, description="Learning rate of the fresh fusion cross-attention as a multiple of train.lr.")
     epochs: int = Field(4, ge=1, le=1000, description="Epochs of this run.")
     stand_in_query_words: int = Field(
-        5, ge=0, le=64,
-        description="Stand-in units: every rule-passing sentence of a training document, queried by its first N "
+        8, ge=0, le=64,
+        description="Stand-in units: every rule-passing sentence of a training document, queried by N of its "
         "content words (0: none).")
+    stand_in_sampled: bool = Field(
+        True, description="Draw a stand-in query's words from the whole sentence in a shuffled order; off: its first "
+        "N words in order, which a copying decoder learns to echo in order (docs/LEARNING_CURVE.md).")
     stand_in_only: bool = Field(
         True, description="Train on the stand-ins alone; off: after the dataset's triples, whose few units per "
         "document L_loc memorises (docs/LEARNING_CURVE.md, section 5).")

@@ -4,7 +4,9 @@
 - fusion: E_q's layers plus one cross-attention block per layer attending to
   E_d's token states (``fusion.FusionEncoder``); bidirectional;
 - decoder: a BERT LM-head model with causal self-attention and cross-attention
-  to the fusion states; ``[DEC]`` starts every sequence;
+  to the fusion states; ``[DEC]`` starts every sequence; with
+  ``copy_from_query`` (not in the paper) a pointer-generator head that can
+  copy the query's words (``copying.py``);
 - a learned contrastive temperature (BLIP: init 0.07, clamped to [0.001, 0.5]).
 
 No training code here: the momentum encoders, queue and losses live in
@@ -173,6 +175,8 @@ class GearModel(nn.Module):
         self.fresh_parameters: frozenset[str] = frozenset()
         # E_d states of inputs seen before, while ``reusing_document_states`` is on.
         self._document_state_memo: DocumentStateMemo | None = None
+        # Vocabulary ids a copying decoder may copy (``copyable_token_mask``), built on first use.
+        self._copyable_ids: torch.Tensor | None = None
 
     # ------------------------------------------------------------------
     # Construction, saving, loading.
@@ -384,7 +388,19 @@ class GearModel(nn.Module):
             return {}
         if q_ids is None:
             raise ValueError("a decoder that copies from the query (copy_from_query) needs the query's token ids")
-        return {"copy_source_ids": q_ids, "copy_source_mask": self.query_word_mask(q_ids)}
+        return {"copy_source_ids": q_ids, "copy_source_mask": self.copyable_token_mask(q_ids)}
+
+    def copyable_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, Lq) bool: the query's tokens a copying decoder may copy: word
+        pieces with a letter or digit, not punctuation (the vocabulary has it,
+        and a query's separators are no part of its unit) or special tokens."""
+        if self._copyable_ids is None or self._copyable_ids.device != input_ids.device:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            special = set(self.tokenizer.all_special_ids)
+            self._copyable_ids = torch.tensor(
+                [i not in special and any(c.isalnum() for c in token) for i, token in enumerate(vocab)],
+                device=input_ids.device)
+        return self._copyable_ids[input_ids]
 
     def query_word_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, Lq) bool: the query's word tokens (not [CLS], [SEP], [PAD] or [DEC])."""

@@ -14,6 +14,7 @@ the unit rules the dataset was built with (its card's ``units``).
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,17 @@ def content_words(text: str) -> list[str]:
     return [w for w in words if w.isalnum() and w not in STOP_WORDS]
 
 
-def stand_in_rows(triples: pa.Table, query_words: int, config) -> list[dict[str, Any]]:
+def stand_in_query(words: list[str], query_words: int, sampled: bool, seed: str) -> str:
+    """The first ``query_words`` content words in order, or (``sampled``) as many
+    drawn from the whole sentence in a shuffled order, seeded by ``seed``: a
+    keyword query whose order is not the sentence's, as a rewriter's often is."""
+    if not sampled:
+        return " ".join(words[:query_words])
+    rng = random.Random(seed)
+    return " ".join(rng.sample(words, min(query_words, len(words))))
+
+
+def stand_in_rows(triples: pa.Table, query_words: int, config, sampled: bool = False) -> list[dict[str, Any]]:
     """One stand-in triple per rule-passing sentence (under ``config``, a ``UnitConfig``) of each document of ``triples``."""
     from tasks.select_units import unit_rule_reasons
 
@@ -58,13 +69,14 @@ def stand_in_rows(triples: pa.Table, query_words: int, config) -> list[dict[str,
         for index, reason in enumerate(unit_rule_reasons(texts, config)):
             words = content_words(texts[index])
             if reason is None and words:
-                rows.append({"query": " ".join(words[:query_words]), "document": doc["document"], "unit": texts[index],
+                rows.append({"query": stand_in_query(words, query_words, sampled, f"{doc_id}:{index}"), "document": doc["document"], "unit": texts[index],
                              "doc_id": doc_id, "unit_index": index, "unit_start": spans[index][0],
                              "unit_end": spans[index][1], "sentence_spans": doc["sentence_spans"]})
     return rows
 
 
-def write_training_triples(train_file: Path, query_words: int, out_file: Path, keep_dataset: bool = True) -> dict[str, int]:
+def write_training_triples(train_file: Path, query_words: int, out_file: Path, keep_dataset: bool = True,
+                           sampled: bool = False) -> dict[str, int]:
     """``out_file``: the dataset's triples (``keep_dataset``) followed by the
     stand-ins of its documents, in the trainer's columns; written atomically.
     Returns the counts. A dataset without sentence spans cannot have them."""
@@ -75,7 +87,7 @@ def write_training_triples(train_file: Path, query_words: int, out_file: Path, k
     if missing:
         raise PipelineInputError(train_file, f"stand-in units need the columns {missing} (rebuild the dataset)")
     table = table.select(list(COLUMNS))
-    stand_ins = pa.Table.from_pylist(stand_in_rows(table, query_words, unit_rules(train_file)), schema=table.schema)
+    stand_ins = pa.Table.from_pylist(stand_in_rows(table, query_words, unit_rules(train_file), sampled), schema=table.schema)
     write_parquet(pa.concat_tables([table, stand_ins]) if keep_dataset else stand_ins, out_file)
     return {"dataset_triples": table.num_rows if keep_dataset else 0, "stand_in_triples": stand_ins.num_rows,
             "documents": len(set(table.column("doc_id").to_pylist()))}

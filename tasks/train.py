@@ -51,7 +51,7 @@ DOC_STATE_STORE = Path("cache") / "doc_states"
 # to score the test split); every other field is a TrainConfig or GearConfig
 # field of the same name and is passed on as it is.
 _LAUNCH_ONLY = frozenset({"nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "eval_heldout", "stand_in_query_words",
-                          "stand_in_only"})
+                          "stand_in_only", "stand_in_sampled"})
 
 
 # The paper's run: every default of the form below is read from it (written once, in gear_model/config.py).
@@ -176,6 +176,9 @@ class TrainParams(ParamsModel):
         False, description="Train on the stand-in units alone, without the dataset's triples (needs "
         "stand_in_query_words > 0). With L_loc, the dataset's few units per document are memorised, while the "
         "stand-ins teach localisation (docs/LEARNING_CURVE.md).")
+    stand_in_sampled: bool = Field(
+        False, description="Draw a stand-in query's N words from the whole sentence, in a shuffled order (seeded), "
+        "not its first N in order: a keyword query whose order is not the unit's, as a rewriter's often is.")
     seed: int = Field(_paper("seed"), description="Seed for initialisation, data order and dropout.")
     # The GPU layout defaults come from the worker's environment, so the job
     # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
@@ -267,6 +270,8 @@ def _run_identity(params: TrainParams) -> dict[str, Any]:
     if params.stand_in_query_words:
         identity["stand_in_query_words"] = params.stand_in_query_words
         identity["stand_in_only"] = params.stand_in_only
+        if params.stand_in_sampled:
+            identity["stand_in_sampled"] = True
     return identity
 
 
@@ -405,7 +410,7 @@ def train_model(run: StageRun, params: TrainParams) -> dict:
         triples_file = run_dir / STAND_IN_TRIPLES
         if not triples_file.is_file():
             counts = write_training_triples(train_file, params.stand_in_query_words, triples_file,
-                                            keep_dataset=not params.stand_in_only)
+                                            keep_dataset=not params.stand_in_only, sampled=params.stand_in_sampled)
             on_log(f"stand-in units: {counts['stand_in_triples']} from {counts['documents']} training documents"
                    + (" (without the dataset's triples)" if params.stand_in_only else
                       f", after the dataset's {counts['dataset_triples']} triples") + f" ({triples_file.name})")

@@ -58,6 +58,27 @@ def test_every_rule_passing_sentence_becomes_a_unit_after_the_dataset_triples(tm
     assert only["dataset_triples"] == 0 and pq.read_table(tmp_path / "only.parquet").num_rows == 2
 
 
+def test_sampled_stand_in_queries_draw_words_from_the_whole_sentence_the_same_way_every_time(tmp_path):
+    from tasks.stand_in import stand_in_query
+
+    words = content_words(SENTENCES[3])  # old town grew ridge runs castle rock
+    drawn = stand_in_query(words, 4, sampled=True, seed="Edinburgh#0:3")
+    assert drawn == stand_in_query(words, 4, sampled=True, seed="Edinburgh#0:3")
+    assert len(drawn.split()) == 4 and set(drawn.split()) <= set(words)
+    # Across seeds the words come from all over the sentence and in other orders than the sentence's.
+    draws = [stand_in_query(words, 4, sampled=True, seed=str(i)).split() for i in range(20)]
+    assert {w for d in draws for w in d} == set(words)
+    assert any(d != sorted(d, key=words.index) for d in draws)
+    assert stand_in_query(words, 40, sampled=True, seed="x").split() != [] and \
+        sorted(stand_in_query(words, 40, sampled=True, seed="x").split()) == sorted(words)
+    assert stand_in_query(words, 3, sampled=False, seed="x") == "old town grew"
+    train_file = dataset(tmp_path / "data")
+    write_training_triples(train_file, 3, tmp_path / "out.parquet", sampled=True)
+    again = write_training_triples(train_file, 3, tmp_path / "again.parquet", sampled=True)
+    assert again["stand_in_triples"] == 2
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "again.parquet"))
+
+
 def test_stand_ins_follow_the_unit_rules_the_dataset_was_built_with(tmp_path):
     # A card that allowed units of up to 60 tokens makes the long sentence a unit too.
     train_file = dataset(tmp_path / "data", units_config={"max_unit_tokens": 60, "docs_per_article": 3})
@@ -91,6 +112,7 @@ def test_stand_in_only_needs_stand_ins_and_makes_its_own_run(tmp_path):
     params = TrainParams(dataset=str(tmp_path / "data"), output_dir=str(tmp_path), init_checkpoint=str(tmp_path),
                          stand_in_query_words=5)
     assert run_dir_for(params) != run_dir_for(params.model_copy(update={"stand_in_only": True}))
+    assert run_dir_for(params) != run_dir_for(params.model_copy(update={"stand_in_sampled": True}))
 
 
 def test_the_pipeline_localisation_run_is_the_training_with_its_changes():
