@@ -180,6 +180,10 @@ class TrainParams(ParamsModel):
         False, description="Draw a stand-in query's N words from the whole sentence, in a shuffled order (seeded), "
         "not its first N in order: a keyword query whose order is not the unit's, as a rewriter's often is.")
     seed: int = Field(_paper("seed"), description="Seed for initialisation, data order and dropout.")
+    num_threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads of each training process (0: torch's default, one per core). Does not change the "
+        "run's key.")
     # The GPU layout defaults come from the worker's environment, so the job
     # variables of the gear-gpu pool (scripts/work-pools/gear-gpu.json) reach
     # torchrun; the factory runs where the run's parameters are validated (the
@@ -235,6 +239,24 @@ class TrainParams(ParamsModel):
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+
+def cpu_lanes(params: TrainParams, runs: int) -> tuple[int, int]:
+    """(lanes, threads per training) for ``runs`` trainings with ``params``'
+    layout: on CPU, one process on one node, up to one lane per core (at most
+    ``runs``), the cores (or ``num_threads``) shared out; on a GPU one lane,
+    as the runs would share its memory. Two runs on one core each finish
+    sooner than one after the other on two, since a step of the demo's size
+    does not keep two cores busy (docs/BENCHMARKS.md)."""
+    if runs < 2 or params.world_size > 1 or params.device == "cuda":
+        return 1, params.num_threads
+    from gear_model.train import use_cuda_for
+
+    if use_cuda_for(params.device):
+        return 1, params.num_threads
+    cores = params.num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    lanes = max(1, min(runs, cores))
+    return lanes, (cores // lanes if lanes > 1 else params.num_threads)
 
 
 def _embedded_encoder() -> Path:
