@@ -107,7 +107,7 @@ def test_lm_loss_needs_the_query_ids_and_trains_the_copy_head_under_bf16(model):
 
 
 def test_a_saved_copying_model_loads_as_one_and_labels_its_row(model, tmp_path):
-    from tasks.evaluate.config import LOC_ROW, gear_row_name, gear_row_names, latest_models
+    from tasks.evaluate.config import LOC_ROW, gear_row_name, gear_row_names
 
     out = model.save_pretrained(tmp_path / "models" / "run" / "model")
     loaded = GearModel.from_pretrained(out)
@@ -134,6 +134,7 @@ def test_the_paper_row_prefers_a_run_without_copying(tmp_path):
         (model.parent / SUCCESS_MARKER).write_text("{}")
         return str(model)
 
-    paper, copying = run("a", False), run("b", True)
+    paper = run("a", False)
+    run("b", True)
     (tmp_path / "models" / "LATEST").write_text("b/model")
     assert latest_models(tmp_path / "models")[0] == paper
