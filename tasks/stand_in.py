@@ -69,7 +69,8 @@ def stand_in_rows(triples: pa.Table, query_words: int, config, sampled: bool = F
         for index, reason in enumerate(unit_rule_reasons(texts, config)):
             words = content_words(texts[index])
             if reason is None and words:
-                rows.append({"query": stand_in_query(words, query_words, sampled, f"{doc_id}:{index}"), "document": doc["document"], "unit": texts[index],
+                query = stand_in_query(words, query_words, sampled, seed=f"{doc_id}:{index}")
+                rows.append({"query": query, "document": doc["document"], "unit": texts[index],
                              "doc_id": doc_id, "unit_index": index, "unit_start": spans[index][0],
                              "unit_end": spans[index][1], "sentence_spans": doc["sentence_spans"]})
     return rows

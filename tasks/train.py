@@ -254,7 +254,8 @@ def cpu_lanes(params: TrainParams, runs: int) -> tuple[int, int]:
 
     if use_cuda_for(params.device):
         return 1, params.num_threads
-    cores = params.num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = params.num_threads or available
     lanes = max(1, min(runs, cores))
     return lanes, (cores // lanes if lanes > 1 else params.num_threads)
 

@@ -62,18 +62,22 @@ def _saved_gear_config(model_dir: str | os.PathLike) -> dict:
     return {}
 
 
+def _loc_weight(gear_config: dict) -> float:
+    with contextlib.suppress(ValueError, TypeError):
+        return float(gear_config.get("loc_weight", 0.0))
+    return 0.0
+
+
 def saved_loc_weight(model_dir: str | os.PathLike) -> float:
     """The optional localisation loss weight a GeAR model was trained with (0: the paper's losses)."""
-    with contextlib.suppress(ValueError, TypeError):
-        return float(_saved_gear_config(model_dir).get("loc_weight", 0.0))
-    return 0.0
+    return _loc_weight(_saved_gear_config(model_dir))
 
 
 def not_in_paper(model_dir: str | os.PathLike) -> list[str]:
     """What a saved GeAR model adds to the paper's recipe: "L_loc" (the
     localisation loss) and "copy" (a decoder that copies from the query)."""
-    extras = ["L_loc"] if saved_loc_weight(model_dir) > 0 else []
-    return extras + (["copy"] if _saved_gear_config(model_dir).get("copy_from_query") else [])
+    config = _saved_gear_config(model_dir)
+    return (["L_loc"] if _loc_weight(config) > 0 else []) + (["copy"] if config.get("copy_from_query") else [])
 
 
 def gear_row_name(model_dir: str | os.PathLike) -> str:
