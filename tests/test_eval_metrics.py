@@ -80,3 +80,23 @@ def test_rouge_f_in_percent():
     assert s["rougeL"] < 100.0
     with pytest.raises(ValueError):
         rouge_scores(["a"], [])
+
+
+def test_per_query_metrics_equal_ranx_evaluate_on_random_rankings():
+    """The padded-array path gives what ranx's Qrels/Run/evaluate give, query by query."""
+    import random
+
+    from ranx import Qrels, Run, evaluate
+
+    from tasks.evaluate.metrics import per_query_ranking_metrics
+
+    rng = random.Random(7)
+    docs = [f"d{i}" for i in range(30)]
+    qrels = {f"q{i}": {d: rng.choice([1, 2]) for d in rng.sample(docs, rng.randint(1, 4))} for i in range(40)}
+    rankings = {q: rng.sample(docs, rng.randint(0, 12)) for q in qrels}
+    ks = [1, 3, 5, 10]
+    qids, ours = per_query_ranking_metrics(qrels, rankings, ks)
+    run = Run({q: {d: float(len(r) - i) for i, d in enumerate(r)} or {"\x00none": 0.0} for q, r in rankings.items()})
+    evaluate(Qrels(qrels), run, metric_names(ks), make_comparable=True, return_mean=False, save_results_in_run=True)
+    for name in metric_names(ks):
+        assert ours[name] == pytest.approx([run.scores[name][q] for q in qids]), name

@@ -115,3 +115,29 @@ def test_the_thread_probe_keeps_all_cores_through_timing_noise():
     assert choose_thread_count({1: 0.009, 2: 0.010}, 2) == 2  # noise: all cores
     assert choose_thread_count({1: 0.009, 2: 0.006}, 2) == 2
     assert choose_thread_count({1: 0.009, 2: 0.030}, 2) == 1  # a contended machine: one thread
+
+
+@pytest.mark.slow
+def test_cached_gguf_conversion_gives_the_same_model_and_outputs(tmp_path):
+    """The first load publishes the converted weights and tokenizer; a load from
+    that folder has identical weights, tokens and greedy rewrites."""
+    import torch
+
+    from tasks.rewriters.local import LocalRewriter
+
+    config = RewriteConfig(backend="local", batch_size=4, max_new_tokens=24, gguf_cache_dir=str(tmp_path))
+    direct = LocalRewriter(config.model_copy(update={"gguf_cache_dir": "off"}))
+    first = LocalRewriter(config)  # converts, and publishes the conversion
+    published = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert len(published) == 1 and (published[0] / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folder left
+    cached = LocalRewriter(config)
+    assert cached.load_seconds < first.load_seconds
+    want = direct.model.state_dict()
+    got = cached.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    text = SENTENCES[0] + " " + SENTENCES[3]
+    assert cached.tokenizer(text)["input_ids"] == direct.tokenizer(text)["input_ids"]
+    assert cached.rewrite(SENTENCES, seed=0) == direct.rewrite(SENTENCES, seed=0)
+    for rw in (direct, first, cached):
+        rw.close()

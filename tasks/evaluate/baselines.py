@@ -66,13 +66,18 @@ class PretrainedEncoder:
         return self._encode(list(texts), batch_size)
 
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Normalised embeddings in the order of ``texts``. Batches are cut from the
+        texts sorted by length, so a batch pads little; padding is masked out,
+        so a text's embedding does not depend on its batch."""
         torch = self._torch
         dim = self.model.config.hidden_size
-        out = [np.zeros((0, dim), dtype=np.float32)]
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with torch.inference_mode():
+            for i in range(0, len(order), batch_size):
+                rows = order[i : i + batch_size]
                 batch = self.tokenizer(
-                    texts[i : i + batch_size], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                    [texts[j] for j in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
                 )
                 states = self.model(**batch).last_hidden_state
                 if self.pooling == "cls":
@@ -80,6 +85,5 @@ class PretrainedEncoder:
                 else:
                     mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
                     emb = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-                out.append(emb.numpy())
-        return np.concatenate(out)
+                out[rows] = torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
+        return out

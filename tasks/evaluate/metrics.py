@@ -46,26 +46,38 @@ def per_query_ranking_metrics(
     with no results counts as all-zero. ranx's AP@k divides by the number of
     relevant items (with one relevant item, MAP@k is MRR@k). Queries without
     a positive judgement are left out.
-    """
-    from ranx import Qrels, Run, evaluate
 
-    names = metric_names(ks)
+    The figures come from ranx's own metric kernels, given padded arrays:
+    its Qrels/Run dictionaries are numba typed containers whose methods
+    compile in every new process (seconds), while the kernels are compiled
+    once and cached on disk.
+    """
+    import numpy as np
+    from ranx.metrics import average_precision, recall
+
     qrels = {q: {d: int(r) for d, r in rels.items() if int(r) > 0} for q, rels in qrels.items()}
     qrels = {q: rels for q, rels in qrels.items() if rels}
     if not qrels:
         raise ValueError("no query has a relevant item: nothing to evaluate")
-    run: dict[str, dict[str, float]] = {}
-    for q in qrels:
-        ranked = list(dict.fromkeys(rankings.get(q, ())))  # drop repeats, keep first
-        n = len(ranked)
-        # A query without results still needs an entry; a never-relevant id does.
-        run[q] = {d: float(n - i) for i, d in enumerate(ranked)} or {"\x00none": 0.0}
-    ranx_run = Run(run)
-    # ranx orders its per-query arrays its own way; it also files each score
-    # under its query id in the run, which is what we read back.
-    evaluate(Qrels(qrels), ranx_run, names, make_comparable=True, return_mean=False, save_results_in_run=True)
     qids = list(qrels)
-    return qids, {name: [float(ranx_run.scores[name][q]) for q in qids] for name in names}
+    ranked = [list(dict.fromkeys(rankings.get(q, ()))) for q in qids]  # drop repeats, keep first
+    # ranx's metric kernels read each query as rows of (numeric id, score), the run's
+    # rows best first. Padding rows carry id -1, which no judged item has, and
+    # relevance 0, which the kernels drop from the judgements.
+    ids: dict[str, int] = {}
+    judged = np.zeros((len(qids), max(map(len, qrels.values())), 2))
+    judged[:, :, 0] = -1.0
+    results = np.zeros((len(qids), max(1, max(map(len, ranked))), 2))
+    results[:, :, 0] = -1.0
+    for i, (q, docs) in enumerate(zip(qids, ranked)):
+        for j, (d, r) in enumerate(qrels[q].items()):
+            judged[i, j] = (ids.setdefault(d, len(ids)), r)
+        for j, d in enumerate(docs):
+            results[i, j] = (ids.setdefault(d, len(ids)), len(docs) - j)
+    ks = sorted(set(ks))
+    per_query = {f"recall@{k}": recall(judged, results, k) for k in ks}
+    per_query |= {f"map@{k}": average_precision(judged, results, k) for k in ks}
+    return qids, {name: [float(v) for v in per_query[name]] for name in metric_names(ks)}
 
 
 # --------------------------------------------------------------------------

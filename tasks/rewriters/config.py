@@ -23,6 +23,7 @@ OPERATIONAL_FIELDS = frozenset(
         "prefix_cache",
         "decode_loop",
         "gqa_attention",
+        "gguf_cache_dir",
         "tensor_parallel_size",
         "gpu_memory_utilization",
         "base_url",
@@ -122,6 +123,13 @@ class RewriteConfig(ParamsModel):
         description="local backend: pass grouped key/value heads to torch's attention as they are "
         "(enable_gqa) instead of copying them per query head, as transformers does when there is "
         "padding (identical outputs; the copy is most of a padded decode step's attention time).",
+    )
+    gguf_cache_dir: str | None = Field(
+        None,
+        description="local backend: where a .gguf model's de-quantised weights and converted tokenizer are "
+        "kept after its first load, under the file's content hash and the transformers version, so later "
+        "loads read them in a fraction of a second instead of de-quantising again (identical weights). "
+        "None: $GEAR_CACHE_DIR/gguf, else ~/.cache/gear-rir/gguf; 'off': no cache.",
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256,

@@ -1,7 +1,9 @@
 """Local backend: a small instruct model on CPU through transformers.
 
 A .gguf file is loaded with ``from_pretrained(folder, gguf_file=name)`` (the
-weights are de-quantised to float32), its tokenizer from the same file.
+weights are de-quantised to float32), its tokenizer from the same file. That
+conversion takes seconds at every load, so its result is kept in a cache
+folder (``gguf_cache_dir``) and read from there afterwards (``load_gguf``).
 
 Every prompt is [shared head][sentence part]. The head (system prompt and
 worked examples) goes through the model once; its key/value cache is copied
@@ -175,6 +177,75 @@ def _make_processor_class():
     return SentenceKeywordsProcessor
 
 
+def gguf_cache_root(config: RewriteConfig) -> Path | None:
+    """The folder of converted .gguf models (``RewriteConfig.gguf_cache_dir``); None: no cache."""
+    if config.gguf_cache_dir == "off":
+        return None
+    if config.gguf_cache_dir:
+        return Path(config.gguf_cache_dir).expanduser()
+    return Path(os.environ.get("GEAR_CACHE_DIR") or Path.home() / ".cache" / "gear-rir").expanduser() / "gguf"
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_gguf(path: Path, cache_root: Path | None):
+    """(tokenizer, float32 model) of a .gguf file. With ``cache_root``, the first
+    load saves the converted pair to ``cache_root/<content hash>-transformers-<version>``
+    (published whole, by rename) and later loads read that folder."""
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = None
+    if cache_root is not None:
+        folder = cache_root / f"{_file_digest(path)[:24]}-transformers-{transformers.__version__}"
+        if folder.is_dir():
+            try:
+                return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            except (OSError, ValueError) as exc:
+                log.warning("local rewriter: cached conversion %s is unreadable (%s); converting %s again",
+                            folder, exc, path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    if folder is None:
+        return tokenizer, model
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+        try:
+            # The weights are plain float32 once loaded; only the GGUF marker stops save_pretrained.
+            quantizer, model.hf_quantizer = model.hf_quantizer, None
+            quantization = model.config.__dict__.pop("quantization_config", None)
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                model.hf_quantizer = quantizer
+                if quantization is not None:
+                    model.config.quantization_config = quantization
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not folder.is_dir():  # else another process published it first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("local rewriter: could not cache the conversion of %s in %s (%s)", path, folder.parent, exc)
+    return tokenizer, model
+
+
 class LocalRewriter(Rewriter):
     def __init__(self, config: RewriteConfig):
         import torch
@@ -194,8 +265,11 @@ class LocalRewriter(Rewriter):
         else:
             kwargs, source = {}, self.model_name
         started = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        if kwargs:
+            self.tokenizer, self.model = load_gguf(path, gguf_cache_root(config))
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         self.model.eval()
         if config.gqa_attention and getattr(self.model.config, "num_key_value_heads", None) not in (
             None, getattr(self.model.config, "num_attention_heads", None)
