@@ -40,11 +40,15 @@ def _artifact_key(text: str) -> str:
     return "-".join(p for p in key.split("-") if p)
 
 
+def evaluate_systems(params: EvalParams) -> list[Path]:
+    """Each row's results folder, one task per system; a system already
+    evaluated with the same sets and settings is a cache hit."""
+    return [evaluate_system_task(system, params) for system in params.systems()]
+
+
 @flow(name="evaluate-gear", log_prints=True)
 def evaluate_gear(params: EvalParams = EvalParams()) -> str:
-    result_dirs = [evaluate_system_task(system, params) for system in params.systems()]
-    report_dir = write_report_task(result_dirs, params)
-    return str(report_dir)
+    return str(write_report_task(evaluate_systems(params), params))
 
 
 if __name__ == "__main__":

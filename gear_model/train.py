@@ -404,8 +404,10 @@ def train(cfg: TrainConfig) -> Path:
         if not stopped:
             epoch += 1
             micro_in_epoch = 0
-            evaluate("epoch_end", last=epoch >= cfg.epochs or step >= total_steps)
-            checkpoint("epoch_end")
+            last = epoch >= cfg.epochs or step >= total_steps
+            evaluate("epoch_end", last=last)
+            if not last:  # after the last epoch the final model is saved instead
+                checkpoint("epoch_end")
 
     # ---------------------------------------------------------------- final model
     model_dir = out_dir / MODEL_DIR

@@ -48,7 +48,23 @@ def test_the_lanes_train_every_run_once_with_its_share_of_the_cores(monkeypatch,
     gear = TrainParams(device="cpu")
     loc = gear.model_copy(update={"loc_weight": 1.0}) if with_loc else None
     baseline = gear.model_copy(update={"lm_weight": 0.0}) if with_baseline else None
-    out = pipeline.train_in_lanes(gear, loc, baseline)
+    import torch
+
+    evaluated = []
+    threads_before = torch.get_num_threads()
+    out = pipeline.train_in_lanes(
+        gear, loc, baseline,
+        early_evaluation=lambda g, c: evaluated.append(
+            (g, c, threading.current_thread().name, time.perf_counter(), torch.get_num_threads())))
+    # It computes on its lane's share of the cores; this thread gets its count back.
+    assert all(e[4] == 1 for e in evaluated) and torch.get_num_threads() == threads_before
+    # The other rows are evaluated early only while the L_loc run trains, after GeAR and the baseline.
+    if with_loc and with_baseline:
+        assert [e[:2] for e in evaluated] == [("models/gear", "models/baseline")]
+    elif with_loc:
+        assert [e[:2] for e in evaluated] == [("models/gear", None)]
+    else:
+        assert evaluated == []
     assert out == ("models/gear", "models/loc" if with_loc else None, "models/baseline" if with_baseline else None)
     by_name = {t[0]: t for t in trained}
     assert len(trained) == len(by_name) == 1 + with_loc + with_baseline
@@ -60,5 +76,6 @@ def test_the_lanes_train_every_run_once_with_its_share_of_the_cores(monkeypatch,
     # GeAR and the other lane's first run overlap in time, in two threads.
     assert by_name["gear"][2] != by_name[other][2]
     assert by_name["gear"][3] < by_name[other][4] and by_name[other][3] < by_name["gear"][4]
-    if with_loc and with_baseline:  # the baseline follows GeAR in its lane
+    if with_loc and with_baseline:  # the baseline follows GeAR in its lane, and the early evaluation follows it
         assert by_name["baseline"][2] == by_name["gear"][2] and by_name["baseline"][3] >= by_name["gear"][4]
+        assert evaluated[0][2] == by_name["gear"][2] and evaluated[0][3] >= by_name["baseline"][4]
