@@ -5,12 +5,14 @@ and report.html to ``params.output_dir`` and returns that folder."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.evaluate import EvalParams, evaluate_system_task, write_report
+from tasks.evaluate.config import SystemSpec
 
 __all__ = ["EvalParams", "evaluate_gear"]
 
@@ -40,10 +42,11 @@ def _artifact_key(text: str) -> str:
     return "-".join(p for p in key.split("-") if p)
 
 
-def evaluate_systems(params: EvalParams) -> list[Path]:
-    """Each row's results folder, one task per system; a system already
-    evaluated with the same sets and settings is a cache hit."""
-    return [evaluate_system_task(system, params) for system in params.systems()]
+def evaluate_systems(params: EvalParams, rows: Callable[[SystemSpec], bool] | None = None) -> list[Path]:
+    """Each row's results folder (only the ``rows`` chosen, if given), one task
+    per system; a system already evaluated with the same sets and settings is a
+    cache hit."""
+    return [evaluate_system_task(system, params) for system in params.systems() if rows is None or rows(system)]
 
 
 @flow(name="evaluate-gear", log_prints=True)

@@ -7,8 +7,9 @@ On CPU the trainings run in lanes side by side, each on its share of the
 cores (``tasks.train.cpu_lanes``): the L_loc run in one lane, GeAR then the
 baseline in the other. Each training is its own process; a lane is a thread
 that waits on it. While the L_loc run still trains, the other lane evaluates
-every row but the L_loc one, on its own share of the cores; the evaluation
-after the lanes finds those rows cached and adds the L_loc row.
+the rows that generate nothing (the baselines), on its own share of the
+cores; the evaluation after the lanes finds them cached and adds the GeAR
+rows on all the cores.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def rir_pipeline(params: PipelineParams = PipelineParams()) -> str:
     baseline = gear.model_copy(update={"lm_weight": 0.0}) if params.train_contrastive_baseline else None
     gear_dir, loc_dir, contrastive_dir = train_in_lanes(
         gear, loc, baseline,
-        early_evaluation=lambda g, c: evaluate_systems(evaluation_params(params, dataset_dir, g, None, c)))
+        early_evaluation=lambda g, c: evaluate_systems(evaluation_params(params, dataset_dir, g, None, c),
+                                                       rows=lambda system: not system.generation))
     return str(evaluate_gear(evaluation_params(params, dataset_dir, gear_dir, loc_dir, contrastive_dir)))
 
 

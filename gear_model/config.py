@@ -156,6 +156,8 @@ class TrainConfig:
     # only) and at the end; ROUGE on the first ``eval_generation_queries``.
     eval_file: str = ""
     eval_every: int = 0
+    # Epoch-end evaluations at every N-th epoch (the last epoch always ends with one).
+    eval_every_epochs: int = 1
     eval_max_queries: int = 200
     eval_generation_queries: int = 32
     # Generation (beam search) is most of an evaluation's time: by default it
@@ -249,6 +251,7 @@ EMBEDDED: dict[str, Any] = dict(
     momentum_eval_mode=True,
     attention_dropout=0.0,
     eval_generation_queries=16,
+    eval_every_epochs=2,
     save_every=0,
     keep_last=1,
     model={"queue_size": 64, "max_query_length": 32, "max_unit_length": 48},

@@ -405,7 +405,8 @@ def train(cfg: TrainConfig) -> Path:
             epoch += 1
             micro_in_epoch = 0
             last = epoch >= cfg.epochs or step >= total_steps
-            evaluate("epoch_end", last=last)
+            if last or epoch % max(1, cfg.eval_every_epochs) == 0:
+                evaluate("epoch_end", last=last)
             if not last:  # after the last epoch the final model is saved instead
                 checkpoint("epoch_end")
 

@@ -160,6 +160,10 @@ class TrainParams(ParamsModel):
         f"similarity) ({figures('cross_attention_init')}).")
     eval_every: int = Field(
         _paper("eval_every"), ge=0, description="Score held-out localisation every N optimizer steps (0: at epoch ends only).")
+    eval_every_epochs: int = Field(
+        _paper("eval_every_epochs"), ge=1, le=1000,
+        description="Score held-out localisation at the end of every N-th epoch (the last epoch always ends "
+        f"with a score; {figures('eval_every_epochs')}).")
     eval_heldout: bool = Field(
         True, description="Score localisation (and ROUGE on a few queries) on the dataset's test split at every "
         "epoch end, for the per-epoch curves of the report (paper Fig. 4a/b).")
