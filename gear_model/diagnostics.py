@@ -56,39 +56,64 @@ def document_states(model, documents: Sequence[str], batch_size: int = 16) -> di
 
 
 @torch.no_grad()
-def lm_loss_per_row(model, queries: Sequence[str], documents: Sequence[str], units: Sequence[str],
-                    batch_size: int = 16, states: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-    """Per-row LM loss (mean over the unit's tokens) of the unit given (query,
-    document); ``states``: the documents' E_d states when already computed."""
+def fused_rows(model, queries: Sequence[str], documents: Sequence[str], states: dict[str, torch.Tensor],
+               batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, the fusion states of (query, document) and the query's token ids,
+    both without padding: (query tokens, hidden) and (query tokens,)."""
     model.eval()
-    cfg = model.gear_config
-    states = states if states is not None else document_states(model, documents, batch_size)
     out = []
     for i in range(0, len(queries), batch_size):
-        q = model._tokenize(queries[i : i + batch_size], cfg.max_query_length).to(model.device)
-        u = model._tokenize(units[i : i + batch_size], cfg.max_unit_length).to(model.device)
+        q = model._tokenize(queries[i : i + batch_size], model.gear_config.max_query_length).to(model.device)
         docs = [states[d] for d in documents[i : i + batch_size]]
         d_states = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
         d_mask = torch.zeros(d_states.shape[:2], dtype=torch.long, device=model.device)
         for j, x in enumerate(docs):
             d_mask[j, : len(x)] = 1
         fused, _ = model.fuse(q["input_ids"], q["attention_mask"], d_states, d_mask)
-        out.append(model.lm_loss(fused, q["attention_mask"], u["input_ids"], u["attention_mask"], per_row=True,
-                                 q_ids=q["input_ids"]).cpu())
+        lengths = q["attention_mask"].sum(1).tolist()
+        out += [(fused[j, :n], q["input_ids"][j, :n]) for j, n in enumerate(lengths)]
+    return out
+
+
+@torch.no_grad()
+def unit_losses(model, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], units: Sequence[str],
+                batch_size: int = 16) -> np.ndarray:
+    """Per-row LM loss (mean over the unit's tokens) of each unit given a row of ``fused_rows``."""
+    model.eval()
+    pad = model.tokenizer.pad_token_id or 0
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        fused = torch.nn.utils.rnn.pad_sequence([f for f, _ in chunk], batch_first=True)
+        q_ids = torch.nn.utils.rnn.pad_sequence([ids for _, ids in chunk], batch_first=True, padding_value=pad)
+        q_mask = torch.zeros(fused.shape[:2], dtype=torch.long, device=model.device)
+        for j, (f, _) in enumerate(chunk):
+            q_mask[j, : len(f)] = 1
+        u = model._tokenize(units[i : i + batch_size], model.gear_config.max_unit_length).to(model.device)
+        out.append(model.lm_loss(fused, q_mask, u["input_ids"], u["attention_mask"], per_row=True, q_ids=q_ids).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def lm_loss_per_row(model, queries: Sequence[str], documents: Sequence[str], units: Sequence[str],
+                    batch_size: int = 16, states: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """Per-row LM loss (mean over the unit's tokens) of the unit given (query,
+    document); ``states``: the documents' E_d states when already computed."""
+    states = states if states is not None else document_states(model, documents, batch_size)
+    return unit_losses(model, fused_rows(model, queries, documents, states, batch_size), units, batch_size)
 
 
 def document_dependence(model, queries: Sequence[str], documents: Sequence[str], units: Sequence[str],
                         seed: int = 0) -> dict[str, float]:
     """Held-out LM loss with the true inputs, with the document swapped and
     with query and document swapped; ``d_doc`` and ``d_pair`` are the rises.
-    Each distinct document is encoded once for all three."""
+    Each distinct document is encoded once for all three, and the swapped
+    pairs reuse the true pairs' fusion states (the same query and document)."""
     order = swap_order(documents, seed)
     states = document_states(model, documents)
-    true = lm_loss_per_row(model, queries, documents, units, states=states)
+    true_rows = fused_rows(model, queries, documents, states)
+    true = unit_losses(model, true_rows, units)
     doc_swapped = lm_loss_per_row(model, queries, [documents[j] for j in order], units, states=states)
-    pair_swapped = lm_loss_per_row(model, [queries[j] for j in order], [documents[j] for j in order], units,
-                                   states=states)
+    pair_swapped = unit_losses(model, [true_rows[j] for j in order], units)
     return {
         "lm": float(true.mean()), "lm_doc_swapped": float(doc_swapped.mean()),
         "lm_pair_swapped": float(pair_swapped.mean()),
@@ -129,5 +154,5 @@ def is_punctuation_only(text: str) -> bool:
     return not any(ch.isalnum() for ch in text)
 
 
-__all__ = ["attention_lift", "bootstrap_interval", "document_dependence", "is_punctuation_only", "lm_loss_per_row",
-           "swap_order"]
+__all__ = ["attention_lift", "bootstrap_interval", "document_dependence", "fused_rows", "is_punctuation_only",
+           "lm_loss_per_row", "swap_order", "unit_losses"]

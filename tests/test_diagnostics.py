@@ -82,6 +82,27 @@ def test_document_dependence_is_zero_when_the_decoder_cannot_see_the_fusion(tiny
     assert blind["lm"] == pytest.approx(blind["lm_doc_swapped"], abs=1e-5)
 
 
+@pytest.mark.parametrize("copy_from_query", [False, True])
+def test_the_pair_swapped_loss_reuses_the_true_pairs_fusion_and_equals_computing_it(tiny_dir, copy_from_query):
+    """document_dependence takes the swapped pairs' fusion states from the true pass (same
+    query, same document, other batch and padding); the losses equal a pass of their own."""
+    from gear_model.diagnostics import lm_loss_per_row
+
+    model = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24,
+                                                        copy_from_query=copy_from_query))
+    data = rows(5, per_doc=3)
+    queries, docs, units = ([r["query"] for r in data], [r["document"] for r in data], [r["unit"] for r in data])
+    # Different query lengths in one batch, so the reused rows are padded differently.
+    queries = [q if i % 2 else q + " and more words here" for i, q in enumerate(queries)]
+    got = document_dependence(model, queries, docs, units, seed=3)
+    order = swap_order(docs, 3)
+    true = lm_loss_per_row(model, queries, docs, units, batch_size=4)
+    pair = lm_loss_per_row(model, [queries[j] for j in order], [docs[j] for j in order], units, batch_size=4)
+    assert got["lm"] == pytest.approx(float(true.mean()), abs=1e-5)
+    assert got["lm_pair_swapped"] == pytest.approx(float(pair.mean()), abs=1e-5)
+    assert got["d_pair"] == pytest.approx(float((pair - true).mean()), abs=1e-5)
+
+
 def test_punctuation_only():
     assert is_punctuation_only("") and is_punctuation_only(". . . ,") and not is_punctuation_only("a .")
 
