@@ -16,6 +16,7 @@ computed from the true unit's rank directly.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,17 @@ class HeldOut:
         by_doc: dict[str, list[int]] = {}
         for i, r in enumerate(self.rows):  # each document is encoded once for all its queries
             by_doc.setdefault(r["document"], []).append(i)
+        documents = list(by_doc.items())
+        if self.state_store:
+            # Runs that share a store and start together (the pipeline's training lanes) each
+            # take the documents in an order of their own: each document is then encoded by
+            # whichever reaches it first and read from the store by the other, instead of
+            # twice. The figures do not depend on the order.
+            random.Random(os.getpid()).shuffle(documents)
         n_layers = model.n_layers
         ranks = np.zeros((len(self.rows), n_layers), dtype=np.int64)
         lifts = np.full((len(self.rows), n_layers), np.nan)
-        for document, idx in by_doc.items():
+        for document, idx in documents:
             rows = [self.rows[i] for i in idx]
             spans = [(s["start"], s["end"]) for s in rows[0]["sentence_spans"]]
             weights, offsets = model.doc_token_weights([r["query"] for r in rows], document, all_layers=True)

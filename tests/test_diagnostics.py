@@ -351,3 +351,27 @@ def test_held_out_generation_runs_at_step_0_and_at_the_last_evaluation_only(tiny
 
     assert evals("ends", False) == [(0, True), (2, False), (4, False), (6, True)]
     assert evals("every", True) == [(0, True), (2, True), (4, True), (6, True)]
+
+
+def test_runs_sharing_a_store_take_the_documents_in_their_own_order_with_the_same_figures(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    """Two processes that evaluate at once split the encoding: each takes the held-out
+    documents in an order of its own; the figures are those of the plain order."""
+    import gear_model.heldout as heldout
+
+    model = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24)).eval()
+    data = rows(6, per_doc=2)
+    plain = heldout.HeldOut.from_rows(data).localization(model)
+    seen: dict[int, list[str]] = {}
+    encode = model.doc_token_weights
+    for pid in (101, 202):
+        monkeypatch.setattr(heldout.os, "getpid", lambda pid=pid: pid)
+        monkeypatch.setattr(model, "doc_token_weights",
+                            lambda queries, document, **kw: seen.setdefault(pid, []).append(document)
+                            or encode(queries, document, **kw))
+        held = heldout.HeldOut.from_rows(data)
+        held.state_store = tmp_path / str(pid)
+        shared = held.localization(model)
+        assert shared["localization_by_layer"] == plain["localization_by_layer"]
+        assert shared["lift_by_layer"] == plain["lift_by_layer"]
+    assert sorted(seen[101]) == sorted(seen[202]) and seen[101] != seen[202]
