@@ -141,3 +141,34 @@ def test_cached_gguf_conversion_gives_the_same_model_and_outputs(tmp_path):
     assert cached.rewrite(SENTENCES, seed=0) == direct.rewrite(SENTENCES, seed=0)
     for rw in (direct, first, cached):
         rw.close()
+
+
+@pytest.mark.slow
+def test_a_cache_that_cannot_be_written_or_read_only_costs_the_conversion(tmp_path, monkeypatch, caplog):
+    """A full disk while publishing (safetensors raises its own error type) and a
+    damaged entry each leave the load working, with a warning, and no half-written folder."""
+    import torch
+    import transformers
+
+    from tasks.assets import embedded_rewriter_gguf
+    from tasks.rewriters.local import load_gguf
+
+    gguf = embedded_rewriter_gguf()
+
+    def disk_full(self, *args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+        tokenizer, model = load_gguf(gguf, tmp_path)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert list(tmp_path.iterdir()) == []
+    assert "could not cache the conversion" in caplog.text
+
+    tokenizer, model = load_gguf(gguf, tmp_path)  # publishes
+    (entry,) = list(tmp_path.iterdir())
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    caplog.clear()
+    tokenizer, again = load_gguf(gguf, tmp_path)
+    assert "is unreadable" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

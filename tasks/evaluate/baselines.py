@@ -76,9 +76,8 @@ class PretrainedEncoder:
         with torch.inference_mode():
             for i in range(0, len(order), batch_size):
                 rows = order[i : i + batch_size]
-                batch = self.tokenizer(
-                    [texts[j] for j in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                )
+                batch = self.tokenizer([texts[j] for j in rows], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
                 states = self.model(**batch).last_hidden_state
                 if self.pooling == "cls":
                     emb = states[:, 0]

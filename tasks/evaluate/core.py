@@ -146,7 +146,8 @@ def evaluate_system(run: StageRun, system: SystemSpec, params: EvalParams) -> di
                     else:
                         entry["localization"] = at(layer)
                 elif system.kind == "encoder":
-                    entry["localization"] = evaluate_localization(s, embedding_scorer(model, params.batch_size, s), params.ks, **boot)
+                    scorer = embedding_scorer(model, params.batch_size, s)
+                    entry["localization"] = evaluate_localization(s, scorer, params.ks, **boot)
                 else:
                     entry["localization"] = evaluate_localization(s, bm25_scorer(), params.ks, **boot)
                 if system.kind == "gear":

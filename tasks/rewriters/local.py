@@ -212,8 +212,9 @@ def load_gguf(path: Path, cache_root: Path | None):
         folder = cache_root / f"{_file_digest(path)[:24]}-transformers-{transformers.__version__}"
         if folder.is_dir():
             try:
-                return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            except (OSError, ValueError) as exc:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                return tokenizer, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            except Exception as exc:  # noqa: BLE001 - a damaged cache entry is converted again, not fatal
                 log.warning("local rewriter: cached conversion %s is unreadable (%s); converting %s again",
                             folder, exc, path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -241,7 +242,7 @@ def load_gguf(path: Path, cache_root: Path | None):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - the cache only saves time: a full disk must not fail the load
         log.warning("local rewriter: could not cache the conversion of %s in %s (%s)", path, folder.parent, exc)
     return tokenizer, model
 
