@@ -186,16 +186,6 @@ def gguf_cache_root(config: RewriteConfig) -> Path | None:
     return Path(os.environ.get("GEAR_CACHE_DIR") or Path.home() / ".cache" / "gear-rir").expanduser() / "gguf"
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_gguf(path: Path, cache_root: Path | None):
     """(tokenizer, float32 model) of a .gguf file. With ``cache_root``, the first
     load saves the converted pair to ``cache_root/<content hash>-transformers-<version>``
@@ -207,9 +197,11 @@ def load_gguf(path: Path, cache_root: Path | None):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.common import fingerprint
+
     folder = None
     if cache_root is not None:
-        folder = cache_root / f"{_file_digest(path)[:24]}-transformers-{transformers.__version__}"
+        folder = cache_root / f"{fingerprint(path)[:24]}-transformers-{transformers.__version__}"
         if folder.is_dir():
             try:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
