@@ -1,7 +1,8 @@
 """Flow `build-rir-dataset`: a Wikipedia dump -> the paper's RIR triples.
 
 shard_dump -> extract_docs (per shard) -> select_units (per shard)
--> rewrite_queries (per shard group) -> dedup -> relevance_score, relevance_filter (per shard)
+-> rewrite_queries (per shard group) -> dedup -> relevance_score (per shard, or per part of one)
+-> relevance_filter (per shard)
 -> write_triples
 
 Every step after shard planning is a stage on the runner (tasks/stage.py):
@@ -25,7 +26,7 @@ from tasks.dedup import dedup_task
 from tasks.extract_docs import extract_docs
 from tasks.relevance import relevance_filter, relevance_score
 from tasks.rewrite import rewrite_queries, shard_groups
-from tasks.runners import map_stage, task_runner
+from tasks.runners import map_stage, parts_per_shard, task_runner
 from tasks.select_units import select_units
 from tasks.shard import shard_dump as plan_shards
 from tasks.write_triples import published_from, write_triples_task
@@ -99,10 +100,13 @@ def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str 
         dedup_dir = dedup_task(rewrite_dirs, unit_dirs, params.dedup, work_dir)
         if params.until == "dedup":
             return stop_after("dedup", [dedup_dir])
-        shard_units = [[d] for d in unit_dirs]
-        scored_dirs = map_stage(runner, relevance_score, shard_units, params.relevance, work_dir, params.runner,
+        # A shard is scored in parts when there are fewer shards than workers; its filter joins them.
+        k = parts_per_shard(len(unit_dirs), params.runner)
+        parts = [{"units_dirs": [d], "part": [i, k] if k > 1 else None} for d in unit_dirs for i in range(k)]
+        scored_dirs = map_stage(runner, relevance_score, parts, params.relevance, work_dir, params.runner,
                                 dedup_dir=dedup_dir)
-        relevance_dirs = map_stage(runner, relevance_filter, scored_dirs, params.relevance, work_dir, params.runner)
+        shard_scores = [scored_dirs[i : i + k] for i in range(0, len(scored_dirs), k)]
+        relevance_dirs = map_stage(runner, relevance_filter, shard_scores, params.relevance, work_dir, params.runner)
     if params.until == "relevance_filter":
         return stop_after("relevance_filter", relevance_dirs)
     dataset_dir = write_triples_task(

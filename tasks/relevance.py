@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import polars as pl
@@ -90,8 +89,9 @@ class RelevanceConfig(ParamsModel):
     cpu_threads: int = Field(
         1, ge=1, le=512,
         description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
-        "task per shard). Scores differ in their last bits at another count, so a build is byte-identical "
-        "across runners and reruns only at the same value; the process's own count is restored afterwards.",
+        "task per shard, or per part of a shard when there are fewer shards than workers). Scores differ in "
+        "their last bits at another count, so a build is byte-identical across runners and reruns only at "
+        "the same value; the process's own count is restored afterwards.",
     )
     max_length: int = Field(512, ge=16, le=8192, description="Token limit of a document (longer ones are truncated).")
     query_max_length: int = Field(64, ge=8, le=512, description="Token limit of a query.")
@@ -149,7 +149,21 @@ def on_gpu(device: str | None) -> bool:
 # Scorer.
 
 
-@lru_cache(maxsize=2)
+# One model per thread: two scorers of a process (shards or parts on the
+# threads runner) must not share a tokenizer, whose truncation length each
+# encode call sets (queries and documents differ) and which the Rust side
+# borrows while it encodes. A thread keeps its last model for its next task.
+_THREAD_MODELS = threading.local()
+
+
+def _thread_model(*key: Any):
+    """The model ``_load_model(*key)`` of the calling thread (loaded once per thread and key)."""
+    if getattr(_THREAD_MODELS, "key", None) != key:
+        _THREAD_MODELS.key, _THREAD_MODELS.model = None, None  # free the previous one first
+        _THREAD_MODELS.model, _THREAD_MODELS.key = _load_model(*key), key
+    return _THREAD_MODELS.model
+
+
 def _load_model(path: str, pooling: str, instruction: str | None, fp16: bool, device: str | None,
                 batch_size: int, max_length: int, query_max_length: int):
     from FlagEmbedding import FlagModel
@@ -212,7 +226,7 @@ class RelevanceScorer:
         self.config = config or RelevanceConfig()
         c = self.config
         with MODEL_LOAD_LOCK:
-            self.model = _load_model(
+            self.model = _thread_model(
                 c.model_path(), c.pooling, c.query_instruction, c.use_fp16, c.device,
                 c.resolved_batch_size(), c.max_length, c.query_max_length,
             )
@@ -245,16 +259,29 @@ class RelevanceScorer:
        reads={"units_dirs": ["documents.parquet"], "dedup_dir": ["queries.parquet"]},
        writes={"scored.parquet": SCORED_SCHEMA},
        retries=1)  # a hub download or a GPU out of memory may pass on a second attempt
-def relevance_score(run: StageRun, units_dirs, dedup_dir, config: RelevanceConfig) -> dict:
+def relevance_score(run: StageRun, units_dirs, dedup_dir, part=None, config: RelevanceConfig = None) -> dict:
     """scored.parquet: every query of these documents (one shard's, when
     mapped) with its document's cosine score. Only those queries are read
     (a lazy scan), so memory is bounded by the shard; write_triples checks
-    that the shards together scored every query."""
+    that the shards together scored every query.
+
+    ``part`` ``[i, k]``: only the i-th of k interleaved slices of the
+    documents that have queries (in doc_id order), so that the task runner
+    can score one shard on k workers; relevance_filter puts a shard's slices
+    back together. A text's embedding does not depend on the texts scored
+    beside it (one text per pass on CPU), so the slices score what the whole
+    shard scores, to the last bit."""
     docs = read_documents(units_dirs, ["doc_id", "text"])
     queries_file = as_paths(dedup_dir)[0] / "queries.parquet"
     queries = (pl.scan_parquet(queries_file).filter(pl.col("doc_id").is_in(docs["doc_id"].implode()))
                .select(QUERIES_SCHEMA.names).collect().cast({"sentence_index": pl.Int32}).sort("doc_id", "sentence_index"))
     docs = docs.join(queries.select("doc_id").unique(), on="doc_id").sort("doc_id")
+    if part is not None:
+        index, parts = part
+        if not 0 <= index < parts:
+            raise ValueError(f"relevance_score part {list(part)}: want [i, k] with 0 <= i < k")
+        docs = docs.gather_every(parts, offset=index)
+        queries = queries.filter(pl.col("doc_id").is_in(docs["doc_id"].implode()))
     q_emb = d_emb = np.zeros((0, 0), np.float32)
     if queries.height:
         scorer = RelevanceScorer(config)
@@ -263,7 +290,8 @@ def relevance_score(run: StageRun, units_dirs, dedup_dir, config: RelevanceConfi
     row = {d: i for i, d in enumerate(docs["doc_id"].to_list())}
     idx = np.fromiter((row[d] for d in queries["doc_id"].to_list()), dtype=np.int64, count=queries.height)
     scores = np.einsum("ij,ij->i", q_emb, d_emb[idx]).astype(np.float32) if queries.height else np.zeros(0, np.float32)
-    run.info.update(model_path=config.model_path(), pairs=queries.height, documents_embedded=docs.height)
+    run.info.update(model_path=config.model_path(), pairs=queries.height, documents_embedded=docs.height,
+                    part=list(part) if part is not None else None)
     return {"scored.parquet": queries.with_columns(pl.Series("score", scores, dtype=pl.Float32))}
 
 
@@ -274,20 +302,30 @@ def _threshold_identity(config: RelevanceConfig) -> dict:
 @stage(FILTER_STAGE, RelevanceConfig, key=_threshold_identity, reads={"scored_dir": ["scored.parquet"]},
        writes={"scored.parquet": FILTERED_SCHEMA})
 def relevance_filter(run: StageRun, scored_dir, config: RelevanceConfig) -> dict:
-    """scored.parquet with a ``kept`` column (score >= the threshold) and the funnel."""
+    """scored.parquet with a ``kept`` column (score >= the threshold) and the funnel.
+    ``scored_dir``: a relevance_score folder, or the folders of one shard's
+    parts (put back in the whole shard's order: doc_id, sentence_index)."""
     threshold = config.resolved_threshold()
-    scored = read_scored(scored_dir).with_columns((pl.col("score") >= threshold).alias("kept"))
+    folders = as_paths(scored_dir)
+    scored = pl.concat([read_scored(f) for f in folders])
+    if len(folders) > 1:
+        scored = scored.sort("doc_id", "sentence_index", maintain_order=True)
+    scored = scored.with_columns((pl.col("score") >= threshold).alias("kept"))
     n_kept = int(scored["kept"].sum())
     run.funnel.seen(FILTER_STAGE, scored.height)
     run.funnel.kept(FILTER_STAGE, n_kept)
     run.funnel.drop(FILTER_STAGE, "below_threshold", scored.height - n_kept)
-    run.info.update(threshold=float(threshold), scoring=read_marker(scored_dir))
+    markers = [read_marker(f) for f in folders]
+    scoring = markers[0] | {"pairs": sum(m.get("pairs", 0) for m in markers),
+                            "documents_embedded": sum(m.get("documents_embedded", 0) for m in markers),
+                            "part": None, "parts": len(markers)}
+    run.info.update(threshold=float(threshold), scoring=scoring)
     return {"scored.parquet": scored}
 
 
 def relevance(dedup_dir, units_dirs, config: RelevanceConfig | None = None, work_dir="data"):
     """Score every query of these documents (reused when only the threshold changed), then apply the threshold."""
-    return relevance_filter(relevance_score(units_dirs, dedup_dir, config, work_dir), config, work_dir)
+    return relevance_filter(relevance_score(units_dirs, dedup_dir, config=config, work_dir=work_dir), config, work_dir)
 
 
 relevance_score_task = relevance_score.task

@@ -97,6 +97,12 @@ def task_runner(config: TaskRunnerConfig):
     return RayTaskRunner(init_kwargs={"num_cpus": config.n_workers, "include_dashboard": False})
 
 
+def parts_per_shard(n_shards: int, config: TaskRunnerConfig) -> int:
+    """Into how many parts a stage that can split a shard splits each one, so
+    that fewer shards than workers still keep every worker busy."""
+    return max(1, config.n_workers // max(1, n_shards))
+
+
 def batches(items: Sequence[Any], config: TaskRunnerConfig) -> list[list[Any]]:
     """Consecutive batches: about ``workers * tasks_per_worker`` of them."""
     if not items:
@@ -108,9 +114,9 @@ def batches(items: Sequence[Any], config: TaskRunnerConfig) -> list[list[Any]]:
 
 def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel, work_dir: str,
               runner_config: TaskRunnerConfig, **fixed: Any) -> list[Path]:
-    """Run ``stage`` once per item (its first input; ``fixed`` gives the same
-    value of its other inputs to every run), a batch of items per task, on
-    ``runner``; the output folders in the order of ``items``."""
+    """Run ``stage`` once per item (its first input, or a dict of inputs;
+    ``fixed`` gives the same value of its other inputs to every run), a batch
+    of items per task, on ``runner``; the output folders in the order of ``items``."""
     from prefect import unmapped
 
     futures = runner.map(stage.batch_task, {"items": batches(items, runner_config), "config": unmapped(config),

@@ -363,14 +363,15 @@ class Stage:
     @cached_property
     def batch_task(self):
         """A Prefect task that runs this stage on a batch of items (each the
-        value of its first input) and returns their folders in order: one task
-        per batch of shards, for the task runners of tasks/runners.py."""
+        value of its first input, or a dict of inputs) and returns their
+        folders in order: one task per batch of shards, for the task runners
+        of tasks/runners.py."""
         from prefect import task
 
         stage = self
 
         def run_batch(items: list, config: Any = None, work_dir: Any = None, fixed: dict | None = None) -> list[Path]:
-            return [stage(item, config=config, work_dir=work_dir, **(fixed or {})) for item in items]
+            return [stage(config=config, work_dir=work_dir, **stage._item_inputs(item), **(fixed or {})) for item in items]
 
         run_batch.__name__ = run_batch.__qualname__ = f"{self.name}_batch_task"
         run_batch.__module__ = self.module
@@ -384,8 +385,12 @@ class Stage:
             persist_result=True,
         )
 
+    def _item_inputs(self, item: Any) -> dict[str, Any]:
+        """A mapped item as inputs: a dict names them, anything else is the first input."""
+        return dict(item) if isinstance(item, dict) else {self.input_names[0]: item}
+
     def _batch_cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
-        keys = [self._cache_key(context, {self.input_names[0]: item, "config": parameters.get("config"),
+        keys = [self._cache_key(context, {**self._item_inputs(item), "config": parameters.get("config"),
                                           "work_dir": parameters.get("work_dir"), **(parameters.get("fixed") or {})})
                 for item in parameters["items"]]
         return None if not keys or None in keys else stable_digest(keys)

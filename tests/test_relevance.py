@@ -95,7 +95,7 @@ def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
     dd, units = dedup_dir
     work = tmp_path / "work"
     first = relevance(dd, units, RelevanceConfig(threshold=0.3, **FAST), work)
-    scored_dir = relevance_score.output_dir(units, dd, RelevanceConfig(threshold=0.3, **FAST), work)
+    scored_dir = relevance_score.output_dir(units, dd, config=RelevanceConfig(threshold=0.3, **FAST), work_dir=work)
     mtime = (scored_dir / "scored.parquet").stat().st_mtime_ns
 
     def no_model(*a, **k):
@@ -105,13 +105,13 @@ def test_threshold_change_does_not_re_embed(dedup_dir, tmp_path, monkeypatch):
     # A new threshold, batch size or device keeps the scoring folder.
     second = relevance(dd, units, RelevanceConfig(threshold=0.6, batch_size=8, **{"max_length": 128}), work)
     assert second != first
-    assert relevance_score.output_dir(units, dd, RelevanceConfig(threshold=0.6, max_length=128), work) == scored_dir
+    assert relevance_score.output_dir(units, dd, config=RelevanceConfig(threshold=0.6, max_length=128), work_dir=work) == scored_dir
     assert (scored_dir / "scored.parquet").stat().st_mtime_ns == mtime
     a, b = pl.read_parquet(first / "scored.parquet"), pl.read_parquet(second / "scored.parquet")
     assert a["score"].equals(b["score"]) and b["kept"].sum() <= a["kept"].sum()
     assert read_marker(second)["threshold"] == 0.6
     # A model setting is part of the scoring key.
-    assert relevance_score.output_dir(units, dd, RelevanceConfig(max_length=64), work) != scored_dir
+    assert relevance_score.output_dir(units, dd, config=RelevanceConfig(max_length=64), work_dir=work) != scored_dir
 
 
 def test_filter_needs_a_scored_folder(tmp_path):
@@ -123,7 +123,7 @@ def test_a_shard_scores_only_its_own_documents_queries(dedup_dir, tmp_path):
     """Mapped per shard: each shard's folder scores the queries of its documents only."""
     dd, _ = dedup_dir
     only_one = make_units_dir(tmp_path / "one", {"autism#0": DOCS["autism#0"]})
-    out = relevance_score(only_one, dd, RelevanceConfig(**FAST), tmp_path / "work")
+    out = relevance_score(only_one, dd, config=RelevanceConfig(**FAST), work_dir=tmp_path / "work")
     scored = pl.read_parquet(out / "scored.parquet")
     assert set(scored["doc_id"]) == {"autism#0"}
     assert scored.height == sum(1 for d, _, _ in GOOD_QUERIES if d == "autism#0")
@@ -139,7 +139,6 @@ def test_concurrent_model_loads_leave_torch_init_intact():
     from transformers.modeling_utils import PreTrainedModel
 
     originals = (torch.nn.init.normal_, torch.nn.init.zeros_, PreTrainedModel.init_weights)
-    rel._load_model.cache_clear()
     errors = []
 
     def load(max_length: int) -> None:
@@ -230,3 +229,27 @@ def test_batch_size_defaults_to_the_device():
     assert RelevanceConfig(device="cpu", batch_size=32).resolved_batch_size() == 32
     # Operational: a batch size never changes which scores a cached stage holds.
     assert RelevanceConfig(batch_size=4).scoring_identity() == RelevanceConfig().scoring_identity()
+
+
+def test_a_shard_scored_in_parts_on_threads_filters_to_the_whole_shards_file(dedup_dir, tmp_path):
+    """Fewer shards than workers: the flow scores a shard in interleaved parts
+    (one task each, here two threads of one process at once) and the filter
+    joins them. One text per pass (the CPU default), so the joined file is the
+    whole shard's, byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dd, units = dedup_dir
+    config = RelevanceConfig(max_length=128)
+    whole = relevance(dd, units, config, tmp_path / "whole")
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda i: relevance_score(units, dd, part=[i, 2], config=config, work_dir=tmp_path / "parts"),
+                              range(2)))
+    sizes = [pl.read_parquet(p / "scored.parquet")["doc_id"].n_unique() for p in parts]
+    assert sorted(sizes) == [len(DOCS) // 2, len(DOCS) - len(DOCS) // 2]
+    joined = relevance_filter(parts, config, tmp_path / "parts")
+    assert (joined / "scored.parquet").read_bytes() == (whole / "scored.parquet").read_bytes()
+    assert json.loads((joined / "funnel.json").read_text()) == json.loads((whole / "funnel.json").read_text())
+    scoring = read_marker(joined)["scoring"]
+    assert (scoring["parts"], scoring["pairs"], scoring["documents_embedded"]) == (2, len(GOOD_QUERIES), len(DOCS))
+    with pytest.raises(ValueError, match=r"part \[2, 2\]"):
+        relevance_score(units, dd, part=[2, 2], config=config, work_dir=tmp_path / "parts")

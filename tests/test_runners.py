@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runners import TaskRunnerConfig, batches
+from tasks.runners import TaskRunnerConfig, batches, parts_per_shard
 from tasks.rewrite import shard_groups
 from tasks.rewriters.testing import FakeChatServer
 from test_build_flow import slice_params
@@ -52,6 +52,20 @@ def test_dask_local_cluster_gives_byte_identical_triples(reference, tmp_path):
         dataset = build_rir_dataset(_params(tmp_path, srv.base_url, runner))
         assert len(cluster.workers) == 2
     assert _digests(dataset) == reference
+
+
+@pytest.mark.slow
+def test_one_shard_scored_in_parts_gives_the_triples_of_one_worker(prefect_harness, tmp_path):
+    """One shard and two workers: relevance scoring splits the shard in two
+    tasks, and the dataset is the one a single worker builds, byte for byte."""
+    from flows.build_rir_dataset import build_rir_dataset
+
+    with FakeChatServer() as srv:
+        one = build_rir_dataset(slice_params(tmp_path / "one", srv.base_url, runner=TaskRunnerConfig(workers=1)))
+        two = build_rir_dataset(slice_params(tmp_path / "two", srv.base_url, runner=TaskRunnerConfig(workers=2)))
+    assert len(list((tmp_path / "two" / "stages" / "relevance_score").iterdir())) == 2
+    assert len(list((tmp_path / "one" / "stages" / "relevance_score").iterdir())) == 1
+    assert _digests(two) == _digests(one)
 
 
 @pytest.mark.slow
@@ -116,6 +130,12 @@ def test_runner_choice_comes_from_the_environment_for_deployments(monkeypatch):
     assert TaskRunnerConfig(kind="threads").kind == "threads"  # a field given explicitly wins
     monkeypatch.delenv("GEAR_WORKERS")
     assert TaskRunnerConfig().n_workers >= 1
+
+
+def test_a_shard_is_split_only_when_workers_outnumber_shards():
+    four = TaskRunnerConfig(kind="threads", workers=4)
+    assert [parts_per_shard(n, four) for n in (1, 2, 3, 4, 100)] == [4, 2, 1, 1, 1]
+    assert parts_per_shard(1, TaskRunnerConfig(kind="threads", workers=1)) == 1
 
 
 def test_batches_and_groups_are_stable():
