@@ -10,16 +10,13 @@ written separately with ``GearModel.save_pretrained``.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
 import random
 import re
-import threading
-import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +70,13 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, ke
     are the steps this run is re-doing after a resume from an earlier one (the
     latest was unreadable), and a resume must not prefer them.
     """
-    return _publish(lambda fh: torch.save(state, fh), output_dir, step, keep_last)
-
-
-def _publish(write: Callable[[Any], None], output_dir: str | Path, step: int, keep_last: int) -> Path:
-    """save_checkpoint's durable rename and pruning around ``write(file)``."""
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     tmp = folder / f".{path.name}.tmp"
     try:
         with tmp.open("wb") as fh:
-            write(fh)
+            torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(folder)  # the temporary file's entry
@@ -101,61 +93,6 @@ def _publish(write: Callable[[Any], None], output_dir: str | Path, step: int, ke
     for old in kept[: -max(1, keep_last)]:
         old.unlink(missing_ok=True)
     return path
-
-
-class CheckpointWriter:
-    """save_checkpoint with the file write in a background thread.
-
-    ``save`` serialises the state into memory (a snapshot: training may change
-    the tensors in place as soon as it returns) and hands the bytes to a thread
-    that writes, fsyncs and renames them as save_checkpoint does. Writing
-    812 MB into the page cache of a slow disk takes 0.2-8 s; serialising it
-    takes under 1 s, so training goes on while the disk catches up. One write
-    is in flight at a time: ``save`` waits for the previous one. ``poll`` (any
-    time) and ``wait`` (before the final model is written and before the
-    process ends) report each finished write through ``on_saved(path, step,
-    seconds)`` in the caller's thread, and raise a write's error there.
-    """
-
-    def __init__(self, output_dir: str | Path, keep_last: int,
-                 on_saved: Callable[[Path, int, float], None] | None = None):
-        self.output_dir = output_dir
-        self.keep_last = keep_last
-        self.on_saved = on_saved
-        self._thread: threading.Thread | None = None
-        self._result: tuple[Path, int, float] | BaseException | None = None
-
-    def save(self, state: dict[str, Any], step: int) -> None:
-        self.wait()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        started = time.perf_counter()
-
-        def write() -> None:
-            try:
-                path = _publish(lambda fh: fh.write(buffer.getbuffer()), self.output_dir, step, self.keep_last)
-                self._result = (path, step, time.perf_counter() - started)
-            except BaseException as exc:  # re-raised in the training thread by poll/wait
-                self._result = exc
-
-        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}")  # not a daemon: the interpreter lets it finish
-        self._thread.start()
-
-    def poll(self) -> None:
-        """Report the write in flight if it has finished."""
-        if self._thread is not None and not self._thread.is_alive():
-            self.wait()
-
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; report it."""
-        if self._thread is None:
-            return
-        self._thread.join()
-        self._thread, result, self._result = None, self._result, None
-        if isinstance(result, BaseException):
-            raise result
-        if self.on_saved is not None and result is not None:
-            self.on_saved(*result)
 
 
 def _step_of(path: Path) -> int:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from gear_model.checkpoint import CheckpointWriter, load_latest_checkpoint, rng_state, set_rng_state
+from gear_model.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gear_model.config import LOC_LAYERS, GearConfig, TrainConfig, TrainConfigError
 from gear_model.data import Collate, ResumableSampler, TrainingDataError, TriplesDataset
 from gear_model.doc_states import DocumentStateStore
@@ -268,15 +268,6 @@ def train(cfg: TrainConfig) -> Path:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
-    reasons: dict[int, str] = {}
-
-    def saved(path: Path, at_step: int, seconds: float) -> None:
-        log({"event": "checkpoint", "step": at_step, "path": str(path), "reason": reasons.pop(at_step, ""),
-             "write_s": round(seconds, 3)})
-
-    # Rank 0 writes in the background; the event is logged once the file is on disk.
-    writer = CheckpointWriter(out_dir, cfg.keep_last, on_saved=saved)
-
     def checkpoint(reason: str) -> None:
         states = [None] * world
         if distributed:
@@ -295,8 +286,8 @@ def train(cfg: TrainConfig) -> Path:
                 "rng": states,
                 "config": cfg.to_dict(),
             }
-            reasons[step] = reason
-            writer.save(state, step)
+            path = save_checkpoint(state, out_dir, step, cfg.keep_last)
+            log({"event": "checkpoint", "step": step, "path": str(path), "reason": reason})
         if distributed:
             dist.barrier()
 
@@ -376,7 +367,6 @@ def train(cfg: TrainConfig) -> Path:
             micro_in_epoch += cfg.grad_accum
             step += 1
             steps_this_run += 1
-            writer.poll()
 
             if distributed:
                 dist.all_reduce(sums)
@@ -419,8 +409,6 @@ def train(cfg: TrainConfig) -> Path:
                 evaluate("epoch_end", last=last)
             if not last:  # after the last epoch the final model is saved instead
                 checkpoint("epoch_end")
-
-    writer.wait()
 
     # ---------------------------------------------------------------- final model
     model_dir = out_dir / MODEL_DIR

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from gear_model.checkpoint import (
-    CheckpointWriter,
     UnreadableCheckpointError,
     checkpoint_dir,
     latest_checkpoint,
@@ -107,38 +106,3 @@ def test_after_a_fallback_new_saves_are_not_pruned_for_the_unreadable_one(tmp_pa
     save_checkpoint(_state(2) | {"step": 25}, tmp_path, 25, keep_last=1)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000025.pt"]
     assert load_latest_checkpoint(tmp_path)[1]["step"] == 25
-
-
-def test_background_writer_saves_what_save_checkpoint_saves_as_of_the_call(tmp_path):
-    """The write runs after `save` returns, but the file holds the state at the
-    call (training updates tensors in place meanwhile); pruning and the report
-    of each write are save_checkpoint's."""
-    saved = []
-    writer = CheckpointWriter(tmp_path / "bg", keep_last=2, on_saved=lambda path, step, s: saved.append((path.name, step)))
-    states = {}
-    for step in (1, 2, 3):
-        state = _state(step)
-        states[step] = {k: v.clone() for k, v in state["trainer"].items()}
-        writer.save(state, step)
-        for tensor in state["trainer"].values():
-            tensor.add_(1.0)  # the next optimizer step, while the write may be in flight
-        save_checkpoint(_state(step), tmp_path / "fg", step, keep_last=2)
-    writer.wait()
-    assert saved == [("step_00000001.pt", 1), ("step_00000002.pt", 2), ("step_00000003.pt", 3)]
-    assert [p.name for p in list_checkpoints(tmp_path / "bg")] == [p.name for p in list_checkpoints(tmp_path / "fg")]
-    assert sorted(p.name for p in checkpoint_dir(tmp_path / "bg").iterdir()) == ["step_00000002.pt", "step_00000003.pt"]
-    for step in (2, 3):
-        bg, fg = (torch.load(checkpoint_dir(tmp_path / d) / f"step_{step:08d}.pt", weights_only=True) for d in ("bg", "fg"))
-        for name, tensor in states[step].items():
-            assert torch.equal(bg["trainer"][name], tensor) and torch.equal(fg["trainer"][name], tensor)
-        assert bg["optimizer"]["state"][0]["step"].item() == step and bg["rng"][0]["python"] == fg["rng"][0]["python"]
-
-
-def test_background_writer_raises_a_failed_write_in_the_caller(tmp_path):
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the checkpoint folder should go")
-    writer = CheckpointWriter(blocker, keep_last=1, on_saved=lambda *a: pytest.fail("reported a failed write"))
-    writer.save(_state(1), 1)
-    with pytest.raises(OSError):
-        writer.wait()
-    writer.wait()  # the error is raised once; the writer is idle again
