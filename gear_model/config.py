@@ -174,6 +174,8 @@ class TrainConfig:
     doc_state_store: str = ""
     # Checkpoints and logging.
     save_every: int = 1000  # optimizer steps; 0 = only at epoch ends
+    # Epoch-end checkpoints at every N-th epoch (after the last, the final model is written instead).
+    save_every_epochs: int = 1
     keep_last: int = 2
     resume: bool = True  # resume from the latest checkpoint in output_dir if there is one
     log_every: int = 1
@@ -253,6 +255,7 @@ EMBEDDED: dict[str, Any] = dict(
     eval_generation_queries=16,
     eval_every_epochs=2,
     save_every=0,
+    save_every_epochs=2,
     keep_last=1,
     model={"queue_size": 64, "max_query_length": 32, "max_unit_length": 48},
 )

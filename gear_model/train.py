@@ -407,7 +407,7 @@ def train(cfg: TrainConfig) -> Path:
             last = epoch >= cfg.epochs or step >= total_steps
             if last or epoch % max(1, cfg.eval_every_epochs) == 0:
                 evaluate("epoch_end", last=last)
-            if not last:  # after the last epoch the final model is saved instead
+            if not last and epoch % max(1, cfg.save_every_epochs) == 0:  # after the last, the final model
                 checkpoint("epoch_end")
 
     # ---------------------------------------------------------------- final model

@@ -42,7 +42,7 @@ _GEAR_MODEL = Path(__file__).resolve().parent.parent / "gear_model"
 STAGE = "train"
 MODELS_DIR = "models"
 # Fields that do not change the trained weights, so they stay out of the run key.
-_NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "keep_last",
+_NOT_IN_KEY = {"output_dir", "dataset", "init_checkpoint", "resume", "save_every", "save_every_epochs", "keep_last",
                "log_every", "num_threads", "stop_after_steps", "device", "doc_state_store"}
 # Under the output dir: a frozen E_d's document states, shared by the run's
 # trainings and its evaluation (gear_model/doc_states.py).
@@ -131,6 +131,10 @@ class TrainParams(ParamsModel):
     save_every: int = Field(
         _paper("save_every"), ge=0,
         description=f"Checkpoint every N optimizer steps (0: epoch ends only; {figures('save_every')}).")
+    save_every_epochs: int = Field(
+        _paper("save_every_epochs"), ge=1, le=1000,
+        description="Checkpoint at the end of every N-th epoch; a killed run resumes from the latest one (after "
+        f"the last epoch the final model is written instead; {figures('save_every_epochs')}).")
     keep_last: int = Field(
         _paper("keep_last"), ge=1, le=1000, description=f"Checkpoints kept in the run folder ({figures('keep_last')}).")
     momentum_eval_mode: bool = Field(

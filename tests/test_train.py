@@ -58,6 +58,17 @@ def test_lr_warms_up_then_decays_by_cosine():
     assert not any(math.isnan(lr_at(s, cfg, 1)) for s in range(2))
 
 
+def test_epoch_end_checkpoints_come_every_n_th_epoch_and_not_after_the_last(tiny_dir, dataset_dir, tmp_path):
+    """save_every_epochs 2 over 5 epochs of 3 steps: checkpoints after epochs 2 and 4 only
+    (after the last, the final model is written instead)."""
+    out = tmp_path / "run"
+    train(tiny_config(tiny_dir, dataset_dir, out, epochs=5, save_every=0, save_every_epochs=2, keep_last=5))
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reason"]) for r in events if r["event"] == "checkpoint"] == [(6, "epoch_end"), (12, "epoch_end")]
+    assert [load_checkpoint(p)["epoch"] for p in list_checkpoints(out)] == [2, 4]
+    assert (out / "model").is_dir() and DEMO["save_every_epochs"] == 2 and TrainConfig().save_every_epochs == 1
+
+
 def test_kill_and_resume_reaches_the_same_loss(tiny_dir, dataset_dir, tmp_path):
     # 12 triples, batch 4: 3 steps per epoch, 6 in all.
     full = tmp_path / "full"
