@@ -223,8 +223,9 @@ def _gear_argv(code_root: str | None) -> tuple[list[str], Path]:
     entry = Path(sys.executable).parent / "gear"
     if code_root is None and entry.exists():
         return [str(entry)], ROOT
-    # -c puts the working folder at the head of sys.path: that checkout's modules come first.
-    return [sys.executable, "-c", "import sys, gear_cli; sys.exit(gear_cli.app())"], Path(code_root or ROOT)
+    # Run as a script, its folder heads sys.path: that checkout's modules come first.
+    root = Path(code_root or ROOT).resolve()
+    return [sys.executable, str(root / "gear_cli.py")], root
 
 
 def _run_cli(dump: Path, out: Path, args, home: Path, timed: bool = True) -> dict:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DUMP = "bgwiki-latest-pages-articles-shortened.xml.bz2"
 # Prefect's console lines start with the local time of the record.
 _STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d\d\d) \| (\w+)\s*\| (.*)$")
-# The shared local API's record of its server (gear_cli.LocalApi).
+# The shared local API's record of its server (flows/local_api.py: LocalApi).
 _SERVER_INFO = "gear-api-*/server.json"
 
 
@@ -151,8 +151,10 @@ def main() -> None:
                     help="cold: each command starts the local API; warm: it finds one running.")
     args = ap.parse_args()
     code_root = (args.code_root or ROOT).resolve()
-    # The checkout's own modules first: -c puts the working directory at the head of sys.path.
-    gear = [sys.executable, "-c", "import sys, gear_cli; sys.exit(gear_cli.app())"]
+    # What a user runs: the venv's `gear`; another checkout's gear_cli.py as a script (its
+    # folder heads sys.path, so that checkout's modules come first).
+    entry = Path(sys.executable).parent / "gear"
+    gear = [str(entry)] if args.code_root is None and entry.exists() else [sys.executable, str(code_root / "gear_cli.py")]
     dataset = args.dataset.resolve() if (args.dataset / "datasets" / "LATEST").is_file() else None
     if dataset is None:
         print(f"no dataset under {args.dataset}: train and evaluate skipped", file=sys.stderr)

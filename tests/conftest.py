@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A `gear` started by a test without PREFECT_API_URL leaves no Prefect server behind:
-# the shared local API stops as soon as no `gear` uses it (gear_cli.LocalApi).
+# the shared local API stops as soon as no `gear` uses it (flows/local_api.py: LocalApi).
 os.environ.setdefault("GEAR_API_IDLE_SECONDS", "0")
 
 import pytest

@@ -320,12 +320,34 @@ def test_two_gear_runs_at_once_share_one_api_which_stops_when_unused(tmp_path):
 
 @pytest.mark.slow
 def test_a_later_gear_run_reuses_the_running_api(tmp_path):
+    """The first run is the `gear` console script, which starts the API before its imports;
+    the second imports gear_cli, whose command callback finds the running API."""
     env = _selftest_env(tmp_path, idle_s=60)
-    gear = [sys.executable, "-c", "import gear_cli; gear_cli.app()", "selftest"]
-    outputs = [subprocess.run(gear, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400) for _ in range(2)]
+    console = Path(sys.executable).with_name("gear")
+    commands = [[str(console), "selftest"], [sys.executable, "-c", "import gear_cli; gear_cli.app()", "selftest"]]
+    assert console.is_file()
+    outputs = [subprocess.run(gear, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400) for gear in commands]
     assert [r.returncode for r in outputs] == [0, 0], [r.stderr for r in outputs]
     (api_a, db_a), (api_b, db_b) = _selftest_lines([r.stdout for r in outputs])
     assert (api_a, db_a) == (api_b, db_b)
     info = json.loads(next((tmp_path / "home").glob("gear-api-*/server.json")).read_text())
     os.kill(info["pid"], signal.SIGTERM)  # stopped from outside, it cleans up as when idle
     assert _server_gone(tmp_path / "home", db_a, timeout_s=30)
+
+
+def test_the_local_api_module_imports_only_the_standard_library():
+    """The `gear` command starts the API before its heavy imports, and the server
+    process imports flows.local_api, not the CLI: neither may pull in a heavy package."""
+    code = ("import sys, flows.local_api; heavy = {'typer', 'pydantic', 'prefect', 'torch', 'polars', 'gear_cli'}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_which_arguments_start_the_local_api():
+    import gear_cli
+
+    assert gear_cli._runs_a_flow(["pipeline", "--output-dir", "x"]) and gear_cli._runs_a_flow(["--debug", "train"])
+    assert not gear_cli._runs_a_flow(["train", "--dry-run"]) and not gear_cli._runs_a_flow(["evaluate", "--help"])
+    assert not gear_cli._runs_a_flow(["search", "query"]) and not gear_cli._runs_a_flow(["--help"])
+    assert not gear_cli._runs_a_flow([])
