@@ -155,7 +155,10 @@ class GearPretrainer(nn.Module):
     @torch.no_grad()
     def frozen_doc_states(self, d_ids: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
         """E_d states of a batch from the per-document cache (padding is masked
-        everywhere downstream, so padded positions are left zero)."""
+        everywhere downstream, so padded positions are left zero). A document
+        that no process has encoded yet is encoded alone, unpadded and in fp32
+        (``GearModel.document_states_alone``): its states are then the same
+        bits whichever process of the run, batch or precision reaches it first."""
         keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(d_ids, d_mask)]
         missing = [i for i, k in enumerate(keys) if k not in self._doc_state_cache]
         if missing and self.doc_state_store is not None:  # encoded by another process of this run
@@ -164,12 +167,12 @@ class GearPretrainer(nn.Module):
                 if stored is not None:
                     self._doc_state_cache[keys[i]] = stored.to(d_ids.device)
             missing = [i for i in missing if keys[i] not in self._doc_state_cache]
-        if missing:
-            states = self.model.doc_states(d_ids[missing], d_mask[missing])
-            for j, i in enumerate(missing):
-                self._doc_state_cache[keys[i]] = states[j, : len(keys[i])].clone()
-                if self.doc_state_store is not None:
-                    self.doc_state_store.put(torch.tensor(keys[i]), self._doc_state_cache[keys[i]])
+        for i in missing:
+            if keys[i] in self._doc_state_cache:  # the same document twice in the batch
+                continue
+            self._doc_state_cache[keys[i]] = self.model.document_states_alone(d_ids[i][d_mask[i].bool()])
+            if self.doc_state_store is not None:
+                self.doc_state_store.put(torch.tensor(keys[i]), self._doc_state_cache[keys[i]])
         return pad_states([self._doc_state_cache[k] for k in keys], d_ids)
 
     def momentum_pairs(self):

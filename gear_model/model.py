@@ -316,23 +316,34 @@ class GearModel(nn.Module):
 
     def _stored_or_encoded(self, encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            store: DocumentStateStore | None) -> torch.Tensor:
-        """E_d states of a batch, from ``store`` when it holds every document
-        of the batch (each under its unpadded token ids; padded positions stay
-        zero, as every reader masks them); otherwise encoded, and each document's
-        states stored."""
+        """E_d states of a batch, each document's from ``store`` (under its
+        unpadded token ids) or else encoded alone and stored; padded positions
+        stay zero, as every reader masks them."""
         lengths = attention_mask.sum(1).tolist()
         right_padded = all(bool(attention_mask[i, :n].all()) for i, n in enumerate(lengths))
         if store is None or not right_padded:
             return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        documents = [input_ids[i, :n] for i, n in enumerate(lengths)]
-        stored = [store.get(ids) for ids in documents]
-        if all(s is not None for s in stored):
-            return pad_states(stored, input_ids)
-        states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        for i, ids in enumerate(documents):
-            if stored[i] is None:
-                store.put(ids, states[i, : len(ids)])
-        return states
+        found: dict[bytes, torch.Tensor] = {}  # a document twice in the batch is read or encoded once
+        for i, n in enumerate(lengths):
+            ids = input_ids[i, :n]
+            key = ids.cpu().numpy().tobytes()
+            if key not in found:
+                found[key] = store.get(ids)
+                if found[key] is None:
+                    found[key] = self.document_states_alone(ids, encoder)
+                    store.put(ids, found[key])
+        return pad_states([found[input_ids[i, :n].cpu().numpy().tobytes()] for i, n in enumerate(lengths)], input_ids)
+
+    @torch.no_grad()
+    def document_states_alone(self, ids: torch.Tensor, encoder: BertModel | None = None) -> torch.Tensor:
+        """E_d's states (n, H) of one document's unpadded token ids, in fp32
+        whatever autocast is on: what the run's processes share through the
+        document-state store, so they must not depend on the batch, its
+        padding or the caller's precision."""
+        encoder = encoder or self.doc_encoder
+        mask = torch.ones(1, len(ids), dtype=torch.long, device=ids.device)
+        with torch.autocast(ids.device.type, enabled=False):
+            return encoder(input_ids=ids.unsqueeze(0), attention_mask=mask).last_hidden_state[0].float()
 
     @contextlib.contextmanager
     def reusing_document_states(self, memo: DocumentStateMemo | None = None) -> Iterator[DocumentStateMemo]:

@@ -266,7 +266,13 @@ def test_the_run_s_processes_encode_each_document_once_through_the_store(tiny_di
     first = GearPretrainer(gear, freeze_doc_encoder=True).eval()
     first.doc_state_store = DocumentStateStore(tmp_path, gear.document_encoder_fingerprint())
     states, passes = encoder_passes(gear, lambda: first.frozen_doc_states(batch["doc_ids"], batch["doc_mask"]))
-    assert passes == 1
+    assert passes == 3  # each document alone, once
+    # Alone, unpadded and in fp32: the same bits as the document encoded in any other batch or precision.
+    for row in (0, 2):
+        ids = batch["doc_ids"][row][batch["doc_mask"][row].bool()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = gear.document_states_alone(ids)
+        assert alone.dtype == torch.float32 and torch.equal(states[row, : len(ids)], alone)
     torch.manual_seed(1)  # the contrastive baseline: other fresh modules, the same frozen E_d
     contrastive = GearModel.from_encoder(tiny_dir, GearConfig(max_query_length=16, max_unit_length=24, lm_weight=0.0))
     second = GearPretrainer(contrastive, freeze_doc_encoder=True).eval()
@@ -304,12 +310,12 @@ def test_document_vectors_and_batched_states_come_from_the_store(tiny_dir, tmp_p
     try:
         store = DocumentStateStore(tmp_path, model.document_encoder_fingerprint())
         with model.reusing_document_states(DocumentStateMemo(store=store)):
-            first = model.encode_documents(texts, batch_size=2)  # two padded batches, encoded and stored
-        assert len(calls) == 2
+            first = model.encode_documents(texts, batch_size=2)  # two padded batches: each document encoded alone, stored
+        assert len(calls) == 4
         with model.reusing_document_states(DocumentStateMemo(store=store)):  # a new process: all from the store
             again = model.encode_documents(texts, batch_size=3)
             states = document_states(model, texts)
-        assert len(calls) == 2
+        assert len(calls) == 4
     finally:
         hook.remove()
     np.testing.assert_allclose(first, plain, atol=1e-6)
