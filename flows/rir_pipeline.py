@@ -24,7 +24,8 @@ from flows.build_rir_dataset import build_rir_dataset
 from flows.evaluate_gear import evaluate_gear, evaluate_systems
 from flows.params import PipelineParams
 from flows.train_gear import train_gear
-from tasks.train import TrainParams, cpu_lanes, torch_threads
+from tasks.common import torch_threads
+from tasks.train import TrainParams, cpu_lanes
 
 __all__ = ["PipelineParams", "rir_pipeline"]
 

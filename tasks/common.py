@@ -45,6 +45,24 @@ _EDGE = 4 * 1024 * 1024
 MODEL_LOAD_LOCK = threading.RLock()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads for work done in this thread, then back to
+    what they were (n < 1: unchanged). A thread takes the process's count on
+    its first use of torch and then keeps its own (an OpenMP setting of the
+    thread), so the count is set in the thread that computes, by every thread
+    that computes (two relevance parts at once, a lane's evaluation)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n >= 1:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def freeze_long_lived() -> None:
     """Put every object alive now (modules, loaded models) out of the cyclic garbage collector's reach.
 

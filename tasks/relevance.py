@@ -17,16 +17,15 @@ against random (query, other document) pairs (benchmarks/relevance.py).
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import polars as pl
 from pydantic import Field
 
-from tasks.common import MODEL_LOAD_LOCK, read_marker
+from tasks.common import MODEL_LOAD_LOCK, read_marker, torch_threads
 from tasks.contracts import FILTERED_SCHEMA, QUERIES_SCHEMA, SCORED_SCHEMA, as_paths, read_documents, read_scored
 from tasks.params_model import ParamsModel
 from tasks.stage import StageRun, stage
@@ -91,7 +90,8 @@ class RelevanceConfig(ParamsModel):
         description="torch's intra-op CPU threads while scoring (the task runner gives the parallelism: one "
         "task per shard, or per part of a shard when there are fewer shards than workers). Scores differ in "
         "their last bits at another count, so a build is byte-identical across runners and reruns only at "
-        "the same value; the process's own count is restored afterwards.",
+        "the same value; each scoring thread sets it for itself (torch keeps it per thread) and gets its own "
+        "count back afterwards.",
     )
     max_length: int = Field(512, ge=16, le=8192, description="Token limit of a document (longer ones are truncated).")
     query_max_length: int = Field(64, ge=8, le=512, description="Token limit of a query.")
@@ -181,44 +181,6 @@ def _load_model(path: str, pooling: str, instruction: str | None, fp16: bool, de
     )
 
 
-class _TorchThreads:
-    """torch's intra-op thread count fixed while some scoring runs in this process.
-
-    The count is process-global and another stage of the same process (the
-    local rewriter's calibration, training's ``num_threads``) may have changed
-    it; a score must not depend on what ran before it. Scorers of one process
-    (shards on the threads runner) share the count; one that needs another
-    count waits until they finish."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._active = 0
-        self._count = 0
-        self._saved = 0
-
-    @contextlib.contextmanager
-    def fixed(self, n: int) -> Iterator[None]:
-        import torch
-
-        with self._cond:
-            self._cond.wait_for(lambda: self._active == 0 or self._count == n)
-            if self._active == 0:
-                self._saved, self._count = torch.get_num_threads(), n
-                torch.set_num_threads(n)
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if self._active == 0:
-                    torch.set_num_threads(self._saved)
-                    self._cond.notify_all()
-
-
-TORCH_THREADS = _TorchThreads()
-
-
 class RelevanceScorer:
     """Cosine similarity of L2-normalised FlagEmbedding embeddings."""
 
@@ -234,13 +196,13 @@ class RelevanceScorer:
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         if not queries:
             return np.zeros((0, 0), np.float32)
-        with TORCH_THREADS.fixed(self.config.cpu_threads):
+        with torch_threads(self.config.cpu_threads):
             return np.asarray(self.model.encode_queries(list(queries)), dtype=np.float32)
 
     def encode_documents(self, documents: Sequence[str]) -> np.ndarray:
         if not documents:
             return np.zeros((0, 0), np.float32)
-        with TORCH_THREADS.fixed(self.config.cpu_threads):
+        with torch_threads(self.config.cpu_threads):
             return np.asarray(self.model.encode_corpus(list(documents)), dtype=np.float32)
 
     def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:

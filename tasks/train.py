@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -266,22 +266,6 @@ def cpu_lanes(params: TrainParams, runs: int) -> tuple[int, int]:
     cores = params.num_threads or available
     lanes = max(1, min(runs, cores))
     return lanes, (cores // lanes if lanes > 1 else params.num_threads)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads for work done in this thread, then back to
-    what they were (n < 1: unchanged). torch keeps the count per thread once
-    a thread has used it, so this is set in the thread that computes."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n >= 1:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _embedded_encoder() -> Path:

@@ -185,40 +185,40 @@ def test_scoring_runs_at_its_own_thread_count_and_restores_the_processes(monkeyp
     assert np.array_equal(*embeddings)
 
 
-def test_scorers_in_threads_share_one_count_and_wait_for_another():
+def test_every_scoring_thread_runs_at_the_configured_count():
+    """torch keeps its thread count per thread: two scorers at once (a shard's
+    parts on the threads runner) each score at cpu_threads, whichever enters
+    first, and each thread gets its own count back. Only the first used to be
+    set, so the other part's scores changed in their last bits between runs."""
     import threading
 
     import torch
 
-    threads = rel._TorchThreads()
-    before = torch.get_num_threads()
-    log, inside = [], threading.Event()
-    release = threading.Event()
+    seen, counts_after = [], []
+    together = threading.Barrier(2)
 
-    def hold(n):
-        with threads.fixed(n):
-            log.append(("in", n, torch.get_num_threads()))
-            inside.set()
-            release.wait(5)
-            log.append(("leaving", n))
+    def score(count: int) -> None:
+        torch.get_num_threads()  # a thread takes the process's count on its first use, then keeps its own
+        torch.set_num_threads(count)
+        scorer = RelevanceScorer(RelevanceConfig(**FAST, cpu_threads=1))
+        encode = scorer.model.encode_corpus
 
-    first = threading.Thread(target=hold, args=(1,))
-    first.start()
-    inside.wait(5)
-    same = threading.Thread(target=hold, args=(1,))  # enters at once
-    other = threading.Thread(target=hold, args=(2,))  # waits for both
-    same.start(), other.start()
-    for _ in range(100):
-        if len(log) >= 2:
-            break
-        threading.Event().wait(0.01)
-    assert ("in", 1, 1) in log and not any(e[0] == "in" and e[1] == 2 for e in log)
-    release.set()
-    for t in (first, same, other):
-        t.join(5)
-    assert log.index(("in", 2, 2)) > max(i for i, e in enumerate(log) if e == ("leaving", 1))
-    assert log.count(("leaving", 1)) == 2
-    assert torch.get_num_threads() == before
+        def spy(*args, **kwargs):
+            together.wait(30)
+            seen.append(torch.get_num_threads())
+            return encode(*args, **kwargs)
+
+        scorer.model.encode_corpus = spy
+        scorer.encode_documents([" ".join(DOCS["albedo#0"][1])])
+        counts_after.append((count, torch.get_num_threads()))
+
+    threads = [threading.Thread(target=score, args=(n,)) for n in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen == [1, 1]
+    assert sorted(counts_after) == [(2, 2), (3, 3)]
 
 
 def test_batch_size_defaults_to_the_device():
