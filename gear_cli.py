@@ -33,7 +33,15 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", PROJECT_LOGGERS)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flows.local_api import LocalApi  # the standard library only
+import typing
+
+import typer
+
+from flows.local_api import LocalApi
+from flows.profiles import DEMO_BUILD, PROFILES
+from gear_model.config import DEVICES, figures
+from tasks.rewriters.config import RewriteConfig
+from tasks.runners import RUNNERS
 
 # Settings that point a run at a Prefect API or database of its own choosing:
 # with any of them set, `gear` leaves the Prefect set-up alone.
@@ -60,28 +68,6 @@ def start_local_api() -> LocalApi | None:
     return _local_api
 
 
-def _runs_a_flow(args: list[str]) -> bool:
-    """Whether these command-line arguments name a command that runs a flow (not its --help or --dry-run)."""
-    command = next((a for a in args if not a.startswith("-")), None)
-    return command in _FLOW_COMMANDS and not {"--dry-run", "--help"} & set(args)
-
-
-# The `gear` command (or this file run as a script) starts the local API here,
-# before the imports below (typer, the parameter models): the server's start-up
-# is the longest wait before a first task, and it runs beside everything this
-# process does next. Imported as a module (tests), the command callback starts it.
-if Path(sys.argv[0]).name in ("gear", "gear_cli.py") and _runs_a_flow(sys.argv[1:]):
-    start_local_api()
-
-import typing
-
-import typer
-
-from flows.profiles import DEMO_BUILD, PROFILES
-from gear_model.config import DEVICES, figures
-from tasks.rewriters.config import RewriteConfig
-from tasks.runners import RUNNERS
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
@@ -107,7 +93,7 @@ def _before_any_command(
     global _debug
     _debug = debug
     if ctx.invoked_subcommand in _FLOW_COMMANDS and not {"--dry-run", "--help"} & set(sys.argv[1:]):
-        start_local_api()  # a no-op when the module already started it
+        start_local_api()
     os.environ.setdefault("GEAR_CLI_PROGRESS", "1" if sys.stderr.isatty() else "0")
 
 

@@ -1,9 +1,8 @@
 """The shared local Prefect API of `gear` commands (``LocalApi``): one
 server subprocess per PREFECT_HOME, on a copy of a migrated database template.
 
-It imports nothing but the standard library, so a `gear` command can start
-the server before its own imports, and the server process imports only
-Prefect's server (``serve_local_api``).
+It imports nothing but the standard library: the server process imports
+this module and then Prefect's server (``serve_local_api``), not the CLI.
 """
 
 from __future__ import annotations

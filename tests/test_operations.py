@@ -320,8 +320,8 @@ def test_two_gear_runs_at_once_share_one_api_which_stops_when_unused(tmp_path):
 
 @pytest.mark.slow
 def test_a_later_gear_run_reuses_the_running_api(tmp_path):
-    """The first run is the `gear` console script, which starts the API before its imports;
-    the second imports gear_cli, whose command callback finds the running API."""
+    """The first run is the `gear` console script, the second imports gear_cli: both reach the API
+    through the command callback, and the second finds the first's still running."""
     env = _selftest_env(tmp_path, idle_s=60)
     console = Path(sys.executable).with_name("gear")
     commands = [[str(console), "selftest"], [sys.executable, "-c", "import gear_cli; gear_cli.app()", "selftest"]]
@@ -336,18 +336,9 @@ def test_a_later_gear_run_reuses_the_running_api(tmp_path):
 
 
 def test_the_local_api_module_imports_only_the_standard_library():
-    """The `gear` command starts the API before its heavy imports, and the server
-    process imports flows.local_api, not the CLI: neither may pull in a heavy package."""
+    """The server process imports flows.local_api, not the CLI, before Prefect's server:
+    it may not pull in a heavy package."""
     code = ("import sys, flows.local_api; heavy = {'typer', 'pydantic', 'prefect', 'torch', 'polars', 'gear_cli'}; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_which_arguments_start_the_local_api():
-    import gear_cli
-
-    assert gear_cli._runs_a_flow(["pipeline", "--output-dir", "x"]) and gear_cli._runs_a_flow(["--debug", "train"])
-    assert not gear_cli._runs_a_flow(["train", "--dry-run"]) and not gear_cli._runs_a_flow(["evaluate", "--help"])
-    assert not gear_cli._runs_a_flow(["search", "query"]) and not gear_cli._runs_a_flow(["--help"])
-    assert not gear_cli._runs_a_flow([])
