@@ -324,6 +324,7 @@ class GearModel(nn.Module):
         if store is None or not right_padded:
             return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         found: dict[bytes, torch.Tensor] = {}  # a document twice in the batch is read or encoded once
+        rows = []
         for i, n in enumerate(lengths):
             ids = input_ids[i, :n]
             key = ids.cpu().numpy().tobytes()
@@ -332,7 +333,8 @@ class GearModel(nn.Module):
                 if found[key] is None:
                     found[key] = self.document_states_alone(ids, encoder)
                     store.put(ids, found[key])
-        return pad_states([found[input_ids[i, :n].cpu().numpy().tobytes()] for i, n in enumerate(lengths)], input_ids)
+            rows.append(found[key])
+        return pad_states(rows, input_ids)
 
     @torch.no_grad()
     def document_states_alone(self, ids: torch.Tensor, encoder: BertModel | None = None) -> torch.Tensor:
