@@ -188,8 +188,8 @@ def test_scoring_runs_at_its_own_thread_count_and_restores_the_processes(monkeyp
 def test_every_scoring_thread_runs_at_the_configured_count():
     """torch keeps its thread count per thread: two scorers at once (a shard's
     parts on the threads runner) each score at cpu_threads, whichever enters
-    first, and each thread gets its own count back. Only the first used to be
-    set, so the other part's scores changed in their last bits between runs."""
+    first, and each thread gets its own count back. A part scored at another
+    count changes in its last bits, and the dataset's version with it."""
     import threading
 
     import torch
