@@ -43,6 +43,8 @@ from gear_model.config import DEVICES, figures
 from tasks.rewriters.config import RewriteConfig
 from tasks.runners import RUNNERS
 
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
 # Settings that point a run at a Prefect API or database of its own choosing:
 # with any of them set, `gear` leaves the Prefect set-up alone.
 _PREFECT_TARGETS = ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
@@ -56,19 +58,14 @@ def start_local_api() -> LocalApi | None:
     runs), unless PREFECT_API_URL or a database URL is set (a real server; the
     deployments), GEAR_SHARED_PREFECT_DB=1 (Prefect's own temporary server on
     PREFECT_HOME's database), or Prefect is already imported (its settings are read at
-    import). Called twice, it returns the first call's."""
+    import)."""
     global _local_api
-    if _local_api is not None:
-        return _local_api
     if os.environ.get("GEAR_SHARED_PREFECT_DB") == "1" or "prefect" in sys.modules:
         return None
     if any(os.environ.get(name) for name in _PREFECT_TARGETS):
         return None
     _local_api = LocalApi()
     return _local_api
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
 def _api_ready() -> None:
