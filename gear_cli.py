@@ -76,6 +76,14 @@ def _api_ready() -> None:
         _local_api.wait()
 
 
+def _start_worker_server(runner: Any) -> None:
+    """Before the flow module's imports and the wait for the API: the fork server of
+    the ingestion stages' worker processes imports spaCy on the other core meanwhile."""
+    from tasks.runners import start_worker_server
+
+    start_worker_server(runner)
+
+
 _debug = False
 
 
@@ -262,6 +270,7 @@ def build_dataset(
                    runner__address=address, until=until)
     params = _params_or_exit("build-dataset", profile, config, set_, flags, dry_run)
     try:
+        _start_worker_server(params.runner)
         from flows.build_rir_dataset import build_rir_dataset
 
         _api_ready()
@@ -409,6 +418,7 @@ def pipeline(
     )
     params = _params_or_exit("pipeline", profile, config, set_, flags, dry_run)
     try:
+        _start_worker_server(params.build.runner)
         from flows.rir_pipeline import rir_pipeline
 
         _api_ready()
@@ -555,9 +565,37 @@ def selftest(
     typer.echo(f"selftest: ok ({result}); api {os.environ.get('PREFECT_API_URL') or 'temporary'}; database {database}")
 
 
+_exit_status: int | None = None
+
+
+def _exit_without_teardown() -> None:
+    """The last exit handler: end the process with the command's status, skipping the
+    interpreter's teardown of the modules a run imported (Prefect, spaCy, torch: half
+    a second or more). Every other exit handler (Prefect's log and event flushes) has run."""
+    if _exit_status is None:  # an exception escaped the app: Python reports it and exits as usual
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_exit_status)
+
+
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    """The `gear` command: the typer app, then a quick exit."""
+    import atexit
+
+    global _exit_status
+    atexit.register(_exit_without_teardown)  # registered first, so it runs last
+    try:
+        app()
+        _exit_status = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            _exit_status = exc.code or 0
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -26,7 +26,7 @@ from tasks.dedup import dedup_task
 from tasks.extract_docs import extract_docs
 from tasks.relevance import relevance_filter, relevance_score
 from tasks.rewrite import rewrite_queries, shard_groups
-from tasks.runners import map_stage, parts_per_shard, task_runner
+from tasks.runners import map_stage, parts_per_shard, task_runner, worker_processes
 from tasks.select_units import select_units
 from tasks.shard import shard_dump as plan_shards
 from tasks.write_triples import published_from, write_triples_task
@@ -84,7 +84,7 @@ def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str 
     work_dir = params.output_dir
     if params.only_new_dump and (same := published_from_same_dump(dump, work_dir)):
         return same
-    with task_runner(params.runner) as runner:
+    with task_runner(params.runner) as runner, worker_processes(params.runner):
         shards = shard_dump(dump, params.shard, work_dir)
         article_dirs = map_stage(runner, extract_docs, shards, params.extract, work_dir, params.runner)
         if params.until == "extract_docs":

@@ -208,8 +208,11 @@ def serve_local_api(home: str, port: str, folder: str) -> None:
         _sqlite_copy(migrated_template(), folder / "prefect.db")
         os.environ.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
                            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db",
-                           # The template has them (a database of another path misses Prefect's memo).
-                           "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"})
+                           # The template is migrated and has the block types: no alembic check, no
+                           # collection imports and registry hash for the memo of a registration that is off.
+                           "PREFECT_SERVER_DATABASE_MIGRATE_ON_START": "false",
+                           "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                           "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"})
         import uvicorn
 
         server = uvicorn.Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",

@@ -93,6 +93,9 @@ class PipelineInputError(RuntimeError):
         where = f"{self.path} ({record})" if record else self.path
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # crosses process boundaries (worker processes, Dask, Ray) as itself
+        return (type(self), (self.path, self.reason, self.record))
+
 
 class ConfigError(ValueError):
     """A configuration that cannot make a run: it fails the same way on every attempt."""

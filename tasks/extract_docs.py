@@ -183,6 +183,7 @@ def _count_removed(funnel: Funnel, result: wikitext.CleanResult) -> None:
     keyed_by_value=["shard"],
     writes={"articles.parquet": ARTICLES_SCHEMA},
     code=[wikitext.__file__, shard_mod.__file__, dump_reader.__file__],
+    gil_bound=True,
 )
 def extract_docs(run: StageRun, shard: Shard, config: ExtractConfig) -> dict:
     """One shard's pages -> ``articles.parquet`` (cached on the dump's content, the shard, config and code)."""

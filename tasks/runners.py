@@ -5,16 +5,21 @@ for deployments), never by a code edit.
 ``TaskRunnerConfig`` is the choice; ``task_runner(config)`` builds the
 Prefect task runner; ``map_stage`` sends a stage over many inputs in batches
 (one Prefect task per batch of shards, not one tiny task per shard) and
-returns the folders in input order. Every worker must see the same output
+returns the folders in input order. Under the threads runner, the bodies of
+the stages that hold the GIL (``Stage(gil_bound=True)``: pure-Python parsing)
+run in ``worker_processes``, forked from one server that has imported them. Every worker must see the same output
 folder: on a cluster that is a shared POSIX path, and every process reports
 to one Prefect server (``PREFECT_API_URL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import pickle
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -122,3 +127,83 @@ def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel
     futures = runner.map(stage.batch_task, {"items": batches(items, runner_config), "config": unmapped(config),
                                             "work_dir": unmapped(work_dir), "fixed": unmapped(fixed)})
     return [Path(p) for future in futures for p in future.result()]
+
+
+# -- worker processes for the GIL-bound stage bodies under the threads runner
+
+# What the worker processes' fork server imports once: the modules of the ``gil_bound``
+# stages, the libraries their bodies import lazily (spaCy alone takes 1.7 s), and
+# tasks.fork_server (its own quick exit).
+WORKER_PRELOAD = ("tasks.extract_docs", "tasks.select_units", "spacy", "tokenizers", "tasks.fork_server")
+
+_POOL_LOCK = threading.Lock()
+_pool: Any = None  # the ProcessPoolExecutor of the open ``worker_processes``, else None
+
+
+def _uses_worker_processes(config: TaskRunnerConfig) -> bool:
+    return config.kind == "threads" and config.n_workers >= 2
+
+
+def start_worker_server(config: TaskRunnerConfig) -> None:
+    """Start the fork server of ``worker_processes`` now, in the background (the CLI
+    calls this before it waits for the Prefect API, so the imports overlap that wait)."""
+    if not _uses_worker_processes(config):
+        return
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def worker_processes(config: TaskRunnerConfig) -> Iterator[None]:
+    """While open, a ``gil_bound`` stage's batch task (a thread of the threads runner)
+    runs each item's stage call in one of ``config.n_workers`` worker processes,
+    so pure-Python parsing uses every core, not one. The workers fork from
+    multiprocessing's fork server, which imports ``WORKER_PRELOAD`` once: a worker
+    starts in milliseconds, not the seconds a fresh interpreter takes to import
+    spaCy. A no-op for one worker and for the other runners (their workers are
+    processes already)."""
+    global _pool
+    if not _uses_worker_processes(config) or _pool is not None:
+        yield
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_worker_server(config)
+    pool = ProcessPoolExecutor(max_workers=config.n_workers, mp_context=multiprocessing.get_context("forkserver"))
+    with _POOL_LOCK:
+        _pool = pool
+    try:
+        yield
+    finally:
+        with _POOL_LOCK:
+            _pool = None
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_stage_call(stage: Stage, kwargs: dict[str, Any]) -> Any:
+    """``stage(**kwargs)``: in a worker process while ``worker_processes`` is open
+    and the stage is ``gil_bound``, else here."""
+    pool = _pool
+    if pool is None or not stage.gil_bound:
+        return stage(**kwargs)
+    return pool.submit(_call_in_worker, stage, kwargs, dict(os.environ)).result()
+
+
+def _call_in_worker(stage: Stage, kwargs: dict[str, Any], environ: dict[str, str]) -> Any:
+    """A stage call in a worker: under the caller's environment of the moment (the fork
+    server keeps the one it started with), raising an exception that comes back whole."""
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    os.environ.update(environ)
+    try:
+        return stage(**kwargs)
+    except Exception as exc:
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an exception that cannot cross processes as itself
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+        raise

@@ -650,7 +650,8 @@ def _cut_documents(sentences: list[Sentence], config: UnitConfig, funnel: Funnel
 
 @stage(STAGE, UnitConfig, reads={"article_dirs_or_files": article_files},
        writes={"documents.parquet": DOCUMENTS_SCHEMA, "units.parquet": UNITS_SCHEMA},
-       code=[extract_docs_module.__file__, wikitext.__file__, shard_module.__file__, dump_reader.__file__])  # LeadPages reads pages whole
+       code=[extract_docs_module.__file__, wikitext.__file__, shard_module.__file__, dump_reader.__file__],  # LeadPages reads pages whole
+       gil_bound=True)
 def select_units(run: StageRun, article_dirs_or_files: Any, config: UnitConfig) -> dict:
     """Documents and candidate units of one shard's articles (documents.parquet, units.parquet)."""
     if config.min_unit_tokens > config.max_unit_tokens:

@@ -166,6 +166,7 @@ class Stage:
         task_run_name: str | None = None,
         retries: int = 0,
         retry_delay_seconds: float | list[float] = 5,
+        gil_bound: bool = False,
     ):
         self.name = name
         self.config_model = config_model
@@ -183,6 +184,9 @@ class Stage:
         self.task_run_name = task_run_name
         self.retries = retries
         self.retry_delay_seconds = retry_delay_seconds
+        # Pure-Python work that holds the GIL: under the threads runner its calls go to
+        # worker processes (tasks/runners.py: worker_processes, WORKER_PRELOAD).
+        self.gil_bound = gil_bound
         self.code_version = source_hash(inspect.getsourcefile(body), *code)
         self.module = body.__module__
         self.attr = body.__name__
@@ -371,7 +375,10 @@ class Stage:
         stage = self
 
         def run_batch(items: list, config: Any = None, work_dir: Any = None, fixed: dict | None = None) -> list[Path]:
-            return [stage(config=config, work_dir=work_dir, **stage._item_inputs(item), **(fixed or {})) for item in items]
+            from tasks.runners import run_stage_call
+
+            return [run_stage_call(stage, dict(config=config, work_dir=work_dir, **stage._item_inputs(item), **(fixed or {})))
+                    for item in items]
 
         run_batch.__name__ = run_batch.__qualname__ = f"{self.name}_batch_task"
         run_batch.__module__ = self.module

@@ -168,3 +168,61 @@ def test_cli_flags_reach_the_runner_and_until(monkeypatch):
     assert params["runner"]["workers"] == 3 and params["until"] == "select_units"
     bad = CliRunner().invoke(app, ["build-dataset", "--task-runner", "mpi", "--dry-run"])
     assert bad.exit_code == 2
+
+
+def test_gil_bound_stage_calls_run_in_worker_processes_with_the_same_output(tmp_path, monkeypatch):
+    """Under the threads runner with 2 workers, extract_docs runs in a worker
+    process: a fault patched into this process does not reach it, and it writes
+    the same bytes as the call made here."""
+    from tasks import wikitext
+    from tasks.assets import embedded_dump_path
+    from tasks.common import PipelineInputError
+    from tasks.extract_docs import ExtractConfig, extract_docs
+    from tasks.runners import run_stage_call, worker_processes
+    from tasks.shard import ShardConfig, plan_shards
+
+    (shard,) = plan_shards(embedded_dump_path(), ShardConfig(max_shards=1, pages_per_shard=20))
+    here = extract_docs(shard, ExtractConfig(), tmp_path / "here")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("ran in the calling process")
+
+    monkeypatch.setattr(wikitext, "clean_wikitext", broken)
+    with worker_processes(TaskRunnerConfig(kind="threads", workers=2)):
+        there = run_stage_call(extract_docs, dict(shard=shard, config=ExtractConfig(), work_dir=str(tmp_path / "there")))
+    assert there.name == here.name  # the same key
+    for name in ("articles.parquet", "funnel.json"):
+        assert (there / name).read_bytes() == (here / name).read_bytes()
+    with pytest.raises(PipelineInputError, match="ran in the calling process"):  # without the pool, it runs here
+        run_stage_call(extract_docs, dict(shard=shard, config=ExtractConfig(), work_dir=str(tmp_path / "again")))
+
+
+def test_bad_input_in_a_worker_process_comes_back_as_itself(tmp_path):
+    from tasks.common import PipelineInputError
+    from tasks.stage import is_retryable
+    from tasks.runners import run_stage_call, worker_processes
+    from tasks.select_units import UnitConfig, select_units
+
+    missing = tmp_path / "no-such-shard"
+    with worker_processes(TaskRunnerConfig(kind="threads", workers=2)), \
+            pytest.raises(PipelineInputError, match="does not exist") as err:
+        run_stage_call(select_units, dict(article_dirs_or_files=[str(missing)], config=UnitConfig(),
+                                          work_dir=str(tmp_path)))
+    assert err.value.path.startswith(str(missing)) and not is_retryable(err.value)
+    assert "_RemoteTraceback" in repr(err.value.__cause__)  # the worker's traceback rides along
+
+
+def test_the_worker_server_preloads_every_gil_bound_stage():
+    import importlib
+    import pkgutil
+
+    import tasks
+    from tasks.runners import WORKER_PRELOAD
+    from tasks.stage import Stage
+
+    gil_bound = set()
+    for info in pkgutil.iter_modules(tasks.__path__, "tasks."):
+        module = importlib.import_module(info.name)
+        gil_bound |= {v.module for v in vars(module).values() if isinstance(v, Stage) and v.gil_bound}
+    assert gil_bound == {"tasks.extract_docs", "tasks.select_units"}
+    assert gil_bound <= set(WORKER_PRELOAD)
