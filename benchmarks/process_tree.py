@@ -10,6 +10,11 @@ Used by ``benchmarks/ingest.py --cli``. Peak RSS comes two ways:
   names (a server the command starts in its own session, which leaves the
   tree). Pages that forked workers share count once per process, so this is
   an upper bound.
+
+CPU seconds are the kernel's too: the command's and every descendant's it
+waited for, plus every descendant it left running when it ended (a fork
+server and its workers), which this process, a child subreaper, adopts and
+reaps. Processes that ``extra_pids`` names (the local API server) are left out.
 """
 
 from __future__ import annotations
@@ -57,6 +62,38 @@ def _tree_rss(root: psutil.Process, extra: Iterable[int]) -> tuple[int, int]:
     return total, largest
 
 
+def _adopt_orphans() -> bool:
+    """Make this process the child subreaper of its descendants (Linux), so that the
+    processes a command leaves running when it ends come back here to be reaped."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(skip: set[int], timeout_s: float = 60) -> tuple[float, int]:
+    """(CPU seconds, largest RSS in bytes) of the adopted descendants, reaped as they end;
+    ``skip`` (servers that outlive the command) are neither waited for nor counted."""
+    cpu, rss = 0.0, 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            if not [c for c in psutil.Process().children() if c.pid not in skip]:
+                break
+            time.sleep(0.05)
+            continue
+        if pid not in skip:
+            cpu += usage.ru_utime + usage.ru_stime
+            rss = max(rss, usage.ru_maxrss * 1024)
+    return cpu, rss
+
+
 def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dict[str, str] | None = None,
             extra_pids: Callable[[], Iterable[int]] = lambda: (), poll_s: float = 0.2,
             timeout_s: float = 3600) -> dict:
@@ -84,6 +121,8 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
                     # The record's own time where Prefect printed it, else when the line arrived.
                     found[key] = _stamp_at(m.group(1), started) - started if m else arrived
 
+    adopting = _adopt_orphans()
+    servers: set[int] = set()  # every pid extra_pids named: not the command's CPU
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     root = psutil.Process(proc.pid)
@@ -95,8 +134,10 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        extra = list(extra_pids())
+        servers.update(extra)
         try:
-            total, largest = _tree_rss(root, list(extra_pids()))
+            total, largest = _tree_rss(root, extra)
         except psutil.Error:
             total = largest = 0
         peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
@@ -105,13 +146,14 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
         time.sleep(poll_s)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    orphan_cpu, orphan_rss = _reap_orphans(servers | set(extra_pids())) if adopting else (0.0, 0)
     reader.join(timeout=10)
     return {
         "rc": proc.returncode,
         "wall_s": wall,
         **{f"{k}_s": v for k, v in found.items()},
-        "cpu_s": rusage.ru_utime + rusage.ru_stime,
-        "peak_rss_mb": max(rusage.ru_maxrss * 1024, peak_one) / 2**20,  # Linux: ru_maxrss in KiB
+        "cpu_s": rusage.ru_utime + rusage.ru_stime + orphan_cpu,
+        "peak_rss_mb": max(rusage.ru_maxrss * 1024, orphan_rss, peak_one) / 2**20,  # Linux: ru_maxrss in KiB
         "peak_tree_rss_mb": peak_sum / 2**20,
         "output": lines,
     }
