@@ -43,7 +43,8 @@ class TaskRunnerConfig(ParamsModel):
 
     kind: RunnerKind = Field(
         "threads",
-        description="threads: one process, bounded threads; processes: worker processes on this machine "
+        description="threads: one process, bounded threads (extraction and unit selection, pure Python, run in "
+        "worker processes forked from a fork server that has imported them); processes: worker processes on this machine "
         "(spaCy and the tokenizer load once per worker); dask / ray: a cluster (a running one at `address`, "
         "else a local one of `workers` processes). $GEAR_TASK_RUNNER overrides the default.",
     )
