@@ -42,14 +42,16 @@ def _stamp_at(stamp: str, started: float) -> float:
     return at + 86400 if at < started - 3600 else at
 
 
-def _tree_rss(root: psutil.Process, extra: Iterable[int]) -> tuple[int, int]:
-    """(sum, largest) RSS in bytes over ``root``, its descendants and the ``extra`` pids."""
+def _tree_rss(root: psutil.Process, extra: Iterable[int], descendants: set[int]) -> tuple[int, int]:
+    """(sum, largest) RSS in bytes over ``root``, its descendants and the ``extra`` pids;
+    adds the descendants' pids to ``descendants``."""
     procs = [root]
     try:
         procs += root.children(recursive=True)
     except psutil.Error:
         pass
     seen = {p.pid for p in procs}
+    descendants.update(seen - {root.pid})
     procs += [psutil.Process(pid) for pid in extra if pid not in seen and psutil.pid_exists(pid)]
     total = largest = 0
     for p in procs:
@@ -73,9 +75,11 @@ def _adopt_orphans() -> bool:
         return False
 
 
-def _reap_orphans(skip: set[int], timeout_s: float = 60) -> tuple[float, int]:
-    """(CPU seconds, largest RSS in bytes) of the adopted descendants, reaped as they end;
-    ``skip`` (servers that outlive the command) are neither waited for nor counted."""
+def _reap_orphans(count: set[int], timeout_s: float = 60) -> tuple[float, int]:
+    """(CPU seconds, largest RSS in bytes) of the adopted processes in ``count`` (the
+    command's descendants but its servers), reaped as they end. Other adopted processes
+    that have ended (an earlier command's server) are reaped and not counted; running
+    ones are not waited for."""
     cpu, rss = 0.0, 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -84,11 +88,11 @@ def _reap_orphans(skip: set[int], timeout_s: float = 60) -> tuple[float, int]:
         except ChildProcessError:
             break
         if pid == 0:
-            if not [c for c in psutil.Process().children() if c.pid not in skip]:
+            if not [c for c in psutil.Process().children() if c.pid in count]:
                 break
             time.sleep(0.05)
             continue
-        if pid not in skip:
+        if pid in count:
             cpu += usage.ru_utime + usage.ru_stime
             rss = max(rss, usage.ru_maxrss * 1024)
     return cpu, rss
@@ -123,6 +127,7 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
 
     adopting = _adopt_orphans()
     servers: set[int] = set()  # every pid extra_pids named: not the command's CPU
+    descendants: set[int] = set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     root = psutil.Process(proc.pid)
@@ -137,7 +142,7 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
         extra = list(extra_pids())
         servers.update(extra)
         try:
-            total, largest = _tree_rss(root, extra)
+            total, largest = _tree_rss(root, extra, descendants)
         except psutil.Error:
             total = largest = 0
         peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
@@ -146,7 +151,7 @@ def measure(argv: list[str], *, cwd: str | Path, env: dict[str, str], marks: dic
         time.sleep(poll_s)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    orphan_cpu, orphan_rss = _reap_orphans(servers | set(extra_pids())) if adopting else (0.0, 0)
+    orphan_cpu, orphan_rss = _reap_orphans(descendants - servers - set(extra_pids())) if adopting else (0.0, 0)
     reader.join(timeout=10)
     return {
         "rc": proc.returncode,
