@@ -5,11 +5,12 @@ for deployments), never by a code edit.
 ``TaskRunnerConfig`` is the choice; ``task_runner(config)`` builds the
 Prefect task runner; ``map_stage`` sends a stage over many inputs in batches
 (one Prefect task per batch of shards, not one tiny task per shard) and
-returns the folders in input order. Under the threads runner, the bodies of
+returns the folders in input order. Under the threads runner, the calls of
 the stages that hold the GIL (``Stage(gil_bound=True)``: pure-Python parsing)
-run in ``worker_processes``, forked from one server that has imported them. Every worker must see the same output
-folder: on a cluster that is a shared POSIX path, and every process reports
-to one Prefect server (``PREFECT_API_URL``).
+run in ``worker_processes``, forked from one server that has imported them.
+Every worker must see the same output folder: on a cluster that is a shared
+POSIX path, and every process reports to one Prefect server
+(``PREFECT_API_URL``).
 """
 
 from __future__ import annotations
@@ -167,22 +168,22 @@ def worker_processes(config: TaskRunnerConfig) -> Iterator[None]:
     spaCy. A no-op for one worker and for the other runners (their workers are
     processes already)."""
     global _pool
-    if not _uses_worker_processes(config) or _pool is not None:
-        yield
-        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    start_worker_server(config)
-    pool = ProcessPoolExecutor(max_workers=config.n_workers, mp_context=multiprocessing.get_context("forkserver"))
-    with _POOL_LOCK:
-        _pool = pool
+    pool = None
+    with _POOL_LOCK:  # one pool per process: a flow inside another's uses the outer one
+        if _uses_worker_processes(config) and _pool is None:
+            start_worker_server(config)
+            pool = _pool = ProcessPoolExecutor(max_workers=config.n_workers,
+                                               mp_context=multiprocessing.get_context("forkserver"))
     try:
         yield
     finally:
-        with _POOL_LOCK:
-            _pool = None
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            with _POOL_LOCK:
+                _pool = None
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_stage_call(stage: Stage, kwargs: dict[str, Any]) -> Any:
