@@ -570,16 +570,12 @@ _exit_status: int | None = None
 
 def _exit_without_teardown() -> None:
     """The last exit handler: end the process with the command's status, skipping the
-    interpreter's teardown of the modules a run imported (Prefect, spaCy, torch: half
-    a second or more). Every other exit handler (Prefect's log and event flushes) has run."""
+    interpreter's teardown (tasks/quick_exit.py)."""
     if _exit_status is None:  # an exception escaped the app: Python reports it and exits as usual
         return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(_exit_status)
+    from tasks.quick_exit import exit_without_teardown
+
+    exit_without_teardown(_exit_status)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -135,8 +135,8 @@ def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel
 
 # What the worker processes' fork server imports once: the modules of the ``gil_bound``
 # stages, the libraries their bodies import lazily (spaCy alone takes 1.7 s), and
-# tasks.fork_server (its own quick exit).
-WORKER_PRELOAD = ("tasks.extract_docs", "tasks.select_units", "spacy", "tokenizers", "tasks.fork_server")
+# tasks.quick_exit (the server's own exit).
+WORKER_PRELOAD = ("tasks.extract_docs", "tasks.select_units", "spacy", "tokenizers", "tasks.quick_exit")
 
 _POOL_LOCK = threading.Lock()
 _pool: Any = None  # the ProcessPoolExecutor of the open ``worker_processes``, else None
