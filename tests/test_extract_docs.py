@@ -78,7 +78,7 @@ def test_page_range_shard_gives_the_same_articles(embedded_articles, tmp_path):
 def test_multistream_shard_gives_the_same_articles(embedded_articles, tmp_path):
     dump, _ = make_multistream(embedded_dump_path(), tmp_path / "ms", pages_per_stream=25)
     shards = plan_shards(dump, ShardConfig(pages_per_shard=50))
-    assert [s.kind for s in shards] == ["streams"] * 5 and [s.pages for s in shards] == [50, 50, 50, 50, 6]
+    assert [s.kind for s in shards] == ["streams"] * 5 and [s.pages for s in shards] == [50, 50, 50, 25, 31]
     part = pl.read_parquet(extract_docs(shards[1], ExtractConfig(), tmp_path / "work") / "articles.parquet")
     whole = pl.read_parquet(embedded_articles / "articles.parquet")
     assert 0 < part.height < whole.height and set(part["source_dump"]) == {dump.name}
