@@ -226,3 +226,34 @@ def test_the_worker_server_preloads_every_gil_bound_stage():
         gil_bound |= {v.module for v in vars(module).values() if isinstance(v, Stage) and v.gil_bound}
     assert gil_bound == {"tasks.extract_docs", "tasks.select_units"}
     assert gil_bound <= set(WORKER_PRELOAD)
+
+
+def test_workers_of_a_module_run_with_dash_m_inherit_its_imports(tmp_path):
+    """A deployment's flow run is ``python -m prefect.engine``: each forked worker re-runs
+    that module, and must find what it imports already imported by the fork server."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "probe_dependency.py").write_text(
+        "import os\nwith open(os.environ['PROBE_LOG'], 'a') as log:\n    log.write(f'{os.getpid()}\\n')\n")
+    (tmp_path / "probe_main.py").write_text(textwrap.dedent("""
+        import os
+        import probe_dependency
+        import tasks.runners as runners
+
+        if __name__ == "__main__":
+            with runners.worker_processes(runners.TaskRunnerConfig(kind="threads", workers=2)):
+                workers = {runners._pool.submit(os.getpid).result() for _ in range(4)}
+            print(" ".join(map(str, workers)))
+    """))
+    log = tmp_path / "imports.log"
+    env = {**os.environ, "PROBE_LOG": str(log), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    out = subprocess.run([sys.executable, "-m", "probe_main"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    workers = set(out.split())
+    importers = log.read_text().split()
+    assert workers and len(importers) == 2  # the main process and the fork server, no worker
+    assert not workers & set(importers)
