@@ -16,6 +16,7 @@ failure exits with status 1 and a one-line reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from enum import Enum
@@ -74,6 +75,23 @@ def _api_ready() -> None:
     _quiet_explained_failures()
     if _local_api is not None:
         _local_api.wait()
+        _no_flow_heartbeats()
+
+
+def _no_flow_heartbeats() -> None:
+    """For the rest of this process, flow runs on the local API send no heartbeats.
+
+    A heartbeat tells a server's automations that a run is alive; the local API has
+    none to tell. Each flow run joins its heartbeat thread at its end, and the thread
+    sleeps in one-second steps: up to a second lost per flow run. A server of one's
+    own (PREFECT_API_URL) keeps Prefect's default."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    _process_settings.enter_context(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+
+
+# Settings entered once and left in force until the process ends.
+_process_settings = contextlib.ExitStack()
 
 
 def _start_worker_server(runner: Any) -> None:

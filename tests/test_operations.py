@@ -342,3 +342,24 @@ def test_the_local_api_module_imports_only_the_standard_library():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_flow_runs_on_the_local_api_send_no_heartbeats_and_a_server_of_ones_own_keeps_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from prefect.settings import get_current_settings
+
+    import gear_cli
+
+    monkeypatch.setattr(gear_cli, "_quiet_explained_failures", lambda: None)
+    default = get_current_settings().flows.heartbeat_frequency
+    monkeypatch.setattr(gear_cli, "_local_api", None)  # PREFECT_API_URL was set: Prefect's default stands
+    gear_cli._api_ready()
+    assert default is not None and get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setattr(gear_cli, "_local_api", SimpleNamespace(wait=lambda: None))
+    try:
+        gear_cli._api_ready()
+        assert get_current_settings().flows.heartbeat_frequency is None
+    finally:
+        gear_cli._process_settings.close()
+    assert get_current_settings().flows.heartbeat_frequency == default
