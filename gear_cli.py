@@ -17,6 +17,7 @@ failure exits with status 1 and a one-line reason.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 from enum import Enum
@@ -74,8 +75,12 @@ def _api_ready() -> None:
     the API that ``start_local_api`` started, if any."""
     _quiet_explained_failures()
     if _local_api is not None:
-        _local_api.wait()
+        # Done while the server may still be starting, not after: FastAPI's encoder, with
+        # which a flow call serialises its parameters (prefect/flows.py; a 0.2 s import),
+        # and settings without heartbeats (0.1 s).
+        importlib.import_module("fastapi.encoders")
         _no_flow_heartbeats()
+        _local_api.wait()
 
 
 def _no_flow_heartbeats() -> None:
