@@ -99,12 +99,13 @@ def _no_flow_heartbeats() -> None:
 _process_settings = contextlib.ExitStack()
 
 
-def _start_worker_server(runner: Any) -> None:
+def _start_worker_server(runner: Any, units: Any) -> None:
     """Before the flow module's imports and the wait for the API: the fork server of
-    the ingestion stages' worker processes imports spaCy on the other core meanwhile."""
+    the ingestion stages' worker processes imports spaCy and loads the run's unit
+    models (``units``) on the other core meanwhile."""
     from tasks.runners import start_worker_server
 
-    start_worker_server(runner)
+    start_worker_server(runner, units)
 
 
 _debug = False
@@ -293,7 +294,7 @@ def build_dataset(
                    runner__address=address, until=until)
     params = _params_or_exit("build-dataset", profile, config, set_, flags, dry_run)
     try:
-        _start_worker_server(params.runner)
+        _start_worker_server(params.runner, params.units)
         from flows.build_rir_dataset import build_rir_dataset
 
         _api_ready()
@@ -441,7 +442,7 @@ def pipeline(
     )
     params = _params_or_exit("pipeline", profile, config, set_, flags, dry_run)
     try:
-        _start_worker_server(params.build.runner)
+        _start_worker_server(params.build.runner, params.build.units)
         from flows.rir_pipeline import rir_pipeline
 
         _api_ready()

@@ -84,7 +84,7 @@ def build_rir_dataset(params: BuildDatasetParams = BuildDatasetParams()) -> str 
     work_dir = params.output_dir
     if params.only_new_dump and (same := published_from_same_dump(dump, work_dir)):
         return same
-    with task_runner(params.runner) as runner, worker_processes(params.runner):
+    with task_runner(params.runner) as runner, worker_processes(params.runner, params.units):
         shards = shard_dump(dump, params.shard, work_dir)
         article_dirs = map_stage(runner, extract_docs, shards, params.extract, work_dir, params.runner)
         if params.until == "extract_docs":

@@ -135,9 +135,11 @@ def map_stage(runner: Any, stage: Stage, items: Sequence[Any], config: BaseModel
 # -- worker processes for the GIL-bound stage bodies under the threads runner
 
 # What the worker processes' fork server imports once: the modules of the ``gil_bound``
-# stages, the libraries their bodies import lazily (spaCy alone takes 1.7 s), and
-# tasks.quick_exit (the server's own exit).
-WORKER_PRELOAD = ("tasks.extract_docs", "tasks.select_units", "spacy", "tokenizers", "tasks.quick_exit")
+# stages, the libraries their bodies import lazily (spaCy alone takes 1.7 s),
+# tasks.worker_models (the run's unit-selection models, loaded) and tasks.quick_exit
+# (the server's own exit).
+WORKER_PRELOAD = ("tasks.extract_docs", "tasks.select_units", "spacy", "tokenizers", "tasks.worker_models",
+                  "tasks.quick_exit")
 
 _POOL_LOCK = threading.Lock()
 _pool: Any = None  # the ProcessPoolExecutor of the open ``worker_processes``, else None
@@ -147,16 +149,29 @@ def _uses_worker_processes(config: TaskRunnerConfig) -> bool:
     return config.kind == "threads" and config.n_workers >= 2
 
 
-def start_worker_server(config: TaskRunnerConfig) -> None:
+def start_worker_server(config: TaskRunnerConfig, units: BaseModel | None = None) -> None:
     """Start the fork server of ``worker_processes`` now, in the background (the CLI
-    calls this before it waits for the Prefect API, so the imports overlap that wait)."""
+    calls this before it waits for the Prefect API, so the imports overlap that wait);
+    ``units``: the run's UnitConfig, whose models the server loads for its workers.
+    A server already running stays as it is."""
     if not _uses_worker_processes(config):
         return
     import multiprocessing
     from multiprocessing import forkserver
 
+    from tasks.worker_models import UNIT_CONFIG_ENV
+
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD) + _main_module())
-    forkserver.ensure_running()
+    # The server takes this process's environment when it starts, and only then.
+    saved = os.environ.pop(UNIT_CONFIG_ENV, None)
+    if units is not None:
+        os.environ[UNIT_CONFIG_ENV] = units.model_dump_json()
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.pop(UNIT_CONFIG_ENV, None)
+        if saved is not None:
+            os.environ[UNIT_CONFIG_ENV] = saved
 
 
 def _main_module() -> list[str]:
@@ -171,14 +186,15 @@ def _main_module() -> list[str]:
 
 
 @contextlib.contextmanager
-def worker_processes(config: TaskRunnerConfig) -> Iterator[None]:
+def worker_processes(config: TaskRunnerConfig, units: BaseModel | None = None) -> Iterator[None]:
     """While open, a ``gil_bound`` stage's batch task (a thread of the threads runner)
     runs each item's stage call in one of ``config.n_workers`` worker processes,
     so pure-Python parsing uses every core, not one. The workers fork from
     multiprocessing's fork server, which imports ``WORKER_PRELOAD`` once: a worker
     starts in milliseconds, not the seconds a fresh interpreter takes to import
-    spaCy. A no-op for one worker and for the other runners (their workers are
-    processes already)."""
+    spaCy; with ``units`` (the run's UnitConfig) it forks them with its models loaded.
+    A no-op for one worker and for the other runners (their workers are processes
+    already)."""
     global _pool
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -186,7 +202,7 @@ def worker_processes(config: TaskRunnerConfig) -> Iterator[None]:
     pool = None
     with _POOL_LOCK:  # one pool per process: a flow inside another's uses the outer one
         if _uses_worker_processes(config) and _pool is None:
-            start_worker_server(config)
+            start_worker_server(config, units)
             pool = _pool = ProcessPoolExecutor(max_workers=config.n_workers,
                                                mp_context=multiprocessing.get_context("forkserver"))
     try:

@@ -257,3 +257,41 @@ def test_workers_of_a_module_run_with_dash_m_inherit_its_imports(tmp_path):
     importers = log.read_text().split()
     assert workers and len(importers) == 2  # the main process and the fork server, no worker
     assert not workers & set(importers)
+
+
+def test_workers_fork_with_the_runs_unit_models_loaded(tmp_path):
+    """start_worker_server with the run's UnitConfig: the fork server loads its spaCy
+    pipelines and tokenizer, and a worker has them before its first select_units call;
+    without one it loads nothing, and the variable that carried it is gone from the caller."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "probe_models.py").write_text(textwrap.dedent("""
+        import os
+        import sys
+
+        import tasks.runners as runners
+        from tasks.worker_models import UNIT_CONFIG_ENV
+
+
+        def loaded():
+            from tasks import select_units as su
+
+            return [f.cache_info().currsize for f in (su._load_nlp, su._load_senter, su._load_tokenizer)]
+
+
+        if __name__ == "__main__":
+            from tasks.select_units import UnitConfig
+
+            config = runners.TaskRunnerConfig(kind="threads", workers=2)
+            runners.start_worker_server(config, UnitConfig() if sys.argv[1] == "with" else None)
+            with runners.worker_processes(config):
+                print(runners._pool.submit(loaded).result(), UNIT_CONFIG_ENV in os.environ)
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    seen = [subprocess.run([sys.executable, "-m", "probe_models", given], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120, check=True).stdout.strip() for given in ("with", "without")]
+    assert seen == ["[1, 1, 1] False", "[0, 0, 0] False"]
