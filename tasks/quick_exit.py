@@ -5,8 +5,9 @@ WORKER_PRELOAD), which imports this module and so ends the same way.
 
 The fork server holds the command's stdout and stderr (its workers write there)
 and exits when the command does; while it tears down the spaCy it has imported,
-a pipe reading `gear`'s output stays open. Only the standard library is imported
-here, so a command that never loaded the project pays nothing for it at exit.
+a pipe reading `gear`'s output stays open. Only the standard library (and
+tasks.worker_models, which imports nothing else) is imported here, so a command
+that never loaded the project pays nothing for it at exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+
+from tasks.worker_models import in_fork_server
 
 
 def exit_without_teardown(status: int) -> None:
@@ -27,8 +30,7 @@ def exit_without_teardown(status: int) -> None:
     os._exit(status)
 
 
-# In the fork server itself (multiprocessing starts it as `python -c "from
-# multiprocessing.forkserver import main; main(...)"`), never in a process that
-# imports this module for the function above: that one's exit status must stand.
-if sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules:
+# In the fork server itself, never in a process that imports this module for the
+# function above: that one's exit status must stand.
+if in_fork_server():
     atexit.register(exit_without_teardown, 0)

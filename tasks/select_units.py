@@ -680,11 +680,11 @@ class _Models:
         return None if self.splitter is self.parser else self.parser
 
 
-
 def load_models(config: UnitConfig) -> None:
     """Load the models ``config`` names into this process's caches (the fork server of
     the worker processes does, so that each worker starts with them: tasks/worker_models.py)."""
     _Models.load(config)
+
 
 def _select(files: list[Path], run: StageRun, config: UnitConfig) -> dict:
     """read -> parse in rounds -> cut documents -> emit."""

@@ -17,6 +17,13 @@ import sys
 UNIT_CONFIG_ENV = "GEAR_WORKER_UNIT_CONFIG"
 
 
+def in_fork_server() -> bool:
+    """Whether this process is multiprocessing's fork server, which starts as
+    `python -c "from multiprocessing.forkserver import main; main(...)"` and imports
+    its preload modules before it forks any worker."""
+    return sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules
+
+
 def _load_named_models() -> None:
     spec = os.environ.get(UNIT_CONFIG_ENV)
     if not spec:
@@ -29,6 +36,5 @@ def _load_named_models() -> None:
         pass
 
 
-# As in tasks/quick_exit.py: only inside the fork server (`python -c "from multiprocessing.forkserver import main; ..."`).
-if sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules:
+if in_fork_server():
     _load_named_models()
