@@ -228,18 +228,28 @@ def test_the_worker_server_preloads_every_gil_bound_stage():
     assert gil_bound <= set(WORKER_PRELOAD)
 
 
-def test_workers_of_a_module_run_with_dash_m_inherit_its_imports(tmp_path):
-    """A deployment's flow run is ``python -m prefect.engine``: each forked worker re-runs
-    that module, and must find what it imports already imported by the fork server."""
+def _run_probe_module(folder: Path, name: str, source: str, *args: str, **env: str) -> str:
+    """``python -m name args`` (a deployment's way of running its flow) on ``source``
+    written to ``folder``, with the project importable; its stdout."""
     import os
     import subprocess
     import sys
     import textwrap
 
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(folder), str(root)])}
+    return subprocess.run([sys.executable, "-m", name, *args], env=env, cwd=folder, capture_output=True,
+                          text=True, timeout=120, check=True).stdout.strip()
+
+
+def test_workers_of_a_module_run_with_dash_m_inherit_its_imports(tmp_path):
+    """A deployment's flow run is ``python -m prefect.engine``: each forked worker re-runs
+    that module, and must find what it imports already imported by the fork server."""
     (tmp_path / "probe_dependency.py").write_text(
         "import os\nwith open(os.environ['PROBE_LOG'], 'a') as log:\n    log.write(f'{os.getpid()}\\n')\n")
-    (tmp_path / "probe_main.py").write_text(textwrap.dedent("""
+    log = tmp_path / "imports.log"
+    out = _run_probe_module(tmp_path, "probe_main", """
         import os
         import probe_dependency
         import tasks.runners as runners
@@ -248,11 +258,7 @@ def test_workers_of_a_module_run_with_dash_m_inherit_its_imports(tmp_path):
             with runners.worker_processes(runners.TaskRunnerConfig(kind="threads", workers=2)):
                 workers = {runners._pool.submit(os.getpid).result() for _ in range(4)}
             print(" ".join(map(str, workers)))
-    """))
-    log = tmp_path / "imports.log"
-    env = {**os.environ, "PROBE_LOG": str(log), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
-    out = subprocess.run([sys.executable, "-m", "probe_main"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    """, PROBE_LOG=str(log))
     workers = set(out.split())
     importers = log.read_text().split()
     assert workers and len(importers) == 2  # the main process and the fork server, no worker
@@ -263,13 +269,7 @@ def test_workers_fork_with_the_runs_unit_models_loaded(tmp_path):
     """start_worker_server with the run's UnitConfig: the fork server loads its spaCy
     pipelines and tokenizer, and a worker has them before its first select_units call;
     without one it loads nothing, and the variable that carried it is gone from the caller."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    root = Path(__file__).resolve().parents[1]
-    (tmp_path / "probe_models.py").write_text(textwrap.dedent("""
+    source = """
         import os
         import sys
 
@@ -290,8 +290,6 @@ def test_workers_fork_with_the_runs_unit_models_loaded(tmp_path):
             runners.start_worker_server(config, UnitConfig() if sys.argv[1] == "with" else None)
             with runners.worker_processes(config):
                 print(runners._pool.submit(loaded).result(), UNIT_CONFIG_ENV in os.environ)
-    """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
-    seen = [subprocess.run([sys.executable, "-m", "probe_models", given], env=env, cwd=tmp_path, capture_output=True,
-                           text=True, timeout=120, check=True).stdout.strip() for given in ("with", "without")]
+    """
+    seen = [_run_probe_module(tmp_path, "probe_models", source, given) for given in ("with", "without")]
     assert seen == ["[1, 1, 1] False", "[0, 0, 0] False"]
